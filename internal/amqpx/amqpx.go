@@ -1,0 +1,131 @@
+package amqpx
+
+import (
+	"context"
+	"errors"
+	"math/rand/v2"
+	"time"
+
+	amqp "github.com/rabbitmq/amqp091-go"
+	"github.com/rs/zerolog"
+
+	"github.com/phasecast/phasecast/internal/config"
+)
+
+// StateExchange is the fanout exchange that carries state to every agent.
+func StateExchange(prefix string) string { return prefix + ".state" }
+
+// StatusQueue is the durable queue that carries agent status to the
+// broadcaster.
+func StatusQueue(prefix string) string { return prefix + ".status" }
+
+// DeclareStateExchange declares the durable fanout state exchange.
+func DeclareStateExchange(ch *amqp.Channel, prefix string) error {
+	return ch.ExchangeDeclare(StateExchange(prefix), amqp.ExchangeFanout, true, false, false, false, nil)
+}
+
+// DeclareStatusQueue declares the durable status queue as a quorum queue.
+// A broker without quorum queues refuses that and closes the channel, so
+// the fallback to a classic durable queue opens a new one.
+func DeclareStatusQueue(conn *amqp.Connection, prefix string) error {
+	ch, err := conn.Channel()
+	if err != nil {
+		return err
+	}
+	_, err = ch.QueueDeclare(StatusQueue(prefix), true, false, false, false, amqp.Table{amqp.QueueTypeArg: amqp.QueueTypeQuorum})
+	if err == nil {
+		return ch.Close()
+	}
+	var amqpErr *amqp.Error
+	if !errors.As(err, &amqpErr) || amqpErr.Code == amqp.PreconditionFailed {
+		// A precondition failure means the queue exists with other
+		// arguments: that is an operator's decision, not ours to change.
+		return err
+	}
+	ch, err = conn.Channel()
+	if err != nil {
+		return err
+	}
+	defer ch.Close()
+	_, err = ch.QueueDeclare(StatusQueue(prefix), true, false, false, false, nil)
+	return err
+}
+
+// Backoff yields capped exponential delays with full jitter.
+type Backoff struct {
+	Min, Max time.Duration
+	attempt  int
+}
+
+// Next returns the next delay: a random duration in [Min, min(Max, Min·2ⁿ)].
+func (b *Backoff) Next() time.Duration {
+	ceiling := b.Min << min(b.attempt, 30)
+	if ceiling > b.Max || ceiling <= 0 {
+		ceiling = b.Max
+	}
+	b.attempt++
+	return b.Min + rand.N(ceiling-b.Min+1)
+}
+
+// Reset starts the sequence again after a success.
+func (b *Backoff) Reset() { b.attempt = 0 }
+
+// Sleep waits d or until ctx is done, whichever comes first.
+func Sleep(ctx context.Context, d time.Duration) error {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-ctx.Done():
+		return ctx.Err()
+	case <-t.C:
+		return nil
+	}
+}
+
+// Dial connects with a connection name that shows in the broker's
+// management UI, and a short heartbeat so a dead peer is noticed in
+// seconds.
+func Dial(url, name string) (*amqp.Connection, error) {
+	props := amqp.NewConnectionProperties()
+	props.SetClientConnectionName(name)
+	conn, err := amqp.DialConfig(url, amqp.Config{Heartbeat: 5 * time.Second, Properties: props, Locale: "en_US"})
+	if err != nil {
+		// amqp091-go errors do not quote the URL, but say which one failed
+		// without its password.
+		return nil, errors.Join(errors.New("dial "+config.Redact(url)), err)
+	}
+	return conn, nil
+}
+
+// Session is one connected period: fn runs with a live connection and
+// returns when it is done with it (normally when the connection closed).
+type Session func(ctx context.Context, conn *amqp.Connection) error
+
+// RunConnected dials url and runs fn, and after fn returns, dials again,
+// until ctx is done. Each failed attempt is logged with its delay. It
+// returns ctx's error.
+func RunConnected(ctx context.Context, log zerolog.Logger, url, name string, backoff Backoff, fn Session) error {
+	for {
+		conn, err := Dial(url, name)
+		if err == nil {
+			backoff.Reset()
+			err = fn(ctx, conn)
+			_ = conn.Close()
+			if ctx.Err() != nil {
+				return ctx.Err()
+			}
+		}
+		delay := backoff.Next()
+		log.Warn().Err(err).Str("amqp_url", config.Redact(url)).Dur("retry_in", delay).Msg("amqp connection lost; reconnecting")
+		if err := Sleep(ctx, delay); err != nil {
+			return err
+		}
+	}
+}
+
+// WatchClose returns a channel that yields the connection's close error and
+// is closed when the connection closes. amqp091-go requires the notify
+// channel to be drained, which the buffered receiver here guarantees.
+func WatchClose(conn *amqp.Connection) <-chan *amqp.Error {
+	return conn.NotifyClose(make(chan *amqp.Error, 1))
+}

@@ -1,0 +1,97 @@
+package testenv
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/jmoiron/sqlx"
+	_ "github.com/lib/pq" // the postgres driver
+	amqp "github.com/rabbitmq/amqp091-go"
+	"github.com/stretchr/testify/require"
+
+	"github.com/phasecast/phasecast/internal/amqpx"
+	"github.com/phasecast/phasecast/internal/config"
+	"github.com/phasecast/phasecast/schema"
+)
+
+// DatabaseURL is the server the tests use: PHASECAST_DATABASE_URL, or the
+// default that docker-compose.yml and this machine provide.
+func DatabaseURL() string { return config.Env(config.EnvDatabaseURL, config.DefaultDatabaseURL) }
+
+// AMQPURL is the broker the tests use: PHASECAST_AMQP_URL, or the default.
+func AMQPURL() string { return config.Env(config.EnvAMQPURL, config.DefaultAMQPURL) }
+
+// Name returns a short unique name with prefix, safe as an identifier and
+// as an AMQP name.
+func Name(prefix string) string {
+	b := make([]byte, 5)
+	_, _ = rand.Read(b)
+	return prefix + "_" + hex.EncodeToString(b)
+}
+
+// DB opens the test database and closes it when the test ends.
+func DB(t testing.TB) *sqlx.DB {
+	t.Helper()
+	db, err := sqlx.Open("postgres", DatabaseURL())
+	require.NoError(t, err)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	require.NoError(t, db.PingContext(ctx), "PostgreSQL must be running at %s (start it with 'docker compose up -d' or .ci/run)", config.Redact(DatabaseURL()))
+	t.Cleanup(func() { db.Close() })
+	return db
+}
+
+// Store returns a migrated store in a schema of its own, dropped with
+// everything in it when the test ends.
+func Store(t testing.TB) *schema.Store {
+	t.Helper()
+	db := DB(t)
+	name := Name("pct")
+	store, err := schema.NewStore(db, name)
+	require.NoError(t, err)
+	ctx := context.Background()
+	_, err = store.Migrate(ctx)
+	require.NoError(t, err)
+	t.Cleanup(func() { DropSchema(t, db, name) })
+	return store
+}
+
+// DropSchema drops a schema and everything in it.
+func DropSchema(t testing.TB, db *sqlx.DB, name string) {
+	t.Helper()
+	_, err := db.Exec(`DROP SCHEMA IF EXISTS ` + quote(name) + ` CASCADE`)
+	require.NoError(t, err)
+}
+
+func quote(ident string) string { return `"` + strings.ReplaceAll(ident, `"`, `""`) + `"` }
+
+// AMQP dials the test broker and closes the connection when the test ends.
+func AMQP(t testing.TB) *amqp.Connection {
+	t.Helper()
+	conn, err := amqp.Dial(AMQPURL())
+	require.NoError(t, err, "RabbitMQ must be running at %s (start it with 'docker compose up -d' or .ci/run)", config.Redact(AMQPURL()))
+	t.Cleanup(func() { _ = conn.Close() })
+	return conn
+}
+
+// Prefix returns an exchange prefix of the test's own. The exchanges and
+// the durable status queue it names are deleted when the test ends.
+func Prefix(t testing.TB) string {
+	t.Helper()
+	prefix := Name("pct")
+	conn := AMQP(t)
+	t.Cleanup(func() {
+		ch, err := conn.Channel()
+		if err != nil {
+			return
+		}
+		defer ch.Close()
+		_, _ = ch.QueueDelete(amqpx.StatusQueue(prefix), false, false, false)
+		_ = ch.ExchangeDelete(amqpx.StateExchange(prefix), false, false)
+	})
+	return prefix
+}

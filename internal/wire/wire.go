@@ -1,0 +1,214 @@
+package wire
+
+import (
+	"bytes"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/phasecast/phasecast/internal/phase"
+)
+
+// Version is the protocol version this build speaks.
+const Version = 1
+
+// MaxMessageSize is the largest body a decoder accepts (1 MiB).
+const MaxMessageSize = 1 << 20
+
+// Kind names a message type.
+type Kind string
+
+const (
+	KindState  Kind = "state"
+	KindStatus Kind = "status"
+	KindGrant  Kind = "grant"
+)
+
+// Sentinel errors, wrapped with detail by the decoders.
+var (
+	ErrTooLarge  = errors.New("message too large")
+	ErrMalformed = errors.New("malformed message")
+	ErrVersion   = errors.New("unsupported protocol version")
+	ErrKind      = errors.New("wrong message kind")
+	ErrInvalid   = errors.New("invalid message")
+)
+
+// Removal is one removed() directive as agents see it. Table is written as
+// in the manifest: "instances" or "nova.instances". No columns means the
+// whole table goes.
+type Removal struct {
+	Table   string   `json:"table"`
+	Columns []string `json:"columns,omitempty"`
+}
+
+// Release is one release's phase and removals.
+type Release struct {
+	Name     string      `json:"name"`
+	Phase    phase.Phase `json:"phase"`
+	Removals []Removal   `json:"removals,omitempty"`
+}
+
+// State is the whole versioning state at one epoch. Agents apply a state
+// only if its epoch is higher than the one they hold.
+type State struct {
+	V        int       `json:"v"`
+	Kind     Kind      `json:"kind"`
+	Epoch    int64     `json:"epoch"`
+	Releases []Release `json:"releases"`
+	SentAt   time.Time `json:"sent_at"`
+}
+
+// Status is an agent's report: sent at start, after every drain (the
+// acknowledgement) and as a heartbeat.
+type Status struct {
+	V            int      `json:"v"`
+	Kind         Kind     `json:"kind"`
+	AgentID      string   `json:"agent_id"`
+	Service      string   `json:"service"`
+	Host         string   `json:"host"`
+	PID          int      `json:"pid"`
+	Version      string   `json:"version"`
+	Releases     []string `json:"releases"`
+	Seq          uint64   `json:"seq"`
+	AppliedEpoch int64    `json:"applied_epoch"`
+	DrainedEpoch int64    `json:"drained_epoch"`
+	// Inflight counts guards still pinned to snapshots older than the
+	// applied one.
+	Inflight int64 `json:"inflight"`
+	// Queue is where the broadcaster sends this agent's grants.
+	Queue string `json:"queue"`
+	// AppName is the application_name of the service's database sessions,
+	// so the contract runner can tell them from sessions nobody vouches for.
+	AppName string    `json:"app_name,omitempty"`
+	SentAt  time.Time `json:"sent_at"`
+}
+
+// Grant answers one recorded status: the agent's lease is extended, and
+// Epoch tells an agent that missed a state that it is behind.
+type Grant struct {
+	V       int    `json:"v"`
+	Kind    Kind   `json:"kind"`
+	AgentID string `json:"agent_id"`
+	Seq     uint64 `json:"seq"`
+	LeaseMS int64  `json:"lease_ms"`
+	Epoch   int64  `json:"epoch"`
+}
+
+// Lease returns the lease length the grant carries.
+func (g Grant) Lease() time.Duration { return time.Duration(g.LeaseMS) * time.Millisecond }
+
+// EncodeState stamps v and kind and encodes s.
+func EncodeState(s State) ([]byte, error) {
+	s.V, s.Kind = Version, KindState
+	if s.Releases == nil {
+		s.Releases = []Release{}
+	}
+	return json.Marshal(s)
+}
+
+// EncodeStatus stamps v and kind and encodes s.
+func EncodeStatus(s Status) ([]byte, error) {
+	s.V, s.Kind = Version, KindStatus
+	return json.Marshal(s)
+}
+
+// EncodeGrant stamps v and kind and encodes g.
+func EncodeGrant(g Grant) ([]byte, error) {
+	g.V, g.Kind = Version, KindGrant
+	return json.Marshal(g)
+}
+
+// DecodeState decodes and validates a state message.
+func DecodeState(body []byte) (State, error) {
+	var s State
+	if err := decode(body, KindState, &s); err != nil {
+		return State{}, err
+	}
+	if s.Epoch < 0 {
+		return State{}, fmt.Errorf("%w: negative epoch %d", ErrInvalid, s.Epoch)
+	}
+	seen := make(map[string]bool, len(s.Releases))
+	for _, r := range s.Releases {
+		if r.Name == "" {
+			return State{}, fmt.Errorf("%w: release with no name", ErrInvalid)
+		}
+		if seen[r.Name] {
+			return State{}, fmt.Errorf("%w: release %q listed twice", ErrInvalid, r.Name)
+		}
+		seen[r.Name] = true
+		if !r.Phase.Valid() {
+			return State{}, fmt.Errorf("%w: release %q has unknown phase %q", ErrInvalid, r.Name, r.Phase)
+		}
+		for _, rm := range r.Removals {
+			if rm.Table == "" {
+				return State{}, fmt.Errorf("%w: release %q has a removal with no table", ErrInvalid, r.Name)
+			}
+		}
+	}
+	return s, nil
+}
+
+// DecodeStatus decodes and validates a status message.
+func DecodeStatus(body []byte) (Status, error) {
+	var s Status
+	if err := decode(body, KindStatus, &s); err != nil {
+		return Status{}, err
+	}
+	switch {
+	case s.AgentID == "":
+		return Status{}, fmt.Errorf("%w: status with no agent_id", ErrInvalid)
+	case len(s.AgentID) > 200:
+		return Status{}, fmt.Errorf("%w: agent_id longer than 200 bytes", ErrInvalid)
+	case s.AppliedEpoch < 0 || s.DrainedEpoch < 0:
+		return Status{}, fmt.Errorf("%w: negative epoch", ErrInvalid)
+	case s.DrainedEpoch > s.AppliedEpoch:
+		return Status{}, fmt.Errorf("%w: drained_epoch %d ahead of applied_epoch %d", ErrInvalid, s.DrainedEpoch, s.AppliedEpoch)
+	case s.Inflight < 0:
+		return Status{}, fmt.Errorf("%w: negative inflight", ErrInvalid)
+	}
+	return s, nil
+}
+
+// DecodeGrant decodes and validates a grant message.
+func DecodeGrant(body []byte) (Grant, error) {
+	var g Grant
+	if err := decode(body, KindGrant, &g); err != nil {
+		return Grant{}, err
+	}
+	if g.LeaseMS <= 0 || g.Epoch < 0 {
+		return Grant{}, fmt.Errorf("%w: grant with lease_ms %d, epoch %d", ErrInvalid, g.LeaseMS, g.Epoch)
+	}
+	return g, nil
+}
+
+// header is decoded first, so that a message of another kind or version is
+// named as such rather than as a type error in some field.
+type header struct {
+	V    int  `json:"v"`
+	Kind Kind `json:"kind"`
+}
+
+func decode(body []byte, kind Kind, into any) error {
+	if len(body) > MaxMessageSize {
+		return fmt.Errorf("%w: %d bytes (limit %d)", ErrTooLarge, len(body), MaxMessageSize)
+	}
+	var h header
+	if err := json.Unmarshal(body, &h); err != nil {
+		return fmt.Errorf("%w: %v", ErrMalformed, err)
+	}
+	if h.V != Version {
+		return fmt.Errorf("%w: v=%d (this build speaks v=%d)", ErrVersion, h.V, Version)
+	}
+	if h.Kind != kind {
+		return fmt.Errorf("%w: got %q, want %q", ErrKind, h.Kind, kind)
+	}
+	dec := json.NewDecoder(bytes.NewReader(body))
+	if err := dec.Decode(into); err != nil {
+		return fmt.Errorf("%w: %v", ErrMalformed, err)
+	}
+	if dec.More() {
+		return fmt.Errorf("%w: trailing data after the message", ErrMalformed)
+	}
+	return nil
+}

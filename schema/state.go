@@ -1,0 +1,215 @@
+package schema
+
+import (
+	"context"
+	"database/sql"
+	"encoding/json"
+	"time"
+
+	"github.com/jmoiron/sqlx"
+
+	"github.com/phasecast/phasecast/internal/wire"
+)
+
+// stateQuery returns each release with its removals as JSON, in one round
+// trip. Removals keep the manifest's spelling of the table
+// ("nova.instances"), which is how services name it.
+const stateQuery = `
+SELECT r.name, r.phase,
+       COALESCE(json_agg(json_build_object(
+           'table', CASE WHEN rm.table_schema = '' THEN rm.table_name ELSE rm.table_schema || '.' || rm.table_name END,
+           'columns', rm.columns) ORDER BY rm.ordinal) FILTER (WHERE rm.release IS NOT NULL), '[]')
+FROM @schema.releases r
+LEFT JOIN @schema.removals rm ON rm.release = r.name
+GROUP BY r.name, r.phase
+ORDER BY r.name`
+
+// State returns the whole current state.
+func (s *Store) State(ctx context.Context) (wire.State, error) {
+	var st wire.State
+	err := s.inTx(ctx, func(tx *sqlx.Tx) error {
+		var err error
+		st, err = s.readState(ctx, tx)
+		return err
+	})
+	return st, err
+}
+
+// readState holds the epoch row FOR SHARE while it reads, so no writer can
+// commit in between and the releases match the epoch.
+func (s *Store) readState(ctx context.Context, tx *sqlx.Tx) (wire.State, error) {
+	st := wire.State{V: wire.Version, Kind: wire.KindState, Releases: []wire.Release{}}
+	if err := tx.GetContext(ctx, &st.Epoch, s.sql(`SELECT value FROM @schema.epoch FOR SHARE`)); err != nil {
+		return st, err
+	}
+	rows, err := tx.QueryContext(ctx, s.sql(stateQuery))
+	if err != nil {
+		return st, err
+	}
+	defer rows.Close()
+	for rows.Next() {
+		var r wire.Release
+		var removals []byte
+		if err := rows.Scan(&r.Name, &r.Phase, &removals); err != nil {
+			return st, err
+		}
+		if err := json.Unmarshal(removals, &r.Removals); err != nil {
+			return st, err
+		}
+		for i := range r.Removals {
+			if len(r.Removals[i].Columns) == 0 {
+				r.Removals[i].Columns = nil
+			}
+		}
+		if len(r.Removals) == 0 {
+			r.Removals = nil
+		}
+		st.Releases = append(st.Releases, r)
+	}
+	return st, rows.Err()
+}
+
+// Epoch returns the current epoch.
+func (s *Store) Epoch(ctx context.Context) (int64, error) {
+	var e int64
+	err := s.db.GetContext(ctx, &e, s.sql(`SELECT value FROM @schema.epoch`))
+	return e, notMigrated(err)
+}
+
+// upsertAgents records statuses and extends each agent's lease to the
+// database's now() + lease. A status whose seq is not newer than the one
+// recorded (a replay or a reordering) is ignored. It returns the ids it
+// recorded.
+const upsertAgents = `
+INSERT INTO @schema.agents AS a (id, service, host, pid, version, releases, app_name, seq,
+    applied_epoch, drained_epoch, inflight, last_seen, lease_expires_at)
+SELECT x.agent_id, x.service, x.host, x.pid, x.version,
+       ARRAY(SELECT jsonb_array_elements_text(COALESCE(x.releases, '[]'))), COALESCE(x.app_name, ''), x.seq,
+       x.applied_epoch, x.drained_epoch, x.inflight, now(), now() + $2 * interval '1 millisecond'
+FROM jsonb_to_recordset($1::jsonb) AS x(agent_id text, service text, host text, pid int, version text,
+    releases jsonb, app_name text, seq bigint, applied_epoch bigint, drained_epoch bigint, inflight bigint)
+ON CONFLICT (id) DO UPDATE SET
+    service = EXCLUDED.service, host = EXCLUDED.host, pid = EXCLUDED.pid, version = EXCLUDED.version,
+    releases = EXCLUDED.releases, app_name = EXCLUDED.app_name, seq = EXCLUDED.seq,
+    applied_epoch = EXCLUDED.applied_epoch, drained_epoch = EXCLUDED.drained_epoch,
+    inflight = EXCLUDED.inflight, last_seen = EXCLUDED.last_seen, lease_expires_at = EXCLUDED.lease_expires_at
+WHERE a.seq < EXCLUDED.seq
+RETURNING a.id`
+
+// RecordStatuses records a batch of agent statuses in one transaction and
+// returns the epoch current at that moment and the ids recorded (replayed
+// or stale statuses are left out). Holding the epoch row FOR SHARE orders
+// the write against flips: a flip that commits after this batch is seen by
+// a runner that also sees these leases, and a flip that committed before it
+// is in the returned epoch, which the grants carry.
+func (s *Store) RecordStatuses(ctx context.Context, statuses []wire.Status, lease time.Duration) (epoch int64, recorded []string, err error) {
+	if len(statuses) == 0 {
+		return 0, nil, nil
+	}
+	// ON CONFLICT cannot touch a row twice in one statement: keep each
+	// agent's newest status only.
+	newest := make(map[string]int, len(statuses))
+	batch := make([]wire.Status, 0, len(statuses))
+	for _, st := range statuses {
+		if i, ok := newest[st.AgentID]; ok {
+			if st.Seq > batch[i].Seq {
+				batch[i] = st
+			}
+			continue
+		}
+		newest[st.AgentID] = len(batch)
+		batch = append(batch, st)
+	}
+	payload, err := json.Marshal(batch)
+	if err != nil {
+		return 0, nil, err
+	}
+	err = s.inTx(ctx, func(tx *sqlx.Tx) error {
+		if err := tx.GetContext(ctx, &epoch, s.sql(`SELECT value FROM @schema.epoch FOR SHARE`)); err != nil {
+			return err
+		}
+		return tx.SelectContext(ctx, &recorded, s.sql(upsertAgents), payload, lease.Milliseconds())
+	})
+	return epoch, recorded, err
+}
+
+// SyncAgent is an agent's path to the truth without the broker: in one
+// transaction it records the agent's status with a fresh lease and reads
+// the whole state. An agent that is fenced, or that must confirm a state
+// message, calls it. Because the lease and the read commit together under
+// the epoch row lock, a runner either sees this lease and waits for the
+// agent, or the agent reads the flip the runner acts on.
+func (s *Store) SyncAgent(ctx context.Context, st wire.Status, lease time.Duration) (wire.State, error) {
+	var state wire.State
+	payload, err := json.Marshal([]wire.Status{st})
+	if err != nil {
+		return state, err
+	}
+	err = s.inTx(ctx, func(tx *sqlx.Tx) error {
+		var err error
+		if state, err = s.readState(ctx, tx); err != nil {
+			return err
+		}
+		var recorded []string
+		return tx.SelectContext(ctx, &recorded, s.sql(upsertAgents), payload, lease.Milliseconds())
+	})
+	return state, err
+}
+
+// Event is one outbox row.
+type Event struct {
+	Epoch     int64        `db:"epoch" json:"epoch"`
+	Release   string       `db:"release" json:"release"`
+	FromPhase *string      `db:"from_phase" json:"from,omitempty"`
+	ToPhase   string       `db:"to_phase" json:"to"`
+	CreatedAt time.Time    `db:"created_at" json:"created_at"`
+	Published sql.NullTime `db:"published_at" json:"-"`
+}
+
+// UnpublishedEpoch returns the highest epoch in the outbox not yet marked
+// published, or 0 when everything is published.
+func (s *Store) UnpublishedEpoch(ctx context.Context) (int64, error) {
+	var e sql.NullInt64
+	err := s.db.GetContext(ctx, &e, s.sql(`SELECT max(epoch) FROM @schema.events WHERE published_at IS NULL`))
+	return e.Int64, notMigrated(err)
+}
+
+// MarkPublished marks every outbox row up to epoch as published. The
+// broadcaster calls it only after the broker confirmed a state at epoch.
+func (s *Store) MarkPublished(ctx context.Context, epoch int64) error {
+	_, err := s.db.ExecContext(ctx, s.sql(`UPDATE @schema.events SET published_at = now() WHERE epoch <= $1 AND published_at IS NULL`), epoch)
+	return notMigrated(err)
+}
+
+// Broadcaster is one broadcaster's liveness row.
+type Broadcaster struct {
+	ID        string    `db:"id" json:"id"`
+	Host      string    `db:"host" json:"host"`
+	PID       int       `db:"pid" json:"pid"`
+	Leader    bool      `db:"leader" json:"leader"`
+	StartedAt time.Time `db:"started_at" json:"started_at"`
+	LastSeen  time.Time `db:"last_seen" json:"last_seen"`
+}
+
+// TouchBroadcaster records that a broadcaster is alive, and whether it
+// leads.
+func (s *Store) TouchBroadcaster(ctx context.Context, b Broadcaster) error {
+	_, err := s.db.ExecContext(ctx, s.sql(`
+		INSERT INTO @schema.broadcasters (id, host, pid, leader, last_seen) VALUES ($1, $2, $3, $4, now())
+		ON CONFLICT (id) DO UPDATE SET leader = $4, last_seen = now()`), b.ID, b.Host, b.PID, b.Leader)
+	return notMigrated(err)
+}
+
+// RemoveBroadcaster deletes a broadcaster's row on a clean shutdown.
+func (s *Store) RemoveBroadcaster(ctx context.Context, id string) error {
+	_, err := s.db.ExecContext(ctx, s.sql(`DELETE FROM @schema.broadcasters WHERE id = $1`), id)
+	return notMigrated(err)
+}
+
+// LeaderAliveWithin reports whether a leading broadcaster wrote its
+// liveness within d, on the database clock.
+func (s *Store) LeaderAliveWithin(ctx context.Context, d time.Duration) (bool, error) {
+	var ok bool
+	err := s.db.GetContext(ctx, &ok, s.sql(`SELECT EXISTS (SELECT 1 FROM @schema.broadcasters WHERE leader AND last_seen > now() - $1 * interval '1 millisecond')`), d.Milliseconds())
+	return ok, notMigrated(err)
+}

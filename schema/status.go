@@ -1,0 +1,150 @@
+package schema
+
+import (
+	"context"
+	"time"
+
+	"github.com/jmoiron/sqlx"
+	"github.com/lib/pq"
+)
+
+// Agent is one agent's row in the registry, with its lease read on the
+// database clock.
+type Agent struct {
+	ID             string         `db:"id" json:"id"`
+	Service        string         `db:"service" json:"service"`
+	Host           string         `db:"host" json:"host"`
+	PID            int            `db:"pid" json:"pid"`
+	Version        string         `db:"version" json:"version"`
+	Releases       pq.StringArray `db:"releases" json:"releases"`
+	AppName        string         `db:"app_name" json:"app_name,omitempty"`
+	Seq            int64          `db:"seq" json:"seq"`
+	AppliedEpoch   int64          `db:"applied_epoch" json:"applied_epoch"`
+	DrainedEpoch   int64          `db:"drained_epoch" json:"drained_epoch"`
+	Inflight       int64          `db:"inflight" json:"inflight"`
+	LastSeen       time.Time      `db:"last_seen" json:"last_seen"`
+	LeaseExpiresAt time.Time      `db:"lease_expires_at" json:"lease_expires_at"`
+	// LeaseRemainingMS is negative once the lease has expired.
+	LeaseRemainingMS int64 `db:"lease_remaining_ms" json:"lease_remaining_ms"`
+}
+
+// Live reports whether the agent's lease had not expired when it was read.
+func (a *Agent) Live() bool { return a.LeaseRemainingMS > 0 }
+
+// Knows reports whether the agent's code was built for release.
+func (a *Agent) Knows(release string) bool {
+	for _, r := range a.Releases {
+		if r == release {
+			return true
+		}
+	}
+	return false
+}
+
+const agentColumns = `id, service, host, pid, version, releases, app_name, seq, applied_epoch, drained_epoch,
+	inflight, last_seen, lease_expires_at,
+	(extract(epoch FROM lease_expires_at - now()) * 1000)::bigint AS lease_remaining_ms`
+
+// LiveAgents returns the agents whose lease has not expired on the database
+// clock, ordered by service and id.
+func (s *Store) LiveAgents(ctx context.Context) ([]Agent, error) {
+	return s.agents(ctx, s.db, true)
+}
+
+// Agents returns every registered agent, live or not.
+func (s *Store) Agents(ctx context.Context) ([]Agent, error) {
+	return s.agents(ctx, s.db, false)
+}
+
+func (s *Store) agents(ctx context.Context, q sqlx.QueryerContext, liveOnly bool) ([]Agent, error) {
+	query := `SELECT ` + agentColumns + ` FROM @schema.agents`
+	if liveOnly {
+		query += ` WHERE lease_expires_at > now()`
+	}
+	query += ` ORDER BY service, id`
+	var agents []Agent
+	err := sqlx.SelectContext(ctx, q, &agents, s.sql(query))
+	return agents, notMigrated(err)
+}
+
+// ReleaseStatus is one release in a status report.
+type ReleaseStatus struct {
+	ReleaseRow
+	ContractEpoch *int64    `json:"contract_epoch,omitempty"`
+	Removed       []Removal `json:"removed"`
+	UpdatedAt     time.Time `json:"updated_at"`
+}
+
+// AuditEntry is one row of the audit log.
+type AuditEntry struct {
+	Release   string    `db:"release" json:"release"`
+	FromPhase *string   `db:"from_phase" json:"from,omitempty"`
+	ToPhase   string    `db:"to_phase" json:"to"`
+	Epoch     int64     `db:"epoch" json:"epoch"`
+	Actor     string    `db:"actor" json:"actor"`
+	Note      string    `db:"note" json:"note,omitempty"`
+	At        time.Time `db:"at" json:"at"`
+}
+
+// Report is everything 'phasecast status' shows.
+type Report struct {
+	Schema       string          `json:"schema"`
+	Epoch        int64           `json:"epoch"`
+	Unpublished  int64           `json:"unpublished_epoch,omitempty"`
+	Releases     []ReleaseStatus `json:"releases"`
+	Agents       []Agent         `json:"agents"`
+	Broadcasters []Broadcaster   `json:"broadcasters"`
+	RecentFlips  []AuditEntry    `json:"recent_flips"`
+}
+
+// Report reads a status report in one read-only snapshot, so its parts
+// agree with each other.
+func (s *Store) Report(ctx context.Context, recentFlips int) (*Report, error) {
+	rep := &Report{Schema: s.schema}
+	err := s.inTxOpts(ctx, readOnlySnapshot, func(tx *sqlx.Tx) error {
+		if err := tx.GetContext(ctx, &rep.Epoch, s.sql(`SELECT value FROM @schema.epoch`)); err != nil {
+			return err
+		}
+		var unpublished *int64
+		if err := tx.GetContext(ctx, &unpublished, s.sql(`SELECT max(epoch) FROM @schema.events WHERE published_at IS NULL`)); err != nil {
+			return err
+		}
+		if unpublished != nil {
+			rep.Unpublished = *unpublished
+		}
+		var rows []struct {
+			ReleaseRow
+			UpdatedAt time.Time `db:"updated_at"`
+		}
+		if err := tx.SelectContext(ctx, &rows, s.sql(`SELECT name, description, phase, phase_epoch, contract_epoch, manifest, updated_at FROM @schema.releases ORDER BY created_at, name`)); err != nil {
+			return err
+		}
+		for _, r := range rows {
+			m, err := r.LoadManifest()
+			if err != nil {
+				return err
+			}
+			rs := ReleaseStatus{ReleaseRow: r.ReleaseRow, Removed: nonNilRemovals(m.Removed), UpdatedAt: r.UpdatedAt}
+			if r.ContractEpoch.Valid {
+				rs.ContractEpoch = &r.ContractEpoch.Int64
+			}
+			rep.Releases = append(rep.Releases, rs)
+		}
+		var err error
+		if rep.Agents, err = s.agents(ctx, tx, false); err != nil {
+			return err
+		}
+		if err := tx.SelectContext(ctx, &rep.Broadcasters, s.sql(`SELECT id, host, pid, leader, started_at, last_seen FROM @schema.broadcasters ORDER BY leader DESC, id`)); err != nil {
+			return err
+		}
+		return tx.SelectContext(ctx, &rep.RecentFlips, s.sql(`SELECT release, from_phase, to_phase, epoch, actor, note, at FROM @schema.audit ORDER BY id DESC LIMIT $1`), recentFlips)
+	})
+	return rep, err
+}
+
+func nonNilRemovals(r []Removal) []Removal {
+	if r == nil {
+		return []Removal{}
+	}
+	return r
+}
