@@ -36,6 +36,10 @@ func Verify(key ed25519.PublicKey, body []byte, sig string) error {
 	if sig == "" {
 		return ErrUnsigned
 	}
+	// ed25519.Verify panics on a key of the wrong size; refuse instead.
+	if len(key) != ed25519.PublicKeySize {
+		return fmt.Errorf("%w: public key is %d bytes, want %d", ErrBadSignature, len(key), ed25519.PublicKeySize)
+	}
 	raw, err := base64.StdEncoding.DecodeString(sig)
 	if err != nil {
 		return fmt.Errorf("%w: %v", ErrBadSignature, err)

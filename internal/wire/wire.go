@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"math"
 	"time"
 
 	"github.com/phasecast/phasecast/internal/phase"
@@ -178,6 +179,10 @@ func DecodeGrant(body []byte) (Grant, error) {
 	}
 	if g.LeaseMS <= 0 || g.Epoch < 0 {
 		return Grant{}, fmt.Errorf("%w: grant with lease_ms %d, epoch %d", ErrInvalid, g.LeaseMS, g.Epoch)
+	}
+	// Lease() would overflow time.Duration and turn negative.
+	if g.LeaseMS > math.MaxInt64/int64(time.Millisecond) {
+		return Grant{}, fmt.Errorf("%w: lease_ms %d is too large", ErrInvalid, g.LeaseMS)
 	}
 	return g, nil
 }
