@@ -1,0 +1,390 @@
+package integration
+
+import (
+	"bufio"
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"net/url"
+	"os"
+	"os/exec"
+	"regexp"
+	"strings"
+	"testing"
+	"time"
+
+	amqp "github.com/rabbitmq/amqp091-go"
+	"github.com/stretchr/testify/require"
+
+	"github.com/phasecast/phasecast/internal/amqpx"
+	"github.com/phasecast/phasecast/internal/testenv"
+	"github.com/phasecast/phasecast/internal/wire"
+)
+
+// permissionsDoc is the document whose set_permissions lines this test
+// applies, so that what it tells operators is what is tested.
+const permissionsDoc = "../docs/rabbitmq-permissions.md"
+
+// What the doc's commands are written for; the test substitutes its own.
+const (
+	docVhost       = "phasecast"
+	docBroadcaster = "phasecast-broadcaster"
+	docAgent       = "phasecast-agent"
+	docPrefixRegex = `phasecast\.`
+)
+
+// envRabbitmqctl overrides the rabbitmqctl command, for a broker in a
+// container: PHASECAST_RABBITMQCTL="docker compose exec -T rabbitmq rabbitmqctl".
+const envRabbitmqctl = "PHASECAST_RABBITMQCTL"
+
+// permissions is one set_permissions line of the doc.
+type permissions struct {
+	vhost, user, configure, write, read string
+}
+
+// docPermissions returns the doc's set_permissions lines, by user.
+func docPermissions(t *testing.T) map[string]permissions {
+	t.Helper()
+	f, err := os.Open(permissionsDoc)
+	require.NoError(t, err)
+	defer f.Close()
+	perms := map[string]permissions{}
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		line := strings.TrimSpace(sc.Text())
+		if !strings.HasPrefix(line, "rabbitmqctl set_permissions ") {
+			continue
+		}
+		args := shellWords(t, line)
+		require.Len(t, args, 8, "want: rabbitmqctl set_permissions -p VHOST USER CONF WRITE READ, got: %s", line)
+		require.Equal(t, "-p", args[2], line)
+		p := permissions{vhost: args[3], user: args[4], configure: args[5], write: args[6], read: args[7]}
+		require.NotContains(t, perms, p.user, "two set_permissions lines for %s", p.user)
+		perms[p.user] = p
+	}
+	require.NoError(t, sc.Err())
+	require.Len(t, perms, 2, "want set_permissions lines for %s and %s", docBroadcaster, docAgent)
+	require.Contains(t, perms, docBroadcaster)
+	require.Contains(t, perms, docAgent)
+	return perms
+}
+
+// shellWords splits a command line into words, with single quotes only:
+// enough for the doc, and anything fancier there is refused.
+func shellWords(t *testing.T, line string) []string {
+	t.Helper()
+	require.NotContains(t, line, `"`, "use single quotes in set_permissions lines: %s", line)
+	var words []string
+	var word strings.Builder
+	inWord, quoted := false, false
+	for _, r := range line {
+		switch {
+		case r == '\'':
+			quoted = !quoted
+			inWord = true
+		case (r == ' ' || r == '\t') && !quoted:
+			if inWord {
+				words = append(words, word.String())
+				word.Reset()
+				inWord = false
+			}
+		default:
+			word.WriteRune(r)
+			inWord = true
+		}
+	}
+	require.False(t, quoted, "unbalanced quote: %s", line)
+	if inWord {
+		words = append(words, word.String())
+	}
+	return words
+}
+
+func rabbitmqctlCommand(t *testing.T) []string {
+	t.Helper()
+	if v := strings.Fields(os.Getenv(envRabbitmqctl)); len(v) > 0 {
+		return v
+	}
+	path, err := exec.LookPath("rabbitmqctl")
+	require.NoError(t, err, "this test manages users with rabbitmqctl: put it on PATH or set %s", envRabbitmqctl)
+	return []string{path}
+}
+
+// rabbitmqctl runs one command. secret, if not empty, is left out of the
+// failure message.
+func rabbitmqctl(t *testing.T, secret string, args ...string) {
+	t.Helper()
+	argv := append(rabbitmqctlCommand(t), args...)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	out, err := exec.CommandContext(ctx, argv[0], argv[1:]...).CombinedOutput()
+	shown := strings.Join(argv, " ")
+	if secret != "" {
+		shown = strings.ReplaceAll(shown, secret, "xxxxx")
+	}
+	require.NoError(t, err, "%s:\n%s", shown, out)
+}
+
+// permEnv is a vhost of the test's own with the doc's two users in it.
+type permEnv struct {
+	vhost, prefix      string
+	broadcaster, agent string
+	passwords          map[string]string
+}
+
+func newPermEnv(t *testing.T) *permEnv {
+	t.Helper()
+	perms := docPermissions(t)
+	testenv.AMQP(t) // a clear failure if the broker is down
+	base := strings.ReplaceAll(testenv.Name("pct"), "_", "-")
+	e := &permEnv{
+		vhost:       base,
+		prefix:      testenv.Name("pct"),
+		broadcaster: base + "-broadcaster",
+		agent:       base + "-agent",
+		passwords:   map[string]string{},
+	}
+	users := map[string]string{docBroadcaster: e.broadcaster, docAgent: e.agent}
+
+	rabbitmqctl(t, "", "add_vhost", e.vhost)
+	t.Cleanup(func() { rabbitmqctl(t, "", "delete_vhost", e.vhost) })
+	for _, user := range users {
+		pw := randomPassword(t)
+		e.passwords[user] = pw
+		rabbitmqctl(t, pw, "add_user", user, pw)
+		t.Cleanup(func() { rabbitmqctl(t, "", "delete_user", user) })
+	}
+	prefixRegex := regexp.QuoteMeta(e.prefix) + `\.`
+	for docUser, p := range perms {
+		require.Equal(t, docVhost, p.vhost)
+		args := []string{"set_permissions", "-p", e.vhost, users[docUser]}
+		for _, re := range []string{p.configure, p.write, p.read} {
+			re = strings.ReplaceAll(re, docPrefixRegex, prefixRegex)
+			require.NotContains(t, re, "phasecast", "a name in %s's permissions that is not the prefix", docUser)
+			args = append(args, re)
+		}
+		rabbitmqctl(t, "", args...)
+	}
+	return e
+}
+
+func randomPassword(t *testing.T) string {
+	b := make([]byte, 16)
+	_, err := rand.Read(b)
+	require.NoError(t, err)
+	return hex.EncodeToString(b)
+}
+
+// dial connects as user to the test's vhost.
+func (e *permEnv) dial(t *testing.T, user string) *amqp.Connection {
+	t.Helper()
+	u, err := url.Parse(testenv.AMQPURL())
+	require.NoError(t, err)
+	u.User = url.UserPassword(user, e.passwords[user])
+	u.Path = "/" + e.vhost
+	conn, err := amqp.Dial(u.String())
+	require.NoError(t, err, "dial as %s", user)
+	t.Cleanup(func() { _ = conn.Close() })
+	return conn
+}
+
+func channel(t *testing.T, conn *amqp.Connection) *amqp.Channel {
+	t.Helper()
+	ch, err := conn.Channel()
+	require.NoError(t, err)
+	t.Cleanup(func() { _ = ch.Close() })
+	return ch
+}
+
+// publishConfirmed publishes msg as mandatory on a confirm-mode channel and
+// requires the broker to confirm it and route it to a queue.
+func publishConfirmed(t *testing.T, conn *amqp.Connection, exchange, key string, msg amqp.Publishing) {
+	t.Helper()
+	ch, err := conn.Channel()
+	require.NoError(t, err)
+	defer ch.Close()
+	require.NoError(t, ch.Confirm(false))
+	returns := ch.NotifyReturn(make(chan amqp.Return, 1))
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	dc, err := ch.PublishWithDeferredConfirmWithContext(ctx, exchange, key, true, false, msg)
+	require.NoError(t, err)
+	acked, err := dc.WaitContext(ctx)
+	require.NoError(t, err)
+	require.True(t, acked, "publish to %q with key %q was not confirmed", exchange, key)
+	// A mandatory message that reaches no queue is returned before it is
+	// confirmed.
+	select {
+	case r := <-returns:
+		t.Fatalf("publish to %q with key %q reached no queue: %s", exchange, key, r.ReplyText)
+	default:
+	}
+}
+
+func receive(t *testing.T, deliveries <-chan amqp.Delivery) amqp.Delivery {
+	t.Helper()
+	select {
+	case d, ok := <-deliveries:
+		require.True(t, ok, "consumer closed")
+		return d
+	case <-time.After(5 * time.Second):
+		t.Fatal("no delivery within 5s")
+		return amqp.Delivery{}
+	}
+}
+
+// requireClosedWith runs op on a fresh channel of conn and requires the
+// broker to refuse it with code, closing the channel.
+func requireClosedWith(t *testing.T, conn *amqp.Connection, code int, op func(ch *amqp.Channel) error) {
+	t.Helper()
+	ch, err := conn.Channel()
+	require.NoError(t, err)
+	defer ch.Close()
+	closed := ch.NotifyClose(make(chan *amqp.Error, 1))
+	if err = op(ch); err == nil {
+		// Publishing is asynchronous: the refusal closes the channel later.
+		select {
+		case amqpErr := <-closed:
+			require.NotNil(t, amqpErr, "channel closed without an error")
+			err = amqpErr
+		case <-time.After(5 * time.Second):
+			t.Fatalf("not refused with %d within 5s", code)
+		}
+	}
+	var amqpErr *amqp.Error
+	require.ErrorAs(t, err, &amqpErr)
+	require.Equal(t, code, amqpErr.Code, amqpErr.Reason)
+	t.Log(amqpErr.Reason)
+}
+
+func encodeStatus(t *testing.T, agentID, queue string) []byte {
+	t.Helper()
+	body, err := wire.EncodeStatus(wire.Status{AgentID: agentID, Service: "billing", Queue: queue, SentAt: time.Now()})
+	require.NoError(t, err)
+	return body
+}
+
+func TestPermissions(t *testing.T) {
+	e := newPermEnv(t)
+	stateExchange, statusQueue := amqpx.StateExchange(e.prefix), amqpx.StatusQueue(e.prefix)
+
+	// The broadcaster creates the topology, as it does at start.
+	bconn := e.dial(t, e.broadcaster)
+	bch := channel(t, bconn)
+	require.NoError(t, amqpx.DeclareStateExchange(bch, e.prefix))
+	require.NoError(t, amqpx.DeclareStatusQueue(bconn, e.prefix))
+	statuses, err := bch.Consume(statusQueue, "", true, false, false, false, nil)
+	require.NoError(t, err)
+
+	// An agent checks the exchange is there, then declares, binds and
+	// consumes its own queue.
+	aconn := e.dial(t, e.agent)
+	ach := channel(t, aconn)
+	require.NoError(t, ach.ExchangeDeclarePassive(stateExchange, amqp.ExchangeFanout, true, false, false, false, nil),
+		"a passive declare needs no permission")
+	q, err := ach.QueueDeclare("", false, true, true, false, nil)
+	require.NoError(t, err)
+	require.True(t, strings.HasPrefix(q.Name, "amq.gen-"), q.Name)
+	require.NoError(t, ach.QueueBind(q.Name, "", stateExchange, false, nil))
+	inbox, err := ach.Consume(q.Name, "", true, true, false, false, nil)
+	require.NoError(t, err)
+
+	t.Run("broadcaster publishes states and grants", func(t *testing.T) {
+		state, err := wire.EncodeState(wire.State{Epoch: 7})
+		require.NoError(t, err)
+		publishConfirmed(t, bconn, stateExchange, "", amqp.Publishing{Body: state})
+		d := receive(t, inbox)
+		require.Equal(t, stateExchange, d.Exchange)
+		require.Equal(t, state, d.Body)
+
+		grant, err := wire.EncodeGrant(wire.Grant{AgentID: "a1", Seq: 1, LeaseMS: 1000, Epoch: 7})
+		require.NoError(t, err)
+		publishConfirmed(t, bconn, "", q.Name, amqp.Publishing{Body: grant})
+		d = receive(t, inbox)
+		require.Equal(t, "", d.Exchange)
+		require.Equal(t, grant, d.Body)
+	})
+
+	t.Run("agent publishes statuses with its validated user_id", func(t *testing.T) {
+		body := encodeStatus(t, "a1", q.Name)
+		publishConfirmed(t, aconn, "", statusQueue, amqp.Publishing{Body: body, UserId: e.agent})
+		d := receive(t, statuses)
+		require.Equal(t, body, d.Body)
+		require.Equal(t, e.agent, d.UserId)
+	})
+
+	t.Run("broker refuses a user_id that is not the agent's", func(t *testing.T) {
+		requireClosedWith(t, aconn, amqp.PreconditionFailed, func(ch *amqp.Channel) error {
+			return ch.PublishWithContext(context.Background(), "", statusQueue, false, false,
+				amqp.Publishing{Body: encodeStatus(t, "a1", q.Name), UserId: e.broadcaster})
+		})
+	})
+
+	t.Run("agent cannot", func(t *testing.T) {
+		for _, tc := range []struct {
+			name string
+			code int
+			op   func(ch *amqp.Channel) error
+		}{
+			{"publish to the state exchange", amqp.AccessRefused, func(ch *amqp.Channel) error {
+				require.NoError(t, ch.Confirm(false))
+				state, err := wire.EncodeState(wire.State{Epoch: 1 << 40})
+				require.NoError(t, err)
+				ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+				defer cancel()
+				dc, err := ch.PublishWithDeferredConfirmWithContext(ctx, stateExchange, "", false, false, amqp.Publishing{Body: state})
+				require.NoError(t, err)
+				acked, err := dc.WaitContext(ctx)
+				require.NoError(t, err)
+				require.False(t, acked, "the broker confirmed a state published by an agent")
+				return nil
+			}},
+			{"declare the state exchange", amqp.AccessRefused, func(ch *amqp.Channel) error {
+				return amqpx.DeclareStateExchange(ch, e.prefix)
+			}},
+			{"delete the state exchange", amqp.AccessRefused, func(ch *amqp.Channel) error {
+				return ch.ExchangeDelete(stateExchange, false, false)
+			}},
+			{"consume the status queue", amqp.AccessRefused, func(ch *amqp.Channel) error {
+				_, err := ch.Consume(statusQueue, "", true, false, false, false, nil)
+				return err
+			}},
+			{"purge the status queue", amqp.AccessRefused, func(ch *amqp.Channel) error {
+				_, err := ch.QueuePurge(statusQueue, false)
+				return err
+			}},
+			{"delete the status queue", amqp.AccessRefused, func(ch *amqp.Channel) error {
+				_, err := ch.QueueDelete(statusQueue, false, false, false)
+				return err
+			}},
+			{"declare a queue it names", amqp.AccessRefused, func(ch *amqp.Channel) error {
+				_, err := ch.QueueDeclare(e.prefix+".tap", false, true, true, false, nil)
+				return err
+			}},
+			{"declare a queue named like the broker's", amqp.AccessRefused, func(ch *amqp.Channel) error {
+				_, err := ch.QueueDeclare("amq.gen-mine", false, true, true, false, nil)
+				return err
+			}},
+			{"bind to another exchange", amqp.AccessRefused, func(ch *amqp.Channel) error {
+				return ch.QueueBind(q.Name, "#", "amq.topic", false, nil)
+			}},
+		} {
+			t.Run(tc.name, func(t *testing.T) { requireClosedWith(t, aconn, tc.code, tc.op) })
+		}
+	})
+
+	t.Run("agent cannot read another agent's queue", func(t *testing.T) {
+		other := e.dial(t, e.agent)
+		requireClosedWith(t, other, amqp.ResourceLocked, func(ch *amqp.Channel) error {
+			_, err := ch.Consume(q.Name, "", true, false, false, false, nil)
+			return err
+		})
+	})
+
+	// The state the agent tried to publish reached nobody.
+	select {
+	case d := <-inbox:
+		t.Fatalf("unexpected delivery to the agent: %s", d.Body)
+	default:
+	}
+}
