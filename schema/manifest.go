@@ -554,10 +554,14 @@ func (r Removal) Key() string {
 
 // QuotedTable returns the table for SQL, each part quoted:
 // "nova"."instances" or "instances".
-func (r Removal) QuotedTable() string {
-	schema, table := r.parts()
-	if schema == "" {
-		return pq.QuoteIdentifier(table)
+func (r Removal) QuotedTable() string { return QuoteTable(r.Key()) }
+
+// QuoteTable quotes a table named as in a manifest key, "instances" or
+// "nova.instances": the first dot ends the schema.
+func QuoteTable(key string) string {
+	schema, table, qualified := strings.Cut(key, ".")
+	if !qualified {
+		return pq.QuoteIdentifier(key)
 	}
 	return pq.QuoteIdentifier(schema) + "." + pq.QuoteIdentifier(table)
 }

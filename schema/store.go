@@ -29,18 +29,26 @@ type Store struct {
 	quoted string // pq.QuoteIdentifier(schema)
 }
 
+// ApplicationName names the store's database sessions when the URL names
+// none, so the contract runner does not list them as outside sessions.
+const ApplicationName = "phasecast"
+
 // Open connects to databaseURL and returns a store for schemaName. The
 // error never contains the URL's password.
 func Open(ctx context.Context, databaseURL, schemaName string) (*Store, error) {
-	db, err := sqlx.Open("postgres", databaseURL)
+	dsn, err := config.WithApplicationName(databaseURL, ApplicationName)
 	if err != nil {
-		return nil, fmt.Errorf("open %s: %w", config.Redact(databaseURL), redactErr(err, databaseURL))
+		return nil, err
+	}
+	db, err := sqlx.Open("postgres", dsn)
+	if err != nil {
+		return nil, fmt.Errorf("open %s: %w", config.Redact(databaseURL), config.RedactError(err, databaseURL))
 	}
 	pingCtx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
 	if err := db.PingContext(pingCtx); err != nil {
 		db.Close()
-		return nil, fmt.Errorf("connect to %s: %w", config.Redact(databaseURL), redactErr(err, databaseURL))
+		return nil, fmt.Errorf("connect to %s: %w", config.Redact(databaseURL), config.RedactError(err, databaseURL))
 	}
 	s, err := NewStore(db, schemaName)
 	if err != nil {
@@ -48,14 +56,6 @@ func Open(ctx context.Context, databaseURL, schemaName string) (*Store, error) {
 		return nil, err
 	}
 	return s, nil
-}
-
-// redactErr keeps a URL's password out of an error that quotes the URL.
-func redactErr(err error, url string) error {
-	if msg := err.Error(); strings.Contains(msg, url) {
-		return errors.New(strings.ReplaceAll(msg, url, config.Redact(url)))
-	}
-	return err
 }
 
 // NewStore wraps an open database handle.

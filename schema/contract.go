@@ -1,0 +1,697 @@
+package schema
+
+import (
+	"context"
+	"database/sql/driver"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"sort"
+	"strings"
+	"time"
+	"unicode"
+	"unicode/utf8"
+
+	"github.com/jmoiron/sqlx"
+	"github.com/lib/pq"
+	"github.com/rs/zerolog"
+
+	"github.com/phasecast/phasecast/internal/phase"
+)
+
+// Contract runner errors callers branch on.
+var (
+	// ErrAckTimeout: not every live agent acknowledged in time. Nothing was
+	// dropped and the release is unchanged.
+	ErrAckTimeout = errors.New("timed out waiting for acknowledgements")
+	// ErrNoBroadcaster: no leading broadcaster is alive, so agents cannot
+	// hear of the contract and "no agents are missing" would mean nothing.
+	ErrNoBroadcaster = errors.New("no leading broadcaster is alive")
+	// ErrOutsideSessions: Strict is set and database sessions that no live
+	// agent vouches for are connected.
+	ErrOutsideSessions = errors.New("sessions outside any agent are connected")
+	// ErrRunnerBusy: another contract runner holds the release.
+	ErrRunnerBusy = errors.New("another contract runner holds the release")
+)
+
+// Outcomes of a contract run.
+const (
+	OutcomeComplete        = "complete"         // the DDL ran and the release is complete
+	OutcomeAlreadyComplete = "already_complete" // nothing to do
+	OutcomeDryRun          = "dry_run"          // plan only, nothing changed
+	OutcomeTimeout         = "timeout"          // acks did not all arrive; nothing dropped
+	OutcomeRefused         = "refused"          // a check failed; nothing changed
+	OutcomeFailed          = "failed"           // an error after contracting began; run again
+)
+
+// ContractOptions tune a contract run.
+type ContractOptions struct {
+	// Timeout bounds the wait for acknowledgements. Defaults to 10m.
+	Timeout time.Duration
+	// DryRun computes the plan once and changes nothing. Defaults to false.
+	DryRun bool
+	// Strict refuses when sessions outside any agent are connected, instead
+	// of warning. Defaults to false.
+	Strict bool
+	// LockTimeout is the lock_timeout of each DDL statement; a statement
+	// that cannot get its lock in time is retried with backoff, so it never
+	// queues for long in front of live traffic. Defaults to 2s.
+	LockTimeout time.Duration
+	// PollInterval is how often the agents are read while waiting. Defaults
+	// to 250ms.
+	PollInterval time.Duration
+	// LeaderWithin is how recently a leading broadcaster must have written
+	// its liveness. Defaults to 15s.
+	LeaderWithin time.Duration
+	// Actor is recorded in the audit log. Defaults to "contract runner".
+	Actor string
+	// Progress, when set, is called on each poll while waiting. Defaults to
+	// none.
+	Progress func(Progress)
+	// Log receives the runner's log lines. Defaults to a disabled logger.
+	Log zerolog.Logger
+	// BeforeComplete, when set, is called after the DDL ran and before the
+	// release is marked complete; an error stops the run there, as a crash
+	// would. For tests. Defaults to none.
+	BeforeComplete func() error
+}
+
+func (o ContractOptions) withDefaults() (ContractOptions, error) {
+	for _, d := range []struct {
+		name string
+		v    *time.Duration
+		def  time.Duration
+	}{
+		{"Timeout", &o.Timeout, 10 * time.Minute},
+		{"LockTimeout", &o.LockTimeout, 2 * time.Second},
+		{"PollInterval", &o.PollInterval, 250 * time.Millisecond},
+		{"LeaderWithin", &o.LeaderWithin, 15 * time.Second},
+	} {
+		switch {
+		case *d.v < 0:
+			return o, fmt.Errorf("ContractOptions.%s is negative (%s): leave it zero for the default of %s", d.name, *d.v, d.def)
+		case *d.v == 0:
+			*d.v = d.def
+		}
+	}
+	if o.LockTimeout < time.Millisecond {
+		return o, fmt.Errorf("ContractOptions.LockTimeout is %s: it must be at least 1ms", o.LockTimeout)
+	}
+	if o.Actor == "" {
+		o.Actor = "contract runner"
+	}
+	return o, nil
+}
+
+// Progress is reported on each poll while the runner waits for acks.
+type Progress struct {
+	Release       string        `json:"release"`
+	ContractEpoch int64         `json:"contract_epoch"`
+	Elapsed       time.Duration `json:"elapsed"`
+	Live          int           `json:"live"`
+	Acked         int           `json:"acked"`
+	Missing       []Agent       `json:"missing"`
+	OldCode       []Agent       `json:"old_code"`
+}
+
+// Session is a database session no live agent vouches for.
+type Session struct {
+	PID             int    `db:"pid" json:"pid"`
+	ApplicationName string `db:"application_name" json:"application_name"`
+	User            string `db:"usename" json:"user"`
+	ClientAddr      string `db:"client_addr" json:"client_addr,omitempty"`
+	State           string `db:"state" json:"state"`
+	Query           string `db:"query" json:"query"` // truncated to 200 characters
+	// NamesRemoved: the session's current or last query names a removed
+	// column and its table (a plain, case-insensitive text match).
+	NamesRemoved bool `json:"names_removed"`
+}
+
+// Plan is what a contract run does, or would do.
+type Plan struct {
+	Release         string      `json:"release"`
+	Phase           phase.Phase `json:"phase"`
+	ContractEpoch   int64       `json:"contract_epoch"`
+	DDL             []string    `json:"ddl"`
+	Dependents      []Dependent `json:"dependents"`
+	Acked           []Agent     `json:"acked"`
+	Missing         []Agent     `json:"missing"`
+	OldCode         []Agent     `json:"old_code"`
+	OutsideSessions []Session   `json:"outside_sessions"`
+	Problems        []Problem   `json:"problems"`
+}
+
+// ContractResult reports a contract run. Times are the runner's clock.
+type ContractResult struct {
+	Plan
+	Outcome  string        `json:"outcome"`
+	Dropped  []string      `json:"dropped"` // the columns and tables this run dropped, quoted
+	Waited   time.Duration `json:"waited"`
+	Attempts int           `json:"attempts"` // DDL attempts, lock-timeout retries included
+	AckedAt  time.Time     `json:"acked_at,omitzero"`
+	DDLStart time.Time     `json:"ddl_start,omitzero"`
+	DDLEnd   time.Time     `json:"ddl_end,omitzero"`
+}
+
+// AckTimeoutError lists the agents the runner was still waiting for.
+type AckTimeoutError struct {
+	Release       string
+	ContractEpoch int64
+	Waited        time.Duration
+	Missing       []Agent // live, knows the release, has not drained the contract epoch
+	OldCode       []Agent // live, runs code that predates the release
+}
+
+func (e *AckTimeoutError) Error() string {
+	var parts []string
+	if len(e.Missing) > 0 {
+		parts = append(parts, fmt.Sprintf("%d not acknowledged (%s)", len(e.Missing), describeAgents(e.Missing)))
+	}
+	if len(e.OldCode) > 0 {
+		parts = append(parts, fmt.Sprintf("%d running code that predates %s (%s)", len(e.OldCode), e.Release, describeAgents(e.OldCode)))
+	}
+	return fmt.Sprintf("release %q: timed out after %s waiting for acknowledgements of epoch %d: %s; nothing was dropped",
+		e.Release, e.Waited.Round(time.Millisecond), e.ContractEpoch, strings.Join(parts, "; "))
+}
+
+func (e *AckTimeoutError) Unwrap() error { return ErrAckTimeout }
+
+func describeAgents(agents []Agent) string {
+	s := make([]string, len(agents))
+	for i, a := range agents {
+		s[i] = fmt.Sprintf("%s: service %s on %s, pid %d, version %q", a.ID, a.Service, a.Host, a.PID, a.Version)
+	}
+	return strings.Join(s, ", ")
+}
+
+// OutsideSessionsError lists the sessions that made a strict run refuse.
+type OutsideSessionsError struct {
+	Release  string
+	Sessions []Session
+}
+
+func (e *OutsideSessionsError) Error() string {
+	named := 0
+	for _, s := range e.Sessions {
+		if s.NamesRemoved {
+			named++
+		}
+	}
+	return fmt.Sprintf("release %q: %d database session%s outside any agent (%d naming a removed column), first pid %d application %q: stop them or run without --strict",
+		e.Release, len(e.Sessions), plural(len(e.Sessions)), named, e.Sessions[0].PID, e.Sessions[0].ApplicationName)
+}
+
+func (e *OutsideSessionsError) Unwrap() error { return ErrOutsideSessions }
+
+// errAcksStale is returned by the contracting flip's check when the
+// release was flipped to contract again (a rollback and a re-flip) or an
+// agent appeared since the wait ended: the runner waits again.
+type errAcksStale struct{ epoch int64 }
+
+func (e *errAcksStale) Error() string {
+	return fmt.Sprintf("acknowledgements are stale (contract epoch %d)", e.epoch)
+}
+
+// Contract runs the contract step of a release (DESIGN.md, "Contract
+// runner"): it checks the release is in contract and still safe, waits until
+// every live agent has acknowledged the contract flip, moves the release to
+// contracting, drops the removed columns and tables with a short
+// lock_timeout and retries, and marks the release complete. Re-running is
+// safe at every step: a release already complete is reported as such, and
+// one left in contracting by a crash resumes at the DDL.
+//
+// A dry run reads everything once, changes nothing, and refuses exactly
+// when a real run would refuse up front (preconditions, safety, no
+// broadcaster, Strict with outside sessions); missing acks are listed, not
+// waited for.
+//
+// Outside sessions are told apart by application_name: sessions of live
+// agents (their AppName) are left out, and so are idle sessions with the
+// runner's own application_name, which are taken to be its connection
+// pool. Give services and the runner distinct application names for an
+// exact list.
+//
+// The run holds one connection of the store's pool throughout (it carries
+// the advisory lock and the DDL) and uses others besides, so the pool must
+// allow at least two.
+//
+// On error the result, when not nil, holds the plan as far as it got.
+// Errors: *TransitionError, *PreconditionError, *UnsafeError,
+// ErrNoBroadcaster, *AckTimeoutError, *OutsideSessionsError (Strict),
+// ErrRunnerBusy.
+func (s *Store) Contract(ctx context.Context, release string, opts ContractOptions) (*ContractResult, error) {
+	opts, err := opts.withDefaults()
+	if err != nil {
+		return nil, err
+	}
+	log := opts.Log.With().Str("release", release).Logger()
+	res := &ContractResult{Plan: Plan{Release: release}}
+	fail := func(outcome string, err error) (*ContractResult, error) {
+		res.Outcome = outcome
+		return res, err
+	}
+
+	// One dedicated connection carries the session-level advisory lock for
+	// the whole run, and the DDL, so that one runner at a time works on a
+	// release; the lock goes with the session if the runner dies.
+	conn, err := s.db.Connx(ctx)
+	if err != nil {
+		return nil, notMigrated(err)
+	}
+	defer conn.Close()
+	if !opts.DryRun {
+		var locked bool
+		if err := conn.GetContext(ctx, &locked, `SELECT pg_try_advisory_lock(hashtext($1))`, s.lockKey("contract:"+release)); err != nil {
+			return nil, err
+		}
+		if !locked {
+			return fail(OutcomeRefused, fmt.Errorf("%w: release %q is being contracted by another 'phasecast contract'; wait for it to finish", ErrRunnerBusy, release))
+		}
+		defer s.unlockContract(conn, release, log)
+	}
+
+	rel, err := s.Release(ctx, release)
+	if err != nil {
+		return nil, err
+	}
+	res.Phase = rel.Phase
+	switch rel.Phase {
+	case phase.Complete:
+		res.ContractEpoch = rel.ContractEpoch.Int64
+		return fail(OutcomeAlreadyComplete, nil)
+	case phase.Contract, phase.Contracting:
+	default:
+		return fail(OutcomeRefused, &TransitionError{Release: release, From: rel.Phase, To: phase.Contracting,
+			Reason: fmt.Sprintf("the contract runner starts from contract: run 'phasecast flip %s contract' first", release)})
+	}
+	m, err := rel.LoadManifest()
+	if err != nil {
+		return nil, err
+	}
+	res.DDL = m.DDL()
+	res.ContractEpoch = rel.ContractEpoch.Int64
+	resuming := rel.Phase == phase.Contracting
+
+	// Checks that fail fast, before any waiting.
+	if !resuming {
+		if err := s.CheckPreconditions(ctx, m); err != nil {
+			return fail(OutcomeRefused, err)
+		}
+	}
+	problems, deps, err := s.CheckSafety(ctx, s.db, m)
+	if err != nil {
+		return nil, err
+	}
+	res.Dependents, res.Problems = deps, problems
+	if len(problems) > 0 {
+		return fail(OutcomeRefused, &UnsafeError{Release: release, Problems: problems})
+	}
+	if !resuming {
+		alive, err := s.LeaderAliveWithin(ctx, opts.LeaderWithin)
+		if err != nil {
+			return nil, err
+		}
+		if !alive {
+			return fail(OutcomeRefused, fmt.Errorf("release %q: %w (none wrote its liveness within %s): start 'phasecast broadcast' so agents hear of the contract and can acknowledge it",
+				release, ErrNoBroadcaster, opts.LeaderWithin))
+		}
+	}
+
+	if resuming {
+		// A previous runner crashed after moving the release to
+		// contracting. It only gets there after every live agent had
+		// acknowledged the contract epoch, and from then on agents never
+		// bring the removed columns back (contracting hides them, and an
+		// agent that starts now loads that state), so there is nothing to
+		// wait for. The DDL is IF EXISTS, so statements that already ran
+		// are harmless.
+		log.Info().Msg("release is in contracting: a previous run stopped before completing; resuming at the DDL")
+		agents, err := s.LiveAgents(ctx)
+		if err != nil {
+			return nil, err
+		}
+		res.Acked, res.Missing, res.OldCode = classifyAgents(agents, release, res.ContractEpoch)
+		if err := s.listSessions(ctx, conn, res, m, agents); err != nil {
+			return nil, err
+		}
+		if opts.DryRun {
+			return fail(OutcomeDryRun, nil)
+		}
+	} else {
+		start := time.Now()
+		for {
+			agents, err := s.waitForAcks(ctx, res, release, start, opts, log)
+			res.Waited = time.Since(start)
+			if err != nil {
+				var timeout *AckTimeoutError
+				if errors.As(err, &timeout) {
+					return fail(OutcomeTimeout, err)
+				}
+				return nil, err
+			}
+			if err := s.listSessions(ctx, conn, res, m, agents); err != nil {
+				return nil, err
+			}
+			if len(res.OutsideSessions) > 0 {
+				first := res.OutsideSessions[0]
+				ev := log.Warn()
+				if opts.Strict {
+					ev = log.Error()
+				}
+				ev.Int("sessions", len(res.OutsideSessions)).Int("pid", first.PID).Str("application_name", first.ApplicationName).
+					Bool("names_removed", first.NamesRemoved).Str("query", first.Query).
+					Msg("database sessions outside any agent are connected")
+				if opts.Strict {
+					return fail(OutcomeRefused, &OutsideSessionsError{Release: release, Sessions: res.OutsideSessions})
+				}
+			}
+			if opts.DryRun {
+				return fail(OutcomeDryRun, nil)
+			}
+			res.AckedAt = time.Now()
+			err = s.enterContracting(ctx, release, opts, log)
+			var stale *errAcksStale
+			if errors.As(err, &stale) {
+				log.Warn().Int64("contract_epoch", stale.epoch).Msg("acknowledgements went stale before contracting; waiting again")
+				res.ContractEpoch = stale.epoch
+				continue
+			}
+			if err != nil {
+				var pe *PreconditionError
+				var ue *UnsafeError
+				if errors.As(err, &pe) || errors.As(err, &ue) || errors.Is(err, ErrRefused) {
+					return fail(OutcomeRefused, err)
+				}
+				return nil, err
+			}
+			res.Phase = phase.Contracting
+			break
+		}
+	}
+
+	if err := s.runDDL(ctx, conn, res, m, opts, log); err != nil {
+		return fail(OutcomeFailed, fmt.Errorf("release %q is in contracting; run 'phasecast contract %s' again to resume: %w", release, release, err))
+	}
+	if opts.BeforeComplete != nil {
+		if err := opts.BeforeComplete(); err != nil {
+			return fail(OutcomeFailed, err)
+		}
+	}
+	if _, err := s.Flip(ctx, release, phase.Complete, FlipOptions{Actor: opts.Actor, Note: "contract runner: DDL done"}); err != nil {
+		return fail(OutcomeFailed, fmt.Errorf("release %q: the DDL ran but marking it complete failed; run 'phasecast contract %s' again: %w", release, release, err))
+	}
+	res.Phase = phase.Complete
+	res.Outcome = OutcomeComplete
+	log.Info().Strs("dropped", res.Dropped).Int("attempts", res.Attempts).Dur("waited", res.Waited).Msg("contract complete")
+	return res, nil
+}
+
+// unlockContract releases the runner's advisory lock. If that fails the
+// connection is discarded rather than returned to the pool still holding
+// the lock.
+func (s *Store) unlockContract(conn *sqlx.Conn, release string, log zerolog.Logger) {
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	var unlocked bool
+	err := conn.GetContext(ctx, &unlocked, `SELECT pg_advisory_unlock(hashtext($1))`, s.lockKey("contract:"+release))
+	if err == nil && unlocked {
+		return
+	}
+	log.Warn().Err(err).Msg("releasing the contract lock failed; discarding the connection")
+	_ = conn.Raw(func(any) error { return driver.ErrBadConn })
+}
+
+// waitForAcks polls the live agents until every one of them knows the
+// release and has drained its contract epoch, and returns them. A dry run
+// reads them once.
+func (s *Store) waitForAcks(ctx context.Context, res *ContractResult, release string, start time.Time, opts ContractOptions, log zerolog.Logger) ([]Agent, error) {
+	deadline := start.Add(opts.Timeout)
+	for {
+		agents, err := s.LiveAgents(ctx)
+		if err != nil {
+			return nil, err
+		}
+		res.Acked, res.Missing, res.OldCode = classifyAgents(agents, release, res.ContractEpoch)
+		if opts.Progress != nil {
+			opts.Progress(Progress{Release: release, ContractEpoch: res.ContractEpoch, Elapsed: time.Since(start),
+				Live: len(agents), Acked: len(res.Acked), Missing: res.Missing, OldCode: res.OldCode})
+		}
+		if opts.DryRun || len(res.Missing) == 0 && len(res.OldCode) == 0 {
+			return agents, nil
+		}
+		now := time.Now()
+		if !now.Before(deadline) {
+			return nil, &AckTimeoutError{Release: release, ContractEpoch: res.ContractEpoch, Waited: now.Sub(start),
+				Missing: res.Missing, OldCode: res.OldCode}
+		}
+		log.Debug().Int("live", len(agents)).Int("acked", len(res.Acked)).Int("missing", len(res.Missing)).
+			Int("old_code", len(res.OldCode)).Msg("waiting for acknowledgements")
+		if err := sleepCtx(ctx, min(opts.PollInterval, deadline.Sub(now))); err != nil {
+			return nil, err
+		}
+	}
+}
+
+// classifyAgents splits live agents into those that acknowledged the
+// contract epoch, those that have not yet, and those whose code predates
+// the release (which never count as acknowledged).
+func classifyAgents(agents []Agent, release string, epoch int64) (acked, missing, oldCode []Agent) {
+	acked, missing, oldCode = []Agent{}, []Agent{}, []Agent{}
+	for _, a := range agents {
+		switch {
+		case !a.Knows(release):
+			oldCode = append(oldCode, a)
+		case a.DrainedEpoch < epoch:
+			missing = append(missing, a)
+		default:
+			acked = append(acked, a)
+		}
+	}
+	return acked, missing, oldCode
+}
+
+// enterContracting flips the release to contracting. Under the release's
+// row lock and the epoch row lock it re-checks everything the decision rests
+// on: the phase (Flip), the preconditions, the safety checks, and the acks
+// against the contract epoch now stored, which a rollback and re-flip since
+// the wait would have changed. Holding the epoch row first orders this read
+// of the agents after every status batch already committed (RecordStatuses
+// holds the same row FOR SHARE), so no lease recorded before the flip is
+// missed.
+func (s *Store) enterContracting(ctx context.Context, release string, opts ContractOptions, log zerolog.Logger) error {
+	_, err := s.Flip(ctx, release, phase.Contracting, FlipOptions{
+		Actor: opts.Actor,
+		Note:  "contract runner: all live agents acknowledged",
+		Check: func(ctx context.Context, tx *sqlx.Tx, rel *ReleaseRow) error {
+			if _, err := tx.ExecContext(ctx, s.sql(`SELECT value FROM @schema.epoch FOR UPDATE`)); err != nil {
+				return err
+			}
+			m, err := rel.LoadManifest()
+			if err != nil {
+				return err
+			}
+			if err := runPreconditions(ctx, tx, m); err != nil {
+				return err
+			}
+			problems, _, err := s.CheckSafety(ctx, tx, m)
+			if err != nil {
+				return err
+			}
+			if len(problems) > 0 {
+				return &UnsafeError{Release: release, Problems: problems}
+			}
+			agents, err := s.agents(ctx, tx, true)
+			if err != nil {
+				return err
+			}
+			_, missing, oldCode := classifyAgents(agents, release, rel.ContractEpoch.Int64)
+			if len(missing) > 0 || len(oldCode) > 0 {
+				return &errAcksStale{epoch: rel.ContractEpoch.Int64}
+			}
+			return nil
+		},
+	})
+	if err == nil {
+		log.Info().Msg("release is in contracting")
+	}
+	return err
+}
+
+// outsideSessionsQuery lists the client sessions on this database other
+// than the runner's own and the agents'. Idle sessions with the runner's
+// own application_name are taken to be the runner's connection pool.
+const outsideSessionsQuery = `
+SELECT pid, COALESCE(application_name, '') AS application_name, COALESCE(usename::text, '') AS usename,
+       COALESCE(host(client_addr), '') AS client_addr, COALESCE(state, '') AS state, COALESCE(query, '') AS query
+FROM pg_stat_activity
+WHERE datname = current_database() AND pid <> pg_backend_pid() AND backend_type = 'client backend'
+  AND NOT (application_name = ANY ($1::text[]))
+  AND NOT (state = 'idle' AND application_name = current_setting('application_name'))
+ORDER BY pid`
+
+// maxSessionQuery bounds the query text kept for a session.
+const maxSessionQuery = 200
+
+func (s *Store) listSessions(ctx context.Context, conn *sqlx.Conn, res *ContractResult, m *Manifest, agents []Agent) error {
+	var appNames []string
+	for _, a := range agents {
+		if a.AppName != "" {
+			appNames = append(appNames, a.AppName)
+		}
+	}
+	var sessions []Session
+	if err := conn.SelectContext(ctx, &sessions, outsideSessionsQuery, pq.StringArray(appNames)); err != nil {
+		return err
+	}
+	for i := range sessions {
+		sessions[i].NamesRemoved = namesRemoved(sessions[i].Query, m)
+		if q := []rune(sessions[i].Query); len(q) > maxSessionQuery {
+			sessions[i].Query = string(q[:maxSessionQuery])
+		}
+	}
+	sort.SliceStable(sessions, func(i, j int) bool { return sessions[i].NamesRemoved && !sessions[j].NamesRemoved })
+	res.OutsideSessions = sessions
+	return nil
+}
+
+// namesRemoved is a plain text match: the query names a removed table, or a
+// removed column and its table, each as a whole word (so "name" is not
+// found in "common_name"), case-insensitively. It errs towards yes.
+func namesRemoved(query string, m *Manifest) bool {
+	q := strings.ToLower(query)
+	for _, r := range m.Removed {
+		_, table := r.parts()
+		if !containsWord(q, strings.ToLower(table)) {
+			continue
+		}
+		if len(r.Columns) == 0 {
+			return true
+		}
+		for _, c := range r.Columns {
+			if containsWord(q, strings.ToLower(c)) {
+				return true
+			}
+		}
+	}
+	return false
+}
+
+// containsWord reports whether word occurs in s with no identifier
+// character right before or after it.
+func containsWord(s, word string) bool {
+	if word == "" {
+		return false
+	}
+	for i := 0; ; {
+		j := strings.Index(s[i:], word)
+		if j < 0 {
+			return false
+		}
+		start, end := i+j, i+j+len(word)
+		before, _ := utf8.DecodeLastRuneInString(s[:start])
+		after, _ := utf8.DecodeRuneInString(s[end:])
+		if !isIdentRune(before) && !isIdentRune(after) {
+			return true
+		}
+		i = start + 1
+	}
+}
+
+func isIdentRune(r rune) bool {
+	return r == '_' || r == '$' || unicode.IsLetter(r) || unicode.IsDigit(r)
+}
+
+// DDL retry backoff bounds.
+const (
+	ddlBackoffMin = 100 * time.Millisecond
+	ddlBackoffMax = 5 * time.Second
+)
+
+// runDDL runs each statement in its own transaction with a short
+// lock_timeout. A statement that cannot get its lock in time (SQLSTATE
+// 55P03) is retried after a capped, jittered exponential backoff, so it never
+// waits long in the lock queue, where it would hold up every query behind
+// it. Any other error stops the run with the release in contracting.
+func (s *Store) runDDL(ctx context.Context, conn *sqlx.Conn, res *ContractResult, m *Manifest, opts ContractOptions, log zerolog.Logger) error {
+	lockTimeout := fmt.Sprintf("%dms", opts.LockTimeout.Milliseconds())
+	res.DDLStart = time.Now()
+	defer func() { res.DDLEnd = time.Now() }()
+	for i, r := range m.Removed {
+		stmt := r.DDL()
+		backoff := ddlBackoffMin
+		for attempt := 1; ; attempt++ {
+			res.Attempts++
+			dropped, err := s.execDDL(ctx, conn, r, stmt, lockTimeout)
+			if err == nil {
+				res.Dropped = append(res.Dropped, dropped...)
+				log.Info().Str("ddl", stmt).Int("attempt", attempt).Strs("dropped", dropped).Msg("DDL done")
+				break
+			}
+			var pqErr *pq.Error
+			if !errors.As(err, &pqErr) || pqErr.Code != "55P03" {
+				return fmt.Errorf("removed[%d]: %s: %w", i, stmt, err)
+			}
+			// Full jitter in the upper half keeps retries from lining up
+			// with each other or with a periodic job.
+			sleep := backoff/2 + rand.N(backoff/2+1)
+			log.Warn().Str("ddl", stmt).Int("attempt", attempt).Dur("retry_in", sleep).
+				Msg("DDL could not take its lock within lock_timeout; retrying")
+			if err := sleepCtx(ctx, sleep); err != nil {
+				return fmt.Errorf("removed[%d]: %s: %w", i, stmt, err)
+			}
+			backoff = min(backoff*2, ddlBackoffMax)
+		}
+	}
+	return nil
+}
+
+// execDDL runs one statement and returns the quoted names of the columns or
+// table it dropped (nothing when an earlier run already did).
+func (s *Store) execDDL(ctx context.Context, conn *sqlx.Conn, r Removal, stmt, lockTimeout string) ([]string, error) {
+	tx, err := conn.BeginTxx(ctx, nil)
+	if err != nil {
+		return nil, err
+	}
+	defer func() { _ = tx.Rollback() }()
+	if _, err := tx.ExecContext(ctx, `SELECT set_config('lock_timeout', $1, true)`, lockTimeout); err != nil {
+		return nil, err
+	}
+	var present []string
+	if len(r.Columns) > 0 {
+		err = tx.SelectContext(ctx, &present, `
+			SELECT attname FROM pg_attribute
+			WHERE attrelid = to_regclass($1) AND attname = ANY ($2) AND attnum > 0 AND NOT attisdropped
+			ORDER BY array_position($2, attname::text)`, r.QuotedTable(), pq.StringArray(r.Columns))
+	} else {
+		err = tx.SelectContext(ctx, &present, `SELECT $1::text WHERE to_regclass($1) IS NOT NULL`, r.QuotedTable())
+	}
+	if err != nil {
+		return nil, err
+	}
+	if _, err := tx.ExecContext(ctx, stmt); err != nil {
+		return nil, err
+	}
+	if err := tx.Commit(); err != nil {
+		return nil, err
+	}
+	dropped := make([]string, len(present))
+	for i, p := range present {
+		if len(r.Columns) > 0 {
+			p = r.QuotedTable() + "." + pq.QuoteIdentifier(p)
+		}
+		dropped[i] = p
+	}
+	return dropped, nil
+}
+
+// sleepCtx sleeps for d or until ctx is done.
+func sleepCtx(ctx context.Context, d time.Duration) error {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-ctx.Done():
+		return ctx.Err()
+	case <-t.C:
+		return nil
+	}
+}
