@@ -82,13 +82,23 @@ func Sleep(ctx context.Context, d time.Duration) error {
 	}
 }
 
+// DialTimeout bounds the TCP connect and the AMQP handshake of Dial.
+const DialTimeout = 5 * time.Second
+
 // Dial connects with a connection name that shows in the broker's
 // management UI, and a short heartbeat so a dead peer is noticed in
 // seconds.
 func Dial(url, name string) (*amqp.Connection, error) {
 	props := amqp.NewConnectionProperties()
 	props.SetClientConnectionName(name)
-	conn, err := amqp.DialConfig(url, amqp.Config{Heartbeat: 5 * time.Second, Properties: props, Locale: "en_US"})
+	conn, err := amqp.DialConfig(url, amqp.Config{
+		Heartbeat:  5 * time.Second,
+		Properties: props,
+		Locale:     "en_US",
+		// amqp091-go's default is 30 s: far too long for a daemon that
+		// must step down or retry promptly.
+		Dial: amqp.DefaultDial(DialTimeout),
+	})
 	if err != nil {
 		// amqp091-go errors do not quote the URL, but say which one failed
 		// without its password.

@@ -1,9 +1,10 @@
 package config
 
 import (
+	"fmt"
 	"net/url"
 	"os"
-	"regexp"
+	"strings"
 )
 
 // Defaults, as documented in the README.
@@ -30,23 +31,24 @@ func Env(name, def string) string {
 	return def
 }
 
-// keyValuePassword matches password=… in a libpq key/value connection string.
-var keyValuePassword = regexp.MustCompile(`(?i)(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)`)
-
-// Redact returns a connection string safe to log: the password of a URL, or
-// the password= of a key/value string, becomes "xxxxx".
-func Redact(conn string) string {
-	u, err := url.Parse(conn)
-	if err == nil && u.Scheme != "" && u.Host != "" {
-		if _, has := u.User.Password(); has {
-			u.User = url.UserPassword(u.User.Username(), "xxxxx")
+// WithApplicationName returns dsn, a URL or a key/value string, with its
+// application_name set to name, unless it names one already. The contract
+// runner tells sessions apart by application_name.
+func WithApplicationName(dsn, name string) (string, error) {
+	if strings.HasPrefix(dsn, "postgres://") || strings.HasPrefix(dsn, "postgresql://") {
+		u, err := url.Parse(dsn)
+		if err != nil {
+			return "", fmt.Errorf("database URL %s: %w", Redact(dsn), RedactError(err, dsn))
 		}
 		q := u.Query()
-		if q.Has("password") {
-			q.Set("password", "xxxxx")
+		if q.Get("application_name") == "" {
+			q.Set("application_name", name)
 			u.RawQuery = q.Encode()
 		}
-		return u.String()
+		return u.String(), nil
 	}
-	return keyValuePassword.ReplaceAllString(conn, "${1}xxxxx")
+	if strings.Contains(dsn, "application_name") {
+		return dsn, nil
+	}
+	return dsn + " application_name='" + strings.NewReplacer(`\`, `\\`, `'`, `\'`).Replace(name) + "'", nil
 }

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"math"
+	"strings"
 	"time"
 
 	"github.com/phasecast/phasecast/internal/phase"
@@ -167,6 +168,19 @@ func DecodeStatus(body []byte) (Status, error) {
 		return Status{}, fmt.Errorf("%w: drained_epoch %d ahead of applied_epoch %d", ErrInvalid, s.DrainedEpoch, s.AppliedEpoch)
 	case s.Inflight < 0:
 		return Status{}, fmt.Errorf("%w: negative inflight", ErrInvalid)
+	// What JSON allows but the store or the broker cannot take: one such
+	// status would otherwise fail its whole batch on every redelivery.
+	case s.PID < math.MinInt32 || s.PID > math.MaxInt32:
+		return Status{}, fmt.Errorf("%w: pid %d out of range", ErrInvalid, s.PID)
+	case s.Seq > math.MaxInt64:
+		return Status{}, fmt.Errorf("%w: seq %d out of range", ErrInvalid, s.Seq)
+	case len(s.Queue) > 255:
+		return Status{}, fmt.Errorf("%w: queue name of %d bytes (AMQP allows 255)", ErrInvalid, len(s.Queue))
+	}
+	for _, str := range append([]string{s.AgentID, s.Service, s.Host, s.Version, s.AppName, s.Queue}, s.Releases...) {
+		if strings.ContainsRune(str, 0) {
+			return Status{}, fmt.Errorf("%w: NUL byte in a string", ErrInvalid)
+		}
 	}
 	return s, nil
 }

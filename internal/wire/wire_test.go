@@ -104,6 +104,10 @@ func TestDecodeRejects(t *testing.T) {
 		{name: "drained ahead of applied", kind: KindStatus, body: strings.Replace(validStatus, `"drained_epoch":6`, `"drained_epoch":8`, 1), err: ErrInvalid, contains: "drained_epoch 8 ahead of applied_epoch 7"},
 		{name: "negative applied epoch", kind: KindStatus, body: strings.NewReplacer(`"applied_epoch":7`, `"applied_epoch":-1`, `"drained_epoch":6`, `"drained_epoch":-2`).Replace(validStatus), err: ErrInvalid, contains: "negative epoch"},
 		{name: "negative drained epoch", kind: KindStatus, body: strings.Replace(validStatus, `"drained_epoch":6`, `"drained_epoch":-1`, 1), err: ErrInvalid, contains: "negative epoch"},
+		{name: "seq beyond bigint", kind: KindStatus, body: strings.Replace(validStatus, `"seq":3`, `"seq":9223372036854775808`, 1), err: ErrInvalid, contains: "seq"},
+		{name: "pid beyond int4", kind: KindStatus, body: strings.Replace(validStatus, `"pid":42`, `"pid":4294967296`, 1), err: ErrInvalid, contains: "pid"},
+		{name: "NUL in a string", kind: KindStatus, body: strings.Replace(validStatus, `"host":"h1"`, `"host":"h\u00001"`, 1), err: ErrInvalid, contains: "NUL"},
+		{name: "queue name over 255 bytes", kind: KindStatus, body: strings.Replace(validStatus, `"queue":"phasecast.agent.api-1"`, `"queue":"`+strings.Repeat("q", 256)+`"`, 1), err: ErrInvalid, contains: "queue name"},
 		{name: "negative inflight", kind: KindStatus, body: strings.Replace(validStatus, `"inflight":2`, `"inflight":-1`, 1), err: ErrInvalid, contains: "negative inflight"},
 
 		// Grant values.
@@ -193,7 +197,7 @@ func TestWireRoundTrip(t *testing.T) {
 	t.Run("status", func(t *testing.T) {
 		in := Status{
 			AgentID: "api-1", Service: "api", Host: "h1", PID: 42, Version: "1.2.3",
-			Releases: []string{"K", "L"}, Seq: 1<<64 - 1, AppliedEpoch: 7, DrainedEpoch: 7,
+			Releases: []string{"K", "L"}, Seq: 1<<63 - 1, AppliedEpoch: 7, DrainedEpoch: 7,
 			Inflight: 3, Queue: "phasecast.agent.api-1", SentAt: sentAt,
 		}
 		body, err := EncodeStatus(in)

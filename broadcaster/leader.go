@@ -1,0 +1,252 @@
+package broadcaster
+
+import (
+	"context"
+	"database/sql"
+	"database/sql/driver"
+	"errors"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	amqp "github.com/rabbitmq/amqp091-go"
+	"github.com/rs/zerolog"
+
+	"github.com/phasecast/phasecast/schema"
+)
+
+const (
+	tryLockQuery = `SELECT pg_try_advisory_lock(hashtext($1))`
+	unlockQuery  = `SELECT pg_advisory_unlock(hashtext($1))`
+	// holdsLockQuery asks whether this session still holds the leader lock.
+	// A single bigint key is stored as classid (high half) and objid (low
+	// half) with objsubid 1.
+	holdsLockQuery = `SELECT EXISTS (
+		SELECT 1 FROM pg_locks
+		WHERE locktype = 'advisory' AND granted AND pid = pg_backend_pid() AND objsubid = 1
+		  AND ((classid::bigint << 32) | objid::bigint) = hashtext($1)::bigint)`
+)
+
+// errLockLost means the lock connection answered but no longer holds the
+// leader lock.
+var errLockLost = errors.New("the leader lock is no longer held by its connection")
+
+func newRunner(b *Broadcaster) *runner {
+	return &runner{b: b, lockLog: failureLog{what: "leader lock attempt"}, touchLog: failureLog{what: "liveness write"}}
+}
+
+// runner is the state of the run goroutine: leadership and liveness. Only
+// that goroutine touches it (Start runs the first tick before starting it).
+type runner struct {
+	b        *Broadcaster
+	term     *term     // non-nil while leading
+	retryAt  time.Time // a standby does not try for the lock before this
+	lockLog  failureLog
+	touchLog failureLog
+}
+
+// term is one period of leadership: the connection that holds the lock and
+// the leader work, which ends when the term does.
+type term struct {
+	conn   *sql.Conn
+	cancel context.CancelFunc
+	wg     sync.WaitGroup
+}
+
+func (r *runner) run(ctx context.Context) {
+	t := time.NewTicker(r.b.cfg.LivenessInterval)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			r.shutdown(ctx)
+			return
+		case <-t.C:
+			r.tick(ctx)
+		}
+	}
+}
+
+// tick is one liveness round: the leader checks its lock, a standby tries
+// to take it, and either writes its liveness row.
+func (r *runner) tick(ctx context.Context) {
+	if r.term != nil {
+		if err := r.checkLock(ctx); err != nil && ctx.Err() == nil {
+			r.stepDown(ctx, err)
+		}
+	} else if !time.Now().Before(r.retryAt) {
+		r.tryLead(ctx)
+	}
+	if ctx.Err() != nil {
+		return
+	}
+	octx, cancel := context.WithTimeout(ctx, dbTimeout)
+	defer cancel()
+	err := r.b.cfg.Store.TouchBroadcaster(octx, schema.Broadcaster{ID: r.b.cfg.ID, Host: r.b.host, PID: r.b.pid, Leader: r.b.IsLeader()})
+	r.touchLog.report(r.b.log, err)
+}
+
+// tryLead takes the leader lock if it is free, on a connection of its own
+// that then stays out of the pool for the whole term.
+func (r *runner) tryLead(ctx context.Context) {
+	octx, cancel := context.WithTimeout(ctx, dbTimeout)
+	defer cancel()
+	conn, err := r.b.cfg.Store.DB().Conn(octx)
+	if err != nil {
+		if ctx.Err() == nil {
+			r.lockLog.report(r.b.log, err)
+		}
+		return
+	}
+	var got bool
+	if err := conn.QueryRowContext(octx, tryLockQuery, r.b.lockKey).Scan(&got); err != nil {
+		// The server may have granted the lock before the error reached
+		// us: such a session must never go back to the pool.
+		discard(conn)
+		if ctx.Err() == nil {
+			r.lockLog.report(r.b.log, err)
+		}
+		return
+	}
+	r.lockLog.report(r.b.log, nil)
+	if !got {
+		_ = conn.Close()
+		return
+	}
+	r.lead(ctx, conn)
+}
+
+// lead starts a term: the relay (publisher and listener) and the status
+// consumer, all ended by the term's context.
+func (r *runner) lead(ctx context.Context, conn *sql.Conn) {
+	n := r.b.stats.takeovers.Add(1)
+	r.b.leader.Store(true)
+	tctx, cancel := context.WithCancel(ctx)
+	t := &term{conn: conn, cancel: cancel}
+	l := newLeader(r.b)
+	t.wg.Go(func() { l.listen(tctx) })
+	t.wg.Go(func() { l.publish(tctx) })
+	t.wg.Go(func() { l.consume(tctx) })
+	r.term = t
+	r.b.log.Info().Int64("takeovers", n).Msg("became leader: relaying state and consuming statuses")
+}
+
+// checkLock makes sure the term's connection is alive and still holds the
+// lock. If it is not, another broadcaster may already lead.
+func (r *runner) checkLock(ctx context.Context) error {
+	octx, cancel := context.WithTimeout(ctx, dbTimeout)
+	defer cancel()
+	var held bool
+	if err := r.term.conn.QueryRowContext(octx, holdsLockQuery, r.b.lockKey).Scan(&held); err != nil {
+		return err
+	}
+	if !held {
+		return errLockLost
+	}
+	return nil
+}
+
+// stepDown ends the term: leader work is cancelled and waited for, then
+// the lock goes. With a cause (the lock connection failed) the standby
+// waits two liveness rounds before trying again, so that a healthy
+// standby elsewhere wins; without one (Stop) the lock is released at once.
+func (r *runner) stepDown(ctx context.Context, cause error) {
+	t := r.term
+	r.term = nil
+	r.b.leader.Store(false)
+	t.cancel()
+	t.wg.Wait()
+	if cause != nil {
+		r.retryAt = time.Now().Add(2 * r.b.cfg.LivenessInterval)
+		r.b.log.Warn().Err(cause).Msg("lost leadership: the leader lock's connection failed; leader work stopped, standing by")
+	} else {
+		var released bool
+		if err := t.conn.QueryRowContext(ctx, unlockQuery, r.b.lockKey).Scan(&released); err != nil {
+			r.b.log.Warn().Err(err).Msg("releasing the leader lock failed; closing its connection releases it")
+		}
+		r.b.log.Info().Msg("stepped down: leader lock released")
+	}
+	// Never pool a session that held the lock: closing it guarantees the
+	// lock is gone whatever happened above.
+	discard(t.conn)
+}
+
+// shutdown runs when Stop cancelled the run: it ends the term and removes
+// the liveness row, bounded by cleanupTimeout rather than by the cancelled
+// context.
+func (r *runner) shutdown(ctx context.Context) {
+	cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), cleanupTimeout)
+	defer cancel()
+	if r.term != nil {
+		r.stepDown(cctx, nil)
+	}
+	if err := r.b.cfg.Store.RemoveBroadcaster(cctx, r.b.cfg.ID); err != nil {
+		r.b.log.Warn().Err(err).Msg("removing the liveness row failed; it ages out")
+	}
+}
+
+// discard closes conn's session instead of returning it to the pool.
+func discard(conn *sql.Conn) {
+	_ = conn.Raw(func(any) error { return driver.ErrBadConn })
+}
+
+// leader is the shared state of one term's goroutines.
+type leader struct {
+	b         *Broadcaster
+	log       zerolog.Logger
+	rejectLog zerolog.Logger // sampled: a flood of bad statuses is not a flood of logs
+
+	// wake is buffered by one: any number of wakes while a relay runs
+	// become one more relay.
+	wake chan struct{}
+	// notified is the highest epoch a notification named; force asks for a
+	// relay whatever the epochs say (the listener reconnected, or a
+	// notification named no epoch).
+	notified atomic.Int64
+	force    atomic.Bool
+
+	// grants carries encoded grants from the consumer to the publishing
+	// connection.
+	grants chan []outgoing
+
+	// Owned by the publisher goroutine.
+	lastConfirmed int64
+}
+
+// outgoing is one message for the default exchange.
+type outgoing struct {
+	queue string
+	msg   amqp.Publishing
+}
+
+// grantBacklog is how many batches of grants may wait for the publishing
+// connection before new ones are dropped.
+const grantBacklog = 64
+
+func newLeader(b *Broadcaster) *leader {
+	return &leader{
+		b:         b,
+		log:       b.log,
+		rejectLog: b.log.Sample(&zerolog.BurstSampler{Burst: 10, Period: time.Second}),
+		wake:      make(chan struct{}, 1),
+		grants:    make(chan []outgoing, grantBacklog),
+	}
+}
+
+// nudge asks the publisher for a relay without ever blocking.
+func (l *leader) nudge() {
+	select {
+	case l.wake <- struct{}{}:
+	default:
+	}
+}
+
+// noteEpoch records an epoch a notification named.
+func (l *leader) noteEpoch(e int64) {
+	for {
+		cur := l.notified.Load()
+		if e <= cur || l.notified.CompareAndSwap(cur, e) {
+			return
+		}
+	}
+}

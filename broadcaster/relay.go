@@ -1,0 +1,265 @@
+package broadcaster
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"strconv"
+	"sync"
+	"time"
+
+	"github.com/lib/pq"
+	amqp "github.com/rabbitmq/amqp091-go"
+
+	"github.com/phasecast/phasecast/internal/amqpx"
+	"github.com/phasecast/phasecast/internal/wire"
+)
+
+// Why a state is published, for the logs.
+const (
+	reasonStart  = "start"  // a term or a publishing connection began
+	reasonNotify = "notify" // NOTIFY named a newer epoch, or LISTEN reconnected
+	reasonOutbox = "outbox" // the poll found unpublished epochs
+	reasonBeacon = "beacon" // nothing was published for BeaconInterval
+	reasonRetry  = "retry"  // an earlier attempt failed
+)
+
+// brokerError marks a failure of the publishing connection itself: the
+// session ends and RunConnected dials again.
+type brokerError struct{ err error }
+
+func (e *brokerError) Error() string { return e.err.Error() }
+func (e *brokerError) Unwrap() error { return e.err }
+
+// listen turns the store's NOTIFYs into wakes of the publisher until ctx
+// ends. lib/pq's Listener reconnects by itself and then sends a nil
+// notification, because whatever was notified meanwhile is lost: that
+// forces a relay. A LISTEN connection that died silently is covered by
+// the outbox poll.
+func (l *leader) listen(ctx context.Context) {
+	channel := l.b.cfg.Store.NotifyChannel()
+	log := l.log.With().Str("channel", channel).Logger()
+	attempts := failureLog{what: "LISTEN connection attempt"}
+	// The callback runs on the Listener's one dispatching goroutine.
+	pl := pq.NewListener(l.b.cfg.DatabaseURL, 100*time.Millisecond, 2*time.Second, func(ev pq.ListenerEventType, err error) {
+		switch ev {
+		case pq.ListenerEventConnected:
+			attempts.report(log, nil)
+			log.Debug().Msg("LISTEN connection established")
+		case pq.ListenerEventReconnected:
+			attempts.report(log, nil)
+			log.Info().Msg("LISTEN connection re-established; relaying in case a notification was lost")
+		case pq.ListenerEventDisconnected:
+			log.Warn().Err(err).Msg("LISTEN connection lost; reconnecting (the outbox poll covers the gap)")
+		case pq.ListenerEventConnectionAttemptFailed:
+			attempts.report(log, err)
+		}
+	})
+	var wg sync.WaitGroup
+	// Drain Notify until the Listener closes it: its goroutine blocks on a
+	// full channel otherwise.
+	wg.Go(func() {
+		for n := range pl.Notify {
+			if n == nil {
+				l.force.Store(true)
+			} else if e, err := strconv.ParseInt(n.Extra, 10, 64); err == nil {
+				l.noteEpoch(e)
+			} else {
+				l.force.Store(true)
+			}
+			l.nudge()
+		}
+	})
+	// Listen blocks until the connection is up; Close below unblocks it.
+	wg.Go(func() {
+		if err := pl.Listen(channel); err != nil && !errors.Is(err, net.ErrClosed) {
+			log.Error().Err(err).Msg("LISTEN failed; relying on the outbox poll")
+		}
+	})
+	<-ctx.Done()
+	_ = pl.Close()
+	wg.Wait()
+}
+
+// publish runs publishing sessions until the term ends.
+func (l *leader) publish(ctx context.Context) {
+	_ = amqpx.RunConnected(ctx, l.log, l.b.cfg.AMQPURL, l.b.connName("publish"), reconnectBackoff, l.publishSession)
+}
+
+// publishSession is one connected period of the publisher. It relays at
+// once (a flip committed while nobody published, or while this connection
+// was down, goes out now), then on every wake, outbox poll and beacon; and
+// it sends the grants the consumer hands over.
+func (l *leader) publishSession(ctx context.Context, conn *amqp.Connection) error {
+	defer closeOnDone(ctx, conn)()
+	connClosed := amqpx.WatchClose(conn)
+
+	states, err := conn.Channel()
+	if err != nil {
+		return fmt.Errorf("open the state channel: %w", err)
+	}
+	defer states.Close()
+	statesClosed := states.NotifyClose(make(chan *amqp.Error, 1))
+	if err := states.Confirm(false); err != nil {
+		return fmt.Errorf("put the state channel in confirm mode: %w", err)
+	}
+	if err := amqpx.DeclareStateExchange(states, l.b.cfg.ExchangePrefix); err != nil {
+		return fmt.Errorf("declare exchange %s: %w", amqpx.StateExchange(l.b.cfg.ExchangePrefix), err)
+	}
+	// Grants are not confirmed: a lost grant costs the agent one
+	// heartbeat, and its lease is already in the store.
+	grants, err := conn.Channel()
+	if err != nil {
+		return fmt.Errorf("open the grant channel: %w", err)
+	}
+	defer grants.Close()
+	grantsClosed := grants.NotifyClose(make(chan *amqp.Error, 1))
+
+	poll := time.NewTicker(l.b.cfg.PollInterval)
+	defer poll.Stop()
+	beacon := time.NewTimer(l.b.cfg.BeaconInterval)
+	defer beacon.Stop()
+	retry := time.NewTimer(time.Hour)
+	retry.Stop()
+	defer retry.Stop()
+	backoff := reconnectBackoff
+	pollLog := failureLog{what: "outbox poll"}
+
+	// relay publishes and sorts out what a failure means: the session ends
+	// on a broker failure; anything else is retried after a backoff.
+	relay := func(reason string) error {
+		err := l.relay(ctx, states, reason)
+		var be *brokerError
+		switch {
+		case err == nil:
+			backoff.Reset()
+			retry.Stop()
+			beacon.Reset(l.b.cfg.BeaconInterval)
+			return nil
+		case ctx.Err() != nil:
+			return nil
+		case errors.As(err, &be):
+			return err
+		}
+		delay := backoff.Next()
+		l.log.Warn().Err(err).Str("reason", reason).Dur("retry_in", delay).Msg("state not published; will send again")
+		retry.Reset(delay)
+		return nil
+	}
+
+	if err := relay(reasonStart); err != nil {
+		return err
+	}
+	for {
+		var err error
+		select {
+		case <-ctx.Done():
+			return nil
+		case e := <-connClosed:
+			return closedError("publishing connection", e)
+		case e := <-statesClosed:
+			return closedError("state channel", e)
+		case e := <-grantsClosed:
+			return closedError("grant channel", e)
+		case <-l.wake:
+			if l.force.Swap(false) || l.notified.Load() > l.lastConfirmed {
+				err = relay(reasonNotify)
+			}
+		case <-poll.C:
+			octx, cancel := context.WithTimeout(ctx, dbTimeout)
+			unpublished, perr := l.b.cfg.Store.UnpublishedEpoch(octx)
+			cancel()
+			if ctx.Err() != nil {
+				return nil
+			}
+			pollLog.report(l.log, perr)
+			if perr == nil && unpublished > 0 {
+				err = relay(reasonOutbox)
+			}
+		case <-beacon.C:
+			err = relay(reasonBeacon)
+		case <-retry.C:
+			err = relay(reasonRetry)
+		case batch := <-l.grants:
+			err = l.sendGrants(ctx, grants, batch)
+		}
+		if err != nil {
+			return err
+		}
+	}
+}
+
+// relay reads the whole state, publishes it and waits for the broker's
+// confirm. Only a confirmed state marks the outbox: a nack, a timeout or a
+// lost connection leaves the epochs unpublished, to be sent again.
+func (l *leader) relay(ctx context.Context, ch *amqp.Channel, reason string) error {
+	octx, cancel := context.WithTimeout(ctx, dbTimeout)
+	st, err := l.b.cfg.Store.State(octx)
+	cancel()
+	if err != nil {
+		return fmt.Errorf("read the state: %w", err)
+	}
+	st.SentAt = time.Now().UTC()
+	body, err := wire.EncodeState(st)
+	if err != nil {
+		return fmt.Errorf("encode the state: %w", err)
+	}
+	exchange := amqpx.StateExchange(l.b.cfg.ExchangePrefix)
+	dc, err := ch.PublishWithDeferredConfirmWithContext(ctx, exchange, "", false, false, l.b.message(wire.KindState, body))
+	if err != nil {
+		return &brokerError{fmt.Errorf("publish state at epoch %d: %w", st.Epoch, err)}
+	}
+	cctx, cancel := context.WithTimeout(ctx, confirmTimeout)
+	acked, err := dc.WaitContext(cctx)
+	cancel()
+	switch {
+	case ctx.Err() != nil:
+		return ctx.Err()
+	case err != nil:
+		return &brokerError{fmt.Errorf("no confirm for the state at epoch %d within %s: %w", st.Epoch, confirmTimeout, err)}
+	case !acked:
+		return fmt.Errorf("the broker nacked the state at epoch %d (or the channel closed)", st.Epoch)
+	}
+
+	l.b.stats.statesPublished.Add(1)
+	if reason == reasonBeacon {
+		l.b.stats.beaconsPublished.Add(1)
+	}
+	newer := st.Epoch > l.lastConfirmed
+	l.lastConfirmed = max(l.lastConfirmed, st.Epoch)
+	ev := l.log.Debug()
+	if newer && reason != reasonBeacon {
+		ev = l.log.Info()
+	}
+	ev.Int64("epoch", st.Epoch).Str("reason", reason).Int("releases", len(st.Releases)).Msg("state published")
+
+	octx, cancel = context.WithTimeout(ctx, dbTimeout)
+	defer cancel()
+	unpublished, err := l.b.cfg.Store.UnpublishedEpoch(octx)
+	if err != nil {
+		return fmt.Errorf("state at epoch %d published, but reading the outbox failed: %w", st.Epoch, err)
+	}
+	// MarkPublished touches only rows up to st.Epoch, which this state
+	// covers; a newer epoch has its own notification coming.
+	if unpublished > 0 {
+		if err := l.b.cfg.Store.MarkPublished(octx, st.Epoch); err != nil {
+			return fmt.Errorf("state at epoch %d published, but marking the outbox failed: %w", st.Epoch, err)
+		}
+	}
+	return nil
+}
+
+// sendGrants publishes a batch of grants to the agents' own queues.
+func (l *leader) sendGrants(ctx context.Context, ch *amqp.Channel, batch []outgoing) error {
+	for _, g := range batch {
+		if err := ch.PublishWithContext(ctx, "", g.queue, false, false, g.msg); err != nil {
+			if ctx.Err() != nil {
+				return nil
+			}
+			return &brokerError{fmt.Errorf("publish a grant: %w", err)}
+		}
+		l.b.stats.grantsSent.Add(1)
+	}
+	return nil
+}

@@ -1,0 +1,97 @@
+package broadcaster
+
+import "sync/atomic"
+
+// Reasons a status message is rejected, the keys of Stats.Rejected.
+const (
+	// RejectMalformed: not JSON, wrong types, or values that cannot be
+	// right or cannot be stored (no agent_id, drained ahead of applied, a
+	// pid or seq out of range, a NUL byte, a reply queue name over 255
+	// bytes).
+	RejectMalformed = "malformed"
+	// RejectVersion: a protocol version this build does not speak.
+	RejectVersion = "version"
+	// RejectKind: a message of another kind (a state or a grant) on the
+	// status queue.
+	RejectKind = "kind"
+	// RejectTooLarge: a body over wire.MaxMessageSize.
+	RejectTooLarge = "too_large"
+	// RejectUnsigned: StatusMACKey is set and the message carries no MAC.
+	RejectUnsigned = "unsigned"
+	// RejectBadSignature: the MAC does not match the body.
+	RejectBadSignature = "bad_signature"
+	// RejectStaleSeq: a valid status whose seq is not newer than the one
+	// recorded for its agent (a replay or a reordering). It is acked and
+	// earns no grant. A status superseded by a newer one from the same
+	// agent in the same batch is not counted: the newer one answers it.
+	RejectStaleSeq = "stale_seq"
+)
+
+var rejectReasons = []string{
+	RejectMalformed, RejectVersion, RejectKind, RejectTooLarge,
+	RejectUnsigned, RejectBadSignature, RejectStaleSeq,
+}
+
+// Stats is a snapshot of a broadcaster's counters since New. Counters of
+// leader work only move while the broadcaster leads.
+type Stats struct {
+	// StatesPublished counts state messages the broker confirmed, beacons
+	// included.
+	StatesPublished int64
+	// BeaconsPublished counts the confirmed states that were periodic
+	// beacons rather than relays of a change.
+	BeaconsPublished int64
+	// StatusesRecorded counts statuses written to the store.
+	StatusesRecorded int64
+	// StatusBatches counts the transactions that recorded statuses.
+	StatusBatches int64
+	// GrantsSent counts grants handed to the broker.
+	GrantsSent int64
+	// GrantsDropped counts grants not sent because the publishing
+	// connection was too far behind; the agents' next statuses earn new
+	// ones.
+	GrantsDropped int64
+	// Rejected counts rejected status messages by reason (the Reject…
+	// constants); every reason is present.
+	Rejected map[string]int64
+	// Takeovers counts the times this broadcaster became leader.
+	Takeovers int64
+}
+
+type counters struct {
+	statesPublished  atomic.Int64
+	beaconsPublished atomic.Int64
+	statusesRecorded atomic.Int64
+	statusBatches    atomic.Int64
+	grantsSent       atomic.Int64
+	grantsDropped    atomic.Int64
+	takeovers        atomic.Int64
+	rejected         map[string]*atomic.Int64 // fixed keys: read without a lock
+}
+
+func newCounters() *counters {
+	c := &counters{rejected: make(map[string]*atomic.Int64, len(rejectReasons))}
+	for _, r := range rejectReasons {
+		c.rejected[r] = new(atomic.Int64)
+	}
+	return c
+}
+
+func (c *counters) reject(reason string, n int64) { c.rejected[reason].Add(n) }
+
+func (c *counters) snapshot() Stats {
+	s := Stats{
+		StatesPublished:  c.statesPublished.Load(),
+		BeaconsPublished: c.beaconsPublished.Load(),
+		StatusesRecorded: c.statusesRecorded.Load(),
+		StatusBatches:    c.statusBatches.Load(),
+		GrantsSent:       c.grantsSent.Load(),
+		GrantsDropped:    c.grantsDropped.Load(),
+		Takeovers:        c.takeovers.Load(),
+		Rejected:         make(map[string]int64, len(c.rejected)),
+	}
+	for r, n := range c.rejected {
+		s.Rejected[r] = n.Load()
+	}
+	return s
+}

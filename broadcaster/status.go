@@ -1,0 +1,316 @@
+package broadcaster
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/lib/pq"
+	amqp "github.com/rabbitmq/amqp091-go"
+
+	"github.com/phasecast/phasecast/internal/amqpx"
+	"github.com/phasecast/phasecast/internal/wire"
+)
+
+// maxBodyExcerpt bounds how much of a rejected body is logged.
+const maxBodyExcerpt = 200
+
+// consume runs consuming sessions until the term ends.
+func (l *leader) consume(ctx context.Context) {
+	_ = amqpx.RunConnected(ctx, l.log, l.b.cfg.AMQPURL, l.b.connName("consume"), reconnectBackoff, l.consumeSession)
+}
+
+// deliverySource is everything a consuming session waits on.
+type deliverySource struct {
+	deliveries <-chan amqp.Delivery
+	connClosed <-chan *amqp.Error
+	chClosed   <-chan *amqp.Error
+	cancelled  <-chan string
+}
+
+// consumeSession is one connected period of the status consumer: it
+// collects statuses into batches, records each batch in one transaction,
+// grants leases and acks. A delivery is acked only after the transaction
+// that recorded it committed, so a crash loses nothing: the broker
+// redelivers, and the replay is recognised by its seq.
+func (l *leader) consumeSession(ctx context.Context, conn *amqp.Connection) error {
+	defer closeOnDone(ctx, conn)()
+	src := deliverySource{connClosed: amqpx.WatchClose(conn)}
+	queue := amqpx.StatusQueue(l.b.cfg.ExchangePrefix)
+	if err := amqpx.DeclareStatusQueue(conn, l.b.cfg.ExchangePrefix); err != nil {
+		return fmt.Errorf("declare queue %s: %w", queue, err)
+	}
+	ch, err := conn.Channel()
+	if err != nil {
+		return fmt.Errorf("open the status channel: %w", err)
+	}
+	defer ch.Close()
+	src.chClosed = ch.NotifyClose(make(chan *amqp.Error, 1))
+	src.cancelled = ch.NotifyCancel(make(chan string, 1))
+	// Twice a batch in flight: the next batch fills while one is written.
+	if err := ch.Qos(2*l.b.cfg.StatusBatchMax, 0, false); err != nil {
+		return fmt.Errorf("set the prefetch: %w", err)
+	}
+	src.deliveries, err = ch.Consume(queue, "phasecast-broadcaster-"+l.b.cfg.ID, false, false, false, false, nil)
+	if err != nil {
+		return fmt.Errorf("consume %s: %w", queue, err)
+	}
+	l.log.Info().Str("queue", queue).Msg("consuming statuses")
+	backoff := reconnectBackoff
+	dbLog := failureLog{what: "recording statuses"}
+	for {
+		batch, err := l.collect(ctx, src)
+		if err != nil {
+			if ctx.Err() != nil {
+				return nil
+			}
+			return err
+		}
+		if err := l.handleBatch(ctx, ch, batch, &backoff, &dbLog); err != nil {
+			if ctx.Err() != nil {
+				return nil
+			}
+			return err
+		}
+	}
+}
+
+// collect waits for a first delivery, then gathers more until the batch
+// is full or StatusBatchWait has passed.
+func (l *leader) collect(ctx context.Context, src deliverySource) ([]amqp.Delivery, error) {
+	var batch []amqp.Delivery
+	var deadline <-chan time.Time
+	for {
+		select {
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		case e := <-src.connClosed:
+			return nil, closedError("consuming connection", e)
+		case e := <-src.chClosed:
+			return nil, closedError("status channel", e)
+		case tag, ok := <-src.cancelled:
+			if !ok {
+				return nil, errors.New("status channel closed")
+			}
+			return nil, fmt.Errorf("the broker cancelled consumer %s (was the status queue deleted?)", tag)
+		case d, ok := <-src.deliveries:
+			if !ok {
+				return nil, errors.New("the status delivery channel closed")
+			}
+			batch = append(batch, d)
+			if len(batch) >= l.b.cfg.StatusBatchMax {
+				return batch, nil
+			}
+			if deadline == nil {
+				t := time.NewTimer(l.b.cfg.StatusBatchWait)
+				defer t.Stop()
+				deadline = t.C
+			}
+		case <-deadline:
+			return batch, nil
+		}
+	}
+}
+
+// pending is a valid status and the delivery that carried it.
+type pending struct {
+	status   wire.Status
+	delivery amqp.Delivery
+}
+
+// handleBatch rejects what cannot be a status, records the rest in one
+// transaction, grants leases and acks. A database failure nacks the batch
+// back to the queue and backs off; it never ends the consumer. The
+// returned error is the channel's.
+func (l *leader) handleBatch(ctx context.Context, ch *amqp.Channel, batch []amqp.Delivery, backoff *amqpx.Backoff, dbLog *failureLog) error {
+	valid := make([]pending, 0, len(batch))
+	for _, d := range batch {
+		st, reason, err := l.b.decodeStatus(d)
+		if err != nil {
+			l.rejected(d, reason, err)
+			// requeue=false: dropped, or dead-lettered if the operator set
+			// a dead-letter exchange on the queue.
+			if err := d.Nack(false, false); err != nil {
+				return err
+			}
+			continue
+		}
+		valid = append(valid, pending{st, d})
+	}
+	if len(valid) == 0 {
+		return nil
+	}
+	// Deliveries are in tag order and every invalid one is already
+	// settled: one multiple ack or nack on the last tag settles the batch.
+	last := valid[len(valid)-1].delivery.DeliveryTag
+	valid, epoch, recorded, err := l.record(ctx, valid)
+	if err != nil {
+		if ctx.Err() != nil {
+			return nil // the channel closes with the session: the broker requeues
+		}
+		dbLog.report(l.log, err)
+		if err := ch.Nack(last, true, true); err != nil {
+			return err
+		}
+		return amqpx.Sleep(ctx, backoff.Next())
+	}
+	dbLog.report(l.log, nil)
+	backoff.Reset()
+	l.grant(valid, epoch, recorded)
+	return ch.Ack(last, true)
+}
+
+// record writes the batch in one transaction. If the database refuses the
+// batch's data (a value checkStorable did not foresee), it falls back to
+// one status at a time, so one poisoned status cannot wedge every agent's
+// heartbeat: the ones the database refuses are rejected, left out of the
+// returned statuses, and acked with the batch.
+func (l *leader) record(ctx context.Context, valid []pending) (kept []pending, epoch int64, recorded []string, err error) {
+	statuses := make([]wire.Status, len(valid))
+	for i, p := range valid {
+		statuses[i] = p.status
+	}
+	epoch, recorded, err = l.recordStatuses(ctx, statuses)
+	if err == nil || !isDataError(err) {
+		return valid, epoch, recorded, err
+	}
+	l.log.Warn().Err(err).Int("statuses", len(valid)).Msg("the database refused a batch of statuses; recording them one by one to find the bad ones")
+	kept, recorded = make([]pending, 0, len(valid)), nil
+	for i, p := range valid {
+		e, rec, err := l.recordStatuses(ctx, statuses[i:i+1])
+		switch {
+		case err == nil:
+			kept = append(kept, p)
+			epoch = max(epoch, e)
+			recorded = append(recorded, rec...)
+		case isDataError(err):
+			l.rejected(p.delivery, RejectMalformed, err)
+		default:
+			return nil, 0, nil, err
+		}
+	}
+	return kept, epoch, recorded, nil
+}
+
+func (l *leader) recordStatuses(ctx context.Context, statuses []wire.Status) (int64, []string, error) {
+	octx, cancel := context.WithTimeout(ctx, dbTimeout)
+	defer cancel()
+	epoch, recorded, err := l.b.cfg.Store.RecordStatuses(octx, statuses, l.b.cfg.LeaseDuration)
+	if err == nil {
+		l.b.stats.statusBatches.Add(1)
+	}
+	return epoch, recorded, err
+}
+
+// isDataError reports a refusal of the data itself (SQLSTATE class 22,
+// data exception, or 23, integrity violation): sending it again cannot
+// succeed.
+func isDataError(err error) bool {
+	var pqErr *pq.Error
+	if !errors.As(err, &pqErr) {
+		return false
+	}
+	class := pqErr.Code.Class()
+	return class == "22" || class == "23"
+}
+
+// grant counts what the batch recorded and hands a grant for each recorded
+// status to the publisher. An agent's grant answers its newest status in
+// the batch, the one the store kept.
+func (l *leader) grant(valid []pending, epoch int64, recorded []string) {
+	// Within a batch an agent's newest status supersedes its older ones
+	// (the store keeps that one only): the older ones are neither stale
+	// nor granted. Stale is a newest status the store refused.
+	newest := make(map[string]wire.Status, len(valid))
+	for _, p := range valid {
+		if cur, ok := newest[p.status.AgentID]; !ok || p.status.Seq > cur.Seq {
+			newest[p.status.AgentID] = p.status
+		}
+	}
+	l.b.stats.statusesRecorded.Add(int64(len(recorded)))
+	if stale := len(newest) - len(recorded); stale > 0 {
+		l.b.stats.reject(RejectStaleSeq, int64(stale))
+		l.log.Debug().Int("stale", stale).Msg("statuses not newer than the recorded ones were acked without a grant")
+	}
+	grants := make([]outgoing, 0, len(recorded))
+	for _, id := range recorded {
+		st, ok := newest[id]
+		if !ok || st.Queue == "" {
+			continue
+		}
+		delete(newest, id) // one grant per agent, even if recorded twice
+		body, err := wire.EncodeGrant(wire.Grant{AgentID: id, Seq: st.Seq, LeaseMS: l.b.cfg.LeaseDuration.Milliseconds(), Epoch: epoch})
+		if err != nil {
+			l.log.Error().Err(err).Str("agent_id", id).Msg("encoding a grant failed")
+			continue
+		}
+		grants = append(grants, outgoing{queue: st.Queue, msg: l.b.message(wire.KindGrant, body)})
+	}
+	if len(grants) == 0 {
+		return
+	}
+	select {
+	case l.grants <- grants:
+	default:
+		l.b.stats.grantsDropped.Add(int64(len(grants)))
+		l.rejectLog.Warn().Int("grants", len(grants)).Msg("the publishing connection is behind; grants dropped (the agents' next statuses earn new ones)")
+	}
+}
+
+// rejected counts and logs a status that will not be recorded.
+func (l *leader) rejected(d amqp.Delivery, reason string, err error) {
+	l.b.stats.reject(reason, 1)
+	excerpt := d.Body
+	if len(excerpt) > maxBodyExcerpt {
+		excerpt = excerpt[:maxBodyExcerpt]
+	}
+	l.rejectLog.Warn().Err(err).
+		Str("reason", reason).
+		Int("size", len(d.Body)).
+		Str("body_excerpt", string(excerpt)).
+		Str("message_id", d.MessageId).
+		Str("app_id", d.AppId).
+		Str("user_id", d.UserId).
+		Bool("redelivered", d.Redelivered).
+		Msg("status rejected")
+}
+
+// decodeStatus authenticates and decodes one status, or says why not with
+// one of the Reject… reasons.
+func (b *Broadcaster) decodeStatus(d amqp.Delivery) (wire.Status, string, error) {
+	if len(d.Body) > wire.MaxMessageSize {
+		return wire.Status{}, RejectTooLarge, fmt.Errorf("%w: %d bytes (limit %d)", wire.ErrTooLarge, len(d.Body), wire.MaxMessageSize)
+	}
+	if b.cfg.StatusMACKey != nil {
+		var mac string
+		switch v := d.Headers[wire.MACHeader].(type) {
+		case nil:
+		case string:
+			mac = v
+		case []byte:
+			mac = string(v)
+		default:
+			return wire.Status{}, RejectBadSignature, fmt.Errorf("%w: header %s is a %T", wire.ErrBadSignature, wire.MACHeader, v)
+		}
+		if err := wire.CheckMAC(b.cfg.StatusMACKey, d.Body, mac); err != nil {
+			if errors.Is(err, wire.ErrUnsigned) {
+				return wire.Status{}, RejectUnsigned, err
+			}
+			return wire.Status{}, RejectBadSignature, err
+		}
+	}
+	st, err := wire.DecodeStatus(d.Body)
+	switch {
+	case err == nil:
+	case errors.Is(err, wire.ErrTooLarge):
+		return st, RejectTooLarge, err
+	case errors.Is(err, wire.ErrVersion):
+		return st, RejectVersion, err
+	case errors.Is(err, wire.ErrKind):
+		return st, RejectKind, err
+	default: // wire.ErrMalformed, wire.ErrInvalid
+		return st, RejectMalformed, err
+	}
+	return st, "", nil
+}
