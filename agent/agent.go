@@ -1,0 +1,481 @@
+package agent
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"slices"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/jmoiron/sqlx"
+	"github.com/rs/zerolog"
+
+	"github.com/phasecast/phasecast/internal/wire"
+	"github.com/phasecast/phasecast/schema"
+)
+
+// ErrStale is returned by Enter when the agent cannot vouch that its
+// snapshot is current: its lease ran out (the broadcaster stopped
+// answering, or this process was partitioned) and it has no database to
+// re-sync from, or the re-sync failed, or the agent is not running. The
+// service should refuse the unit of work (e.g. answer 503) rather than run
+// it on a state the contract runner may no longer be waiting for.
+var ErrStale = errors.New("agent: state may be stale: the lease ran out")
+
+var errNotRunning = fmt.Errorf("%w (the agent holds no state or is not running: Enter only after Start returned, and before Stop)", ErrStale)
+
+// Timeouts of the agent's own I/O.
+const (
+	syncTimeout    = 5 * time.Second // one Store.SyncAgent
+	publishTimeout = 2 * time.Second // one status publish
+)
+
+// Agent holds the versioning state for one service and keeps it current.
+// All its methods are safe for concurrent use.
+type Agent struct {
+	// Read by every Enter and Snapshot: together, and away from the
+	// fields the agent's own goroutines write.
+	cur    atomic.Pointer[Snapshot]
+	fenced atomic.Bool
+	_      [64]byte
+
+	cfg   Config
+	log   zerolog.Logger
+	store *schema.Store // nil without Config.DB
+	reg   *registry
+	pid   int
+
+	drain       chan struct{} // wakes the drainer; 1-buffered
+	leasePoke   chan struct{} // wakes the lease timer; 1-buffered
+	confirmPoke chan struct{} // wakes the confirmer; 1-buffered
+
+	life   sync.Mutex // serializes Start and Stop
+	run    *runState  // under life; nil when not running
+	last   *runState  // under life; the previous run, joined before the next Start
+	runPtr atomic.Pointer[runState]
+
+	applyMu   sync.Mutex // serializes apply
+	pendingMu sync.Mutex
+	pending   []*Snapshot  // under pendingMu: retired snapshots that may still have guards
+	notified  *Snapshot    // under pendingMu: the snapshot OnChange last saw
+	drained   atomic.Int64 // written under pendingMu
+
+	// Every status, over AMQP or through the store, is numbered and sent
+	// under statusMu, so seqs reach the store in order.
+	statusMu     sync.Mutex
+	seq          atomic.Uint64 // written under statusMu; starts at seqBase
+	seqBase      uint64
+	syncGen      atomic.Uint64 // bumped by every Store.SyncAgent attempt
+	lastSyncErr  error         // under statusMu
+	lastSyncFail time.Time     // under statusMu
+
+	sentMu sync.Mutex
+	sent   [sentRing]sentStatus
+
+	leaseMu  sync.Mutex
+	running  bool      // under leaseMu: the lease may unfence only while running
+	deadline time.Time // under leaseMu; monotonic; never moves backwards
+	leaseMS  atomic.Int64
+
+	sessMu sync.RWMutex
+	sess   *session
+
+	confirmHint atomic.Int64
+
+	counters
+}
+
+// runState is one Start…Stop period.
+type runState struct {
+	ctx       context.Context
+	cancel    context.CancelFunc
+	wg        sync.WaitGroup
+	ready     chan struct{}
+	readyOnce sync.Once
+	sessions  atomic.Int64
+}
+
+func (r *runState) markReady() { r.readyOnce.Do(func() { close(r.ready) }) }
+
+// sentRing is how many recent statuses the agent remembers the send time
+// of, to match grants against: at the default heartbeat, over two minutes.
+const sentRing = 64
+
+type sentStatus struct {
+	seq uint64
+	at  time.Time // local, monotonic
+}
+
+// New validates cfg, applies its defaults and returns an agent that is not
+// yet running. It does not connect to anything.
+func New(cfg Config) (*Agent, error) {
+	cfg = cfg.withDefaults()
+	if err := cfg.validate(); err != nil {
+		return nil, fmt.Errorf("agent: invalid config: %w", err)
+	}
+	cfg.Releases = slices.Clone(cfg.Releases)
+	if cfg.Releases == nil {
+		cfg.Releases = []string{}
+	}
+	cfg.StateKey = slices.Clone(cfg.StateKey)
+	cfg.StatusMACKey = slices.Clone(cfg.StatusMACKey)
+	a := &Agent{
+		cfg:         cfg,
+		log:         cfg.Logger.With().Str("agent_id", cfg.ID).Str("service", cfg.Service).Logger(),
+		reg:         newRegistry(cfg.Tables),
+		pid:         os.Getpid(),
+		drain:       make(chan struct{}, 1),
+		leasePoke:   make(chan struct{}, 1),
+		confirmPoke: make(chan struct{}, 1),
+	}
+	a.cfg.Tables = nil // the registry holds its own copy
+	if cfg.DB != nil {
+		store, err := schema.NewStore(sqlx.NewDb(cfg.DB, "postgres"), cfg.Schema)
+		if err != nil {
+			return nil, fmt.Errorf("agent: Config.Schema: %w", err)
+		}
+		a.store = store
+	}
+	// The store keeps an agent's status only if its seq is higher than the
+	// one recorded (replays and reorderings are ignored). Were seq to start
+	// at 1, a service restarted under a fixed Config.ID would have every
+	// status, and every lease renewal through the store, silently ignored
+	// while it believed itself renewed. Starting at the creation time in
+	// nanoseconds puts a successor above any predecessor: one status per
+	// nanosecond is more than any agent sends.
+	a.seqBase = uint64(time.Now().UnixNano())
+	a.seq.Store(a.seqBase)
+	a.fenced.Store(true)
+	a.drained.Store(-1)
+	return a, nil
+}
+
+// ID returns the agent's ID.
+func (a *Agent) ID() string { return a.cfg.ID }
+
+// ApplicationName returns the application_name the agent reports; the
+// service's own database sessions should carry it.
+func (a *Agent) ApplicationName() string { return a.cfg.ApplicationName }
+
+// Snapshot returns the current snapshot: one atomic load. It is nil until
+// Start has loaded a state. A unit of work that must not see the state
+// change under it (a request, a transaction) uses Enter instead.
+func (a *Agent) Snapshot() *Snapshot { return a.cur.Load() }
+
+// Table returns the handle of a table registered in Config.Tables. Resolve
+// each table once, at start-up; the handle works with every snapshot of
+// this agent. It panics if the table is not registered, as regexp's
+// MustCompile does: the set of tables is fixed when the service is built.
+func (a *Agent) Table(name string) TableRef {
+	t, ok := a.reg.index[name]
+	if !ok {
+		panic(fmt.Sprintf("agent: table %q is not registered in Config.Tables (registered: %q)", name, a.reg.names))
+	}
+	return t
+}
+
+// Start loads the state and connects, and returns once the agent can vouch
+// for its snapshot. The service should not serve before Start returns.
+//
+// With Config.DB, Start first reads the state from the store and registers
+// the agent's lease there (Store.SyncAgent), then connects to the broker
+// and waits for the broadcaster's first lease grant. If the broker cannot
+// be reached at all, Start returns after the store sync alone: the lease
+// comes from the store, the agent keeps renewing it there and reconnects to
+// the broker in the background. Without a DB, Start waits for the first
+// state (the broadcaster sends one every few seconds as a beacon) and then
+// for a grant of a lease on it.
+//
+// ctx bounds the wait; if it ends first, Start undoes everything and
+// returns an error. Calling Start on a running agent does nothing. An
+// agent may be started again after Stop.
+func (a *Agent) Start(ctx context.Context) error {
+	a.life.Lock()
+	defer a.life.Unlock()
+	if a.run != nil {
+		return nil
+	}
+	if prev := a.last; prev != nil {
+		if err := waitGroup(ctx, &prev.wg); err != nil {
+			return fmt.Errorf("agent: start: the previous run has not stopped yet: %w", err)
+		}
+		a.last = nil
+	}
+	runCtx, cancel := context.WithCancel(context.Background())
+	r := &runState{ctx: runCtx, cancel: cancel, ready: make(chan struct{})}
+	a.setRunning(true)
+	a.runPtr.Store(r)
+
+	if a.store != nil {
+		a.statusMu.Lock()
+		err := a.syncLocked(ctx, "start")
+		a.statusMu.Unlock()
+		if err != nil {
+			a.halt(r)
+			return fmt.Errorf("agent: start: load state from the store (schema %q): %w", a.cfg.Schema, err)
+		}
+		// Nothing older can be in flight on a first start, so the state
+		// just loaded is drained as it stands; the first status says so.
+		a.pendingMu.Lock()
+		a.pending = pruneDrained(a.pending)
+		if cur := a.cur.Load(); len(a.pending) == 0 && cur.epoch > a.drained.Load() {
+			a.drained.Store(cur.epoch)
+		}
+		if a.notified == nil {
+			a.notified = a.cur.Load()
+		}
+		a.pendingMu.Unlock()
+	}
+
+	conn, dialErr := dialBroker(a.cfg.AMQPURL, a.connName())
+	r.wg.Go(func() { a.drainLoop(r) })
+	r.wg.Go(func() { a.leaseLoop(r) })
+	r.wg.Go(func() { a.heartbeatLoop(r) })
+	if a.store != nil {
+		r.wg.Go(func() { a.confirmLoop(r) })
+	}
+	r.wg.Go(func() { a.amqpLoop(r, conn) })
+
+	if dialErr != nil {
+		if a.store != nil {
+			a.log.Warn().Err(dialErr).Msg("broker unreachable; running on the store's lease and reconnecting in the background")
+			a.run = r
+			return nil
+		}
+		a.log.Warn().Err(dialErr).Msg("broker unreachable; retrying until Start's context ends")
+	}
+	select {
+	case <-r.ready:
+		a.run = r
+		snap := a.cur.Load()
+		a.log.Info().Int64("epoch", snap.epoch).Msg("agent started")
+		return nil
+	case <-ctx.Done():
+		a.halt(r)
+		what := "the first lease grant from the broadcaster"
+		if a.store == nil {
+			what = "the first state (beacon) and a lease grant from the broadcaster"
+		}
+		return fmt.Errorf("agent: start: waiting for %s: %w", what, ctx.Err())
+	}
+}
+
+// Stop stops the agent and waits, bounded by ctx, for every goroutine it
+// started to return. From the moment Stop is called, Enter refuses with
+// ErrStale: nobody renews the lease any more, so stop the agent after the
+// service has stopped taking work. Stop is safe to call twice, and on an
+// agent never started.
+func (a *Agent) Stop(ctx context.Context) error {
+	a.life.Lock()
+	r := a.run
+	a.run = nil
+	if r != nil {
+		a.last = r
+	}
+	a.life.Unlock()
+	if r == nil {
+		return nil
+	}
+	a.setRunning(false)
+	a.runPtr.Store(nil)
+	r.cancel()
+	if err := waitGroup(ctx, &r.wg); err != nil {
+		return fmt.Errorf("agent: stop: %w", err)
+	}
+	a.log.Info().Msg("agent stopped")
+	return nil
+}
+
+// halt undoes a Start that failed.
+func (a *Agent) halt(r *runState) {
+	a.setRunning(false)
+	a.runPtr.Store(nil)
+	r.cancel()
+	r.wg.Wait()
+}
+
+// setRunning opens or closes the lease. Closing it fences at once.
+func (a *Agent) setRunning(v bool) {
+	a.leaseMu.Lock()
+	a.running = v
+	if !v {
+		a.fenced.Store(true)
+	}
+	a.leaseMu.Unlock()
+}
+
+func waitGroup(ctx context.Context, wg *sync.WaitGroup) error {
+	done := make(chan struct{})
+	go func() { wg.Wait(); close(done) }()
+	select {
+	case <-done:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+// Stats returns a point-in-time view of the agent.
+func (a *Agent) Stats() Stats {
+	st := Stats{
+		DrainedEpoch:   a.drained.Load(),
+		AppliedEpoch:   a.appliedEpoch(),
+		Inflight:       a.inflightOlder(),
+		Fenced:         a.fenced.Load(),
+		Seq:            a.seq.Load(),
+		StatusesSent:   a.seq.Load() - a.seqBase,
+		StaleRefusals:  a.staleRefusals.Load(),
+		IgnoredStates:  a.ignoredStates.Load(),
+		BehindGrants:   a.behindGrants.Load(),
+		Resyncs:        a.resyncs.Load(),
+		ResyncFailures: a.resyncFailures.Load(),
+		Reconnects:     a.reconnects.Load(),
+		Fencings:       a.fencings.Load(),
+	}
+	a.leaseMu.Lock()
+	if !a.deadline.IsZero() {
+		st.LeaseRemaining = time.Until(a.deadline)
+	}
+	a.leaseMu.Unlock()
+	for i := range a.rejected {
+		if n := a.rejected[i].Load(); n > 0 {
+			if st.RejectedMessages == nil {
+				st.RejectedMessages = make(map[string]int64)
+			}
+			st.RejectedMessages[rejectReasons[i]] = n
+		}
+	}
+	return st
+}
+
+// appliedEpoch is the epoch of the current snapshot, -1 before any.
+func (a *Agent) appliedEpoch() int64 {
+	if s := a.cur.Load(); s != nil {
+		return s.epoch
+	}
+	return -1
+}
+
+// inflightOlder counts guards pinned to retired snapshots.
+func (a *Agent) inflightOlder() int64 {
+	a.pendingMu.Lock()
+	defer a.pendingMu.Unlock()
+	var n int64
+	for _, s := range a.pending {
+		n += max(s.inflight.Load(), 0)
+	}
+	return n
+}
+
+// apply swaps in the snapshot of st if st is newer than the one held, and
+// wakes the drainer. Duplicates and reordered states change nothing.
+func (a *Agent) apply(st *wire.State) bool {
+	a.applyMu.Lock()
+	defer a.applyMu.Unlock()
+	old := a.cur.Load()
+	if old != nil && st.Epoch <= old.epoch {
+		return false
+	}
+	s := newSnapshot(st, a.reg, a.drain)
+	// The swap and the retirement of the old snapshot happen under
+	// pendingMu, the drainer's lock: the drainer can never see the new
+	// snapshot without the old one among those it waits for.
+	a.pendingMu.Lock()
+	a.cur.Store(s)
+	if old != nil {
+		old.retired.Store(true)
+		a.pending = append(pruneDrained(a.pending), old)
+	}
+	a.pendingMu.Unlock()
+	poke(a.drain)
+	ev := a.log.Info().Int64("epoch", s.epoch)
+	if old != nil {
+		ev = ev.Int64("previous_epoch", old.epoch)
+	}
+	ev.Msg("state applied")
+	return true
+}
+
+// pruneDrained drops retired snapshots whose guards have all exited. A
+// retired snapshot's count can rise again only transiently (an Enter that
+// loaded it before the swap backs out without returning a guard), so zero
+// seen once after retirement is zero for good.
+func pruneDrained(pending []*Snapshot) []*Snapshot {
+	kept := pending[:0]
+	for _, s := range pending {
+		if s.inflight.Load() > 0 {
+			kept = append(kept, s)
+		}
+	}
+	clear(pending[len(kept):])
+	return kept
+}
+
+// drainLoop is the drainer: woken by every swap and by the last guard to
+// exit a retired snapshot, it runs OnChange for a new snapshot, then, once
+// no guard is pinned to any older snapshot, sets drained_epoch and sends
+// the acknowledgement at once.
+func (a *Agent) drainLoop(r *runState) {
+	for {
+		select {
+		case <-r.ctx.Done():
+			return
+		case <-a.drain:
+		}
+		a.checkDrained(r.ctx)
+	}
+}
+
+func (a *Agent) checkDrained(ctx context.Context) {
+	for {
+		cur := a.cur.Load()
+		if cur == nil {
+			return
+		}
+		a.pendingMu.Lock()
+		old := a.notified
+		a.notified = cur
+		a.pendingMu.Unlock()
+		if old != nil && old != cur && a.cfg.OnChange != nil {
+			a.callOnChange(old, cur)
+		}
+
+		a.pendingMu.Lock()
+		if a.cur.Load() != cur {
+			// Swapped again meanwhile: OnChange sees the newer one first.
+			a.pendingMu.Unlock()
+			continue
+		}
+		a.pending = pruneDrained(a.pending)
+		acked := len(a.pending) == 0 && cur.epoch > a.drained.Load()
+		if acked {
+			a.drained.Store(cur.epoch)
+		}
+		a.pendingMu.Unlock()
+		if acked {
+			a.log.Debug().Int64("drained_epoch", cur.epoch).Msg("drained; acknowledging")
+			a.report(ctx, "ack")
+		}
+		return
+	}
+}
+
+func (a *Agent) callOnChange(old, cur *Snapshot) {
+	defer func() {
+		if p := recover(); p != nil {
+			a.log.Error().Interface("panic", p).Int64("epoch", cur.epoch).Msg("Config.OnChange panicked")
+		}
+	}()
+	a.cfg.OnChange(old, cur)
+}
+
+// poke wakes whoever waits on a 1-buffered channel, without blocking.
+func poke(c chan<- struct{}) {
+	select {
+	case c <- struct{}{}:
+	default:
+	}
+}

@@ -1,0 +1,670 @@
+package agent
+
+import (
+	"bytes"
+	"context"
+	"crypto/ed25519"
+	"io"
+	"runtime"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	amqp "github.com/rabbitmq/amqp091-go"
+	"github.com/rs/zerolog"
+	"github.com/stretchr/testify/require"
+
+	"github.com/phasecast/phasecast/internal/phase"
+	"github.com/phasecast/phasecast/internal/testenv"
+	"github.com/phasecast/phasecast/internal/wire"
+	"github.com/phasecast/phasecast/schema"
+)
+
+func TestStart(t *testing.T) {
+	t.Parallel()
+
+	t.Run("LoadsStateFromDB", func(t *testing.T) {
+		t.Parallel()
+		b := setup(t, fakeOptions{noBeacons: true})
+		applyRelease(t, b.store, manifestL)
+		epoch := flip(t, b.store, "L", phase.Migrate, phase.Contract)
+
+		cfg := b.config(t, true)
+		a := startAgent(t, cfg)
+		s := a.Snapshot()
+		require.Equal(t, epoch, s.Epoch(), "no beacon was sent: the state came from the store")
+		require.True(t, s.Removed("instances", "name"))
+		require.False(t, a.Stats().Fenced)
+
+		// Start registered the agent, and its statuses reach the store.
+		require.Eventually(t, func() bool {
+			row := agentRow(t, b.store, a.ID())
+			return row.DrainedEpoch == epoch && row.Live()
+		}, 5*time.Second, 10*time.Millisecond)
+		row := agentRow(t, b.store, a.ID())
+		require.Equal(t, DefaultApplicationName(a.ID()), row.AppName)
+		require.Equal(t, "phasecast:"+a.ID(), row.AppName)
+		require.Equal(t, []string{"L"}, []string(row.Releases))
+		require.Equal(t, "27.1.0", row.Version)
+		require.True(t, strings.HasPrefix(a.ID(), "nova-api-"), a.ID())
+	})
+
+	t.Run("WithoutDBWaitsForBeacon", func(t *testing.T) {
+		t.Parallel()
+		b := setup(t, fakeOptions{noBeacons: true})
+		applyRelease(t, b.store, manifestL)
+		epoch := flip(t, b.store, "L", phase.Migrate)
+
+		a, err := New(b.config(t, false))
+		require.NoError(t, err)
+		t.Cleanup(func() { stopAgent(t, a) })
+		done := make(chan error, 1)
+		go func() {
+			ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
+			defer cancel()
+			done <- a.Start(ctx)
+		}()
+		select {
+		case err := <-done:
+			require.FailNow(t, "Start returned before any state arrived", "err: %v", err)
+		case <-time.After(600 * time.Millisecond):
+		}
+		require.Nil(t, a.Snapshot())
+		_, err = a.Enter()
+		require.ErrorIs(t, err, ErrStale)
+
+		b.fake.setBeacons(true)
+		select {
+		case err := <-done:
+			require.NoError(t, err)
+		case <-time.After(10 * time.Second):
+			require.FailNow(t, "Start did not return after beacons began")
+		}
+		require.Equal(t, epoch, a.Snapshot().Epoch())
+		require.False(t, a.Stats().Fenced)
+		g, err := a.Enter()
+		require.NoError(t, err)
+		g.Exit()
+	})
+
+	t.Run("WithDBBrokerUnreachable", func(t *testing.T) {
+		t.Parallel()
+		b := setup(t, fakeOptions{})
+		epoch := applyRelease(t, b.store, manifestL)
+		cfg := b.config(t, true)
+		cfg.AMQPURL = "amqp://guest:hunter2@127.0.0.1:1/"
+		cfg.InitialLease = 600 * time.Millisecond
+		var logs lockedBuffer
+		cfg.Logger = cfg.Logger.Output(io.MultiWriter(zerolog.NewTestWriter(t), &logs))
+		a := startAgent(t, cfg)
+		require.Equal(t, epoch, a.Snapshot().Epoch())
+		g, err := a.Enter()
+		require.NoError(t, err)
+		g.Exit()
+
+		// Without the broker the lease lives on through the store: the
+		// heartbeats renew it there, and a flip arrives the same way.
+		r0 := a.Stats().Resyncs
+		epoch = flip(t, b.store, "L", phase.Migrate)
+		waitEpoch(t, a, epoch)
+		require.Eventually(t, func() bool {
+			row := agentRow(t, b.store, a.ID())
+			return row.DrainedEpoch == epoch && row.Live()
+		}, 5*time.Second, 10*time.Millisecond)
+		require.Greater(t, a.Stats().Resyncs, r0)
+		time.Sleep(cfg.InitialLease)
+		row := agentRow(t, b.store, a.ID())
+		require.True(t, row.Live())
+		g, err = a.Enter()
+		require.NoError(t, err)
+		g.Exit()
+		require.Contains(t, logs.String(), "127.0.0.1:1", "the failed dials are logged")
+		require.NotContains(t, logs.String(), "hunter2", "never a password")
+	})
+
+	t.Run("RestartUnderFixedID", func(t *testing.T) {
+		t.Parallel()
+		b := setup(t, fakeOptions{})
+		applyRelease(t, b.store, manifestL)
+		cfg := b.config(t, true)
+		cfg.ID = "nova-api-pod-0" // as a StatefulSet would name it
+		first := startAgent(t, cfg)
+		time.Sleep(3 * cfg.HeartbeatInterval)
+		stopAgent(t, first)
+		before := agentRow(t, b.store, cfg.ID)
+
+		// The successor's statuses must not be taken for replays of its
+		// predecessor's: its very first sync through the store is recorded
+		// and renews the lease. (No broker, so Start returns right after
+		// that sync.)
+		cfg.AMQPURL = "amqp://guest:guest@127.0.0.1:1/"
+		second := startAgent(t, cfg)
+		require.Greater(t, second.Stats().Seq, first.Stats().Seq)
+		after := agentRow(t, b.store, cfg.ID)
+		require.Greater(t, after.Seq, before.Seq)
+		require.True(t, after.LeaseExpiresAt.After(before.LeaseExpiresAt))
+	})
+
+	t.Run("WithoutDBTimesOut", func(t *testing.T) {
+		t.Parallel()
+		b := setup(t, fakeOptions{noBeacons: true, noAnswer: true})
+		a, err := New(b.config(t, false))
+		require.NoError(t, err)
+		ctx, cancel := context.WithTimeout(context.Background(), 400*time.Millisecond)
+		defer cancel()
+		err = a.Start(ctx)
+		require.ErrorIs(t, err, context.DeadlineExceeded)
+		require.ErrorContains(t, err, "beacon")
+		require.True(t, a.Stats().Fenced)
+		_, err = a.Enter()
+		require.ErrorIs(t, err, ErrStale)
+		require.NoError(t, a.Stop(context.Background()), "Stop after a failed Start does nothing")
+	})
+}
+
+func TestColumnsFollowPhases(t *testing.T) {
+	t.Parallel()
+	b := setup(t, fakeOptions{noBeacons: true})
+	applyRelease(t, b.store, manifestL)
+	applyRelease(t, b.store, manifestQ)
+	a := startAgent(t, b.config(t, true))
+	inst, nova := a.Table("instances"), a.Table("nova.instances")
+	inv, legacy := a.Table("Billing.invoices"), a.Table("legacy_flavors")
+
+	s := a.Snapshot()
+	require.Equal(t, []string{"id", "name", "display_name", "common_name"}, s.Columns(inst))
+	require.Equal(t, `"id", "name", "display_name", "common_name"`, s.SelectList(inst))
+	require.Equal(t, `"id", "Name", "display name", "host"`, s.SelectList(nova))
+	require.Equal(t, `"id", "amount"`, s.SelectList(inv))
+	p, ok := s.Phase("2024.06-q")
+	require.True(t, ok)
+	require.Equal(t, phase.Expand, p)
+
+	// Migrate hides nothing yet.
+	epoch := flip(t, b.store, "2024.06-q", phase.Migrate)
+	b.fake.publishNow()
+	waitEpoch(t, a, epoch)
+	require.Equal(t, `"id", "Name", "display name", "host"`, a.Snapshot().SelectList(nova))
+
+	epoch = flip(t, b.store, "2024.06-q", phase.Contract)
+	b.fake.publishNow()
+	waitEpoch(t, a, epoch)
+	s = a.Snapshot()
+	require.Equal(t, []string{"id", "host"}, s.Columns(nova))
+	require.Equal(t, `"id", "host"`, s.SelectList(nova))
+	require.True(t, s.Removed("nova.instances", "Name"))
+	require.True(t, s.Removed("nova.instances", "display name"))
+	require.False(t, s.Removed("nova.instances", "name"), "identifiers are case-sensitive")
+	require.False(t, s.Removed("instances", "Name"), "a removal names its table as the manifest spells it")
+	require.True(t, s.TableRemoved(inv))
+	require.Empty(t, s.Columns(inv))
+	require.Empty(t, s.SelectList(inv))
+	require.True(t, s.Removed("Billing.invoices", "amount"))
+	require.True(t, s.Removed("Billing.invoices", ""))
+	require.Equal(t, `"id", "name", "display_name", "common_name"`, s.SelectList(inst), "L is still in expand")
+
+	epoch = flip(t, b.store, "L", phase.Migrate, phase.Contract)
+	b.fake.publishNow()
+	waitEpoch(t, a, epoch)
+	s = a.Snapshot()
+	require.Equal(t, []string{"id", "common_name"}, s.Columns(inst))
+	require.Equal(t, `"id", "common_name"`, s.SelectList(inst))
+	require.True(t, s.TableRemoved(legacy))
+
+	// The one rollback brings the columns back.
+	res, err := b.store.Rollback(context.Background(), "L", schema.FlipOptions{Actor: "test"})
+	require.NoError(t, err)
+	b.fake.publishNow()
+	waitEpoch(t, a, res.Epoch)
+	s = a.Snapshot()
+	require.Equal(t, `"id", "name", "display_name", "common_name"`, s.SelectList(inst))
+	require.False(t, s.TableRemoved(legacy))
+	require.Equal(t, []string{"id", "host"}, s.Columns(nova), "the other release is still in contract")
+}
+
+func TestGuardDelaysAck(t *testing.T) {
+	t.Parallel()
+	b := setup(t, fakeOptions{lease: 10 * time.Second, noBeacons: true})
+	applyRelease(t, b.store, manifestL)
+	e1 := flip(t, b.store, "L", phase.Migrate)
+
+	cfg := b.config(t, true)
+	// Heartbeats far apart: a status with the new drained epoch soon after
+	// Exit can only be the acknowledgement.
+	cfg.HeartbeatInterval = 5 * time.Second
+	var agent atomic.Pointer[Agent]
+	var seen atomic.Pointer[[3]int64] // old epoch, new epoch, drained epoch during OnChange
+	cfg.OnChange = func(old, cur *Snapshot) {
+		seen.Store(&[3]int64{old.Epoch(), cur.Epoch(), agent.Load().Stats().DrainedEpoch})
+	}
+	a, err := New(cfg)
+	require.NoError(t, err)
+	agent.Store(a)
+	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
+	defer cancel()
+	require.NoError(t, a.Start(ctx))
+	t.Cleanup(func() { stopAgent(t, a) })
+
+	g, err := a.Enter()
+	require.NoError(t, err)
+	require.Equal(t, e1, g.Snapshot().Epoch())
+
+	e2 := flip(t, b.store, "L", phase.Contract)
+	b.fake.publishNow()
+	waitEpoch(t, a, e2)
+	require.True(t, a.Snapshot().Removed("instances", "name"))
+	require.False(t, g.Snapshot().Removed("instances", "name"), "a guard's snapshot never changes")
+
+	// New work runs on the new snapshot and does not hold the ack back.
+	g2, err := a.Enter()
+	require.NoError(t, err)
+	require.Equal(t, e2, g2.Snapshot().Epoch())
+	g2.Exit()
+
+	n := len(b.fake.received())
+	time.Sleep(400 * time.Millisecond)
+	st := a.Stats()
+	require.Equal(t, e1, st.DrainedEpoch, "the open guard holds the ack back")
+	require.Equal(t, int64(1), st.Inflight)
+	for _, s := range b.fake.received()[n:] {
+		require.Less(t, s.DrainedEpoch, e2)
+	}
+	require.Eventually(t, func() bool { return seen.Load() != nil }, 5*time.Second, 5*time.Millisecond)
+	require.Equal(t, [3]int64{e1, e2, e1}, *seen.Load(), "OnChange runs after the swap and before the ack")
+
+	n = len(b.fake.received())
+	exited := time.Now()
+	g.Exit()
+	ack := b.fake.waitStatus(t, n, 3*time.Second, func(s wire.Status) bool { return s.DrainedEpoch == e2 })
+	require.Less(t, ack.at.Sub(exited), time.Second, "the ack goes out at once, not with a heartbeat")
+	require.Equal(t, int64(0), ack.Inflight)
+	require.Equal(t, e2, ack.AppliedEpoch)
+	require.Equal(t, e2, a.Stats().DrainedEpoch)
+	require.Eventually(t, func() bool { return agentRow(t, b.store, a.ID()).DrainedEpoch == e2 }, 5*time.Second, 10*time.Millisecond)
+}
+
+func TestStateMessages(t *testing.T) {
+	t.Parallel()
+
+	t.Run("DuplicatesAndReorderingChangeNothing", func(t *testing.T) {
+		t.Parallel()
+		b := setup(t, fakeOptions{})
+		applyRelease(t, b.store, manifestL)
+		e := flip(t, b.store, "L", phase.Migrate)
+		old, err := b.store.State(context.Background())
+		require.NoError(t, err)
+		a := startAgent(t, b.config(t, false))
+		b.fake.setBeacons(false)
+		s0 := a.Snapshot()
+		require.Equal(t, e, s0.Epoch())
+		ignored := a.Stats().IgnoredStates
+
+		b.fake.publishRaw(forgedState(t, e, phase.Contract), nil)   // same epoch, other content
+		b.fake.publishRaw(forgedState(t, e-1, phase.Contract), nil) // older
+		b.fake.publishRaw(forgedState(t, 0, phase.Complete), nil)
+		barrier(t, a, b.fake)
+		require.Same(t, s0, a.Snapshot())
+		require.False(t, a.Snapshot().Removed("instances", "name"))
+		require.GreaterOrEqual(t, a.Stats().IgnoredStates, ignored+3)
+
+		e2 := flip(t, b.store, "L", phase.Contract)
+		b.fake.publishNow()
+		waitEpoch(t, a, e2)
+		s2 := a.Snapshot()
+		require.True(t, s2.Removed("instances", "name"))
+
+		// The old state again, after the new one: nothing changes.
+		b.fake.publishState(old)
+		b.fake.publishNow()
+		barrier(t, a, b.fake)
+		require.Same(t, s2, a.Snapshot())
+	})
+
+	t.Run("ForgedWithDBChangesNothing", func(t *testing.T) {
+		t.Parallel()
+		b := setup(t, fakeOptions{noBeacons: true})
+		applyRelease(t, b.store, manifestL)
+		e := flip(t, b.store, "L", phase.Migrate)
+		cfg := b.config(t, true)
+		cfg.ConfirmInterval = 50 * time.Millisecond
+		a := startAgent(t, cfg)
+		s0 := a.Snapshot()
+
+		b.fake.publishRaw(forgedState(t, e+5, phase.Contract), nil)
+		require.Eventually(t, func() bool { return rejected(a, RejectUnconfirmed) >= 1 }, 5*time.Second, 5*time.Millisecond)
+		require.Same(t, s0, a.Snapshot())
+		require.False(t, a.Snapshot().Removed("instances", "name"))
+
+		// A flood of forgeries reads the store at most once per interval.
+		r0 := a.Stats().Resyncs
+		began := time.Now()
+		for i := range 300 {
+			b.fake.publishRaw(forgedState(t, e+10+int64(i), phase.Contract), nil)
+		}
+		barrier(t, a, b.fake)
+		time.Sleep(2 * cfg.ConfirmInterval)
+		reads := a.Stats().Resyncs - r0
+		require.LessOrEqual(t, reads, int64(time.Since(began)/cfg.ConfirmInterval)+2)
+		require.Same(t, s0, a.Snapshot())
+
+		// The real flip still goes through.
+		e2 := flip(t, b.store, "L", phase.Contract)
+		b.fake.publishNow()
+		waitEpoch(t, a, e2)
+		require.True(t, a.Snapshot().Removed("instances", "name"))
+	})
+
+	t.Run("SignaturesRequiredWithStateKey", func(t *testing.T) {
+		t.Parallel()
+		pub, priv, err := ed25519.GenerateKey(nil)
+		require.NoError(t, err)
+		_, other, err := ed25519.GenerateKey(nil)
+		require.NoError(t, err)
+		macKey := []byte("status key")
+		b := setup(t, fakeOptions{signer: priv, macKey: macKey})
+		applyRelease(t, b.store, manifestL)
+		e := flip(t, b.store, "L", phase.Migrate)
+		cfg := b.config(t, false)
+		cfg.StateKey, cfg.StatusMACKey = pub, macKey
+		a := startAgent(t, cfg) // signed beacons and grants are accepted
+		s0 := a.Snapshot()
+
+		forged := forgedState(t, e+1, phase.Contract)
+		sig := func(s string) amqp.Table { return amqp.Table{wire.SignatureHeader: s} }
+		b.fake.publishRaw(forged, nil)
+		b.fake.publishRaw(forged, sig(wire.Sign(other, forged)))
+		b.fake.publishRaw(forged, sig("not base64!"))
+		b.fake.publishRaw(forged, sig(wire.Sign(priv, forgedState(t, e+1, phase.Migrate))))
+		last := b.fake.lastStatus(t)
+		grant, err := wire.EncodeGrant(wire.Grant{AgentID: a.ID(), Seq: last.Seq, LeaseMS: 60_000, Epoch: e})
+		require.NoError(t, err)
+		b.fake.send("", last.Queue, grant, nil)
+		require.Eventually(t, func() bool {
+			return rejected(a, RejectUnsigned) == 2 && rejected(a, RejectBadSignature) == 3
+		}, 5*time.Second, 5*time.Millisecond, "rejected: %v", a.Stats().RejectedMessages)
+		require.Same(t, s0, a.Snapshot())
+		require.Less(t, a.Stats().LeaseRemaining, 10*time.Second, "the unsigned grant extended nothing")
+
+		b.fake.mu.Lock()
+		badMACs := b.fake.badMACs
+		b.fake.mu.Unlock()
+		require.Zero(t, badMACs)
+		require.NotEmpty(t, b.fake.received())
+
+		e2 := flip(t, b.store, "L", phase.Contract)
+		b.fake.publishNow()
+		waitEpoch(t, a, e2)
+	})
+}
+
+func TestMalformedMessages(t *testing.T) {
+	t.Parallel()
+	b := setup(t, fakeOptions{})
+	applyRelease(t, b.store, manifestL)
+	a := startAgent(t, b.config(t, false))
+	s0 := a.Snapshot()
+	status, err := wire.EncodeStatus(wire.Status{AgentID: "x", Seq: 1})
+	require.NoError(t, err)
+	huge := `{"v":1,"kind":"state","epoch":99,"releases":[],"pad":"` + strings.Repeat("x", wire.MaxMessageSize) + `"}`
+
+	for _, tc := range []struct {
+		name, body, reason string
+	}{
+		{"garbage", "{not json", RejectMalformed},
+		{"array", "[1,2,3]", RejectMalformed},
+		{"trailing data", `{"v":1,"kind":"state","epoch":99}{}`, RejectMalformed},
+		{"wrong type", `{"v":1,"kind":"state","epoch":"99"}`, RejectMalformed},
+		{"status on the agent queue", string(status), RejectKind},
+		{"unknown kind", `{"v":1,"kind":"bogus","epoch":99}`, RejectKind},
+		{"null", "null", RejectKind},
+		{"future version", `{"v":2,"kind":"state","epoch":99}`, RejectVersion},
+		{"negative epoch", `{"v":1,"kind":"state","epoch":-1}`, RejectInvalid},
+		{"unknown phase", `{"v":1,"kind":"state","epoch":99,"releases":[{"name":"L","phase":"dropped"}]}`, RejectInvalid},
+		{"huge", huge, RejectTooLarge},
+		{"grant with no lease", `{"v":1,"kind":"grant","agent_id":"` + a.ID() + `","seq":1,"lease_ms":0,"epoch":1}`, RejectInvalid},
+		{"grant for another agent", `{"v":1,"kind":"grant","agent_id":"someone-else","seq":1,"lease_ms":60000,"epoch":1}`, RejectWrongAgent},
+		{"grant for a status never sent", `{"v":1,"kind":"grant","agent_id":"` + a.ID() + `","seq":1099511627776,"lease_ms":60000,"epoch":1}`, RejectUnknownSeq},
+	} {
+		before := rejected(a, tc.reason)
+		b.fake.publishRaw([]byte(tc.body), nil)
+		require.Eventually(t, func() bool { return rejected(a, tc.reason) == before+1 }, 5*time.Second, 5*time.Millisecond,
+			"%s: not counted as %s (counts: %v)", tc.name, tc.reason, a.Stats().RejectedMessages)
+	}
+	require.Same(t, s0, a.Snapshot())
+	require.False(t, a.Stats().Fenced)
+
+	// The agent keeps working.
+	e := flip(t, b.store, "L", phase.Migrate, phase.Contract)
+	b.fake.publishNow()
+	waitEpoch(t, a, e)
+	g, err := a.Enter()
+	require.NoError(t, err)
+	require.True(t, g.Snapshot().Removed("legacy_flavors", ""))
+	g.Exit()
+}
+
+func TestLeaseExpiry(t *testing.T) {
+	t.Parallel()
+
+	t.Run("WithoutDB", func(t *testing.T) {
+		t.Parallel()
+		b := setup(t, fakeOptions{lease: 800 * time.Millisecond})
+		applyRelease(t, b.store, manifestL)
+		a := startAgent(t, b.config(t, false))
+		g, err := a.Enter()
+		require.NoError(t, err)
+		g.Exit()
+
+		b.fake.answering.Store(false)
+		require.Eventually(t, func() bool { return a.Stats().Fenced }, 5*time.Second, 5*time.Millisecond)
+		_, err = a.Enter()
+		require.ErrorIs(t, err, ErrStale)
+		st := a.Stats()
+		require.Equal(t, int64(1), st.StaleRefusals)
+		require.GreaterOrEqual(t, st.Fencings, int64(1))
+		require.Negative(t, st.LeaseRemaining)
+
+		b.fake.answering.Store(true)
+		require.Eventually(t, func() bool { return !a.Stats().Fenced }, 5*time.Second, 5*time.Millisecond)
+		g, err = a.Enter()
+		require.NoError(t, err)
+		g.Exit()
+	})
+
+	t.Run("WithDBEnterResyncs", func(t *testing.T) {
+		t.Parallel()
+		// No beacons: only Enter may bring the flip below.
+		b := setup(t, fakeOptions{lease: 600 * time.Millisecond, noBeacons: true})
+		e := applyRelease(t, b.store, manifestL)
+		cfg := b.config(t, true)
+		cfg.HeartbeatInterval = time.Minute // only Enter renews through the store here
+		cfg.InitialLease = 600 * time.Millisecond
+		a := startAgent(t, cfg)
+
+		b.fake.answering.Store(false)
+		require.Eventually(t, func() bool { return a.Stats().Fenced }, 5*time.Second, 5*time.Millisecond)
+		before := agentRow(t, b.store, a.ID())
+		r0 := a.Stats().Resyncs
+
+		// A flip while fenced: the re-sync brings it in.
+		e2 := flip(t, b.store, "L", phase.Migrate, phase.Contract)
+		require.Greater(t, e2, e)
+		g, err := a.Enter()
+		require.NoError(t, err)
+		require.Equal(t, e2, g.Snapshot().Epoch())
+		g.Exit()
+		st := a.Stats()
+		require.Equal(t, r0+1, st.Resyncs)
+		require.False(t, st.Fenced)
+		require.Zero(t, st.StaleRefusals)
+		after := agentRow(t, b.store, a.ID())
+		require.True(t, after.LeaseExpiresAt.After(before.LeaseExpiresAt), "the store lease was extended")
+		require.True(t, after.Live())
+		require.Greater(t, after.Seq, before.Seq)
+
+		// Many requests meeting the fence at once: one store read.
+		require.Eventually(t, func() bool { return a.Stats().Fenced }, 5*time.Second, 5*time.Millisecond)
+		r1 := a.Stats().Resyncs
+		var wg sync.WaitGroup
+		start := make(chan struct{})
+		errs := make(chan error, 16)
+		for range 16 {
+			wg.Go(func() {
+				<-start
+				g, err := a.Enter()
+				if err == nil {
+					g.Exit()
+				}
+				errs <- err
+			})
+		}
+		close(start)
+		wg.Wait()
+		close(errs)
+		for err := range errs {
+			require.NoError(t, err)
+		}
+		require.Equal(t, r1+1, a.Stats().Resyncs)
+	})
+
+	t.Run("GrantAheadWithoutDB", func(t *testing.T) {
+		t.Parallel()
+		b := setup(t, fakeOptions{lease: 800 * time.Millisecond})
+		applyRelease(t, b.store, manifestL)
+		e1 := flip(t, b.store, "L", phase.Migrate)
+		a := startAgent(t, b.config(t, false))
+		b.fake.setBeacons(false)
+
+		// A flip whose state never arrives: the grants still do, and say
+		// the agent is behind, so they must not extend its lease.
+		e2 := flip(t, b.store, "L", phase.Contract)
+		require.Eventually(t, func() bool { return a.Stats().BehindGrants >= 2 }, 5*time.Second, 5*time.Millisecond)
+		require.Eventually(t, func() bool { return a.Stats().Fenced }, 5*time.Second, 5*time.Millisecond)
+		require.Equal(t, e1, a.Stats().AppliedEpoch)
+		_, err := a.Enter()
+		require.ErrorIs(t, err, ErrStale)
+
+		b.fake.setBeacons(true)
+		waitEpoch(t, a, e2)
+		require.Eventually(t, func() bool { return !a.Stats().Fenced }, 5*time.Second, 5*time.Millisecond)
+	})
+
+	t.Run("GrantAheadWithDB", func(t *testing.T) {
+		t.Parallel()
+		b := setup(t, fakeOptions{noBeacons: true})
+		applyRelease(t, b.store, manifestL)
+		e1 := flip(t, b.store, "L", phase.Migrate)
+		a := startAgent(t, b.config(t, true))
+		require.Equal(t, e1, a.Snapshot().Epoch())
+		r0 := a.Stats().Resyncs
+
+		e2 := flip(t, b.store, "L", phase.Contract)
+		waitEpoch(t, a, e2) // no state message: the grant's epoch made it re-sync
+		st := a.Stats()
+		require.GreaterOrEqual(t, st.BehindGrants, int64(1))
+		require.Greater(t, st.Resyncs, r0)
+		require.Empty(t, st.RejectedMessages)
+	})
+}
+
+func TestReconnect(t *testing.T) {
+	t.Parallel()
+	for _, withDB := range []bool{false, true} {
+		name := map[bool]string{false: "WithoutDB", true: "WithDB"}[withDB]
+		t.Run(name, func(t *testing.T) {
+			t.Parallel()
+			b := setup(t, fakeOptions{})
+			applyRelease(t, b.store, manifestL)
+			a := startAgent(t, b.config(t, withDB))
+			queue := b.fake.lastStatus(t).Queue
+			r0 := a.Stats().Resyncs
+
+			// Make the broker close the agent's publishing channel: a
+			// publish to an exchange that does not exist.
+			sess := a.session()
+			require.NotNil(t, sess)
+			_ = sess.pub.Publish("no-such-exchange-"+b.prefix, "", false, false, amqp.Publishing{Body: []byte("x")})
+
+			require.Eventually(t, func() bool { return a.Stats().Reconnects >= 1 }, 10*time.Second, 10*time.Millisecond)
+			b.fake.waitStatus(t, 0, 10*time.Second, func(s wire.Status) bool { return s.Queue != "" && s.Queue != queue })
+			if withDB {
+				require.Greater(t, a.Stats().Resyncs, r0, "a reconnect re-syncs from the store")
+			}
+			e := flip(t, b.store, "L", phase.Migrate)
+			b.fake.publishNow()
+			waitEpoch(t, a, e)
+			require.False(t, a.Stats().Fenced)
+		})
+	}
+}
+
+// TestStopJoinsGoroutines is not parallel: it counts goroutines. Parallel
+// tests are parked in t.Parallel while it runs.
+func TestStopJoinsGoroutines(t *testing.T) {
+	b := setup(t, fakeOptions{})
+	applyRelease(t, b.store, manifestL)
+	idle := testenv.Prefix(t) // no broadcaster listens here
+	time.Sleep(100 * time.Millisecond)
+	base := runtime.NumGoroutine()
+
+	a, err := New(b.config(t, true))
+	require.NoError(t, err)
+	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
+	defer cancel()
+	require.NoError(t, a.Stop(ctx), "Stop before Start")
+	for range 2 {
+		require.NoError(t, a.Start(ctx))
+		require.NoError(t, a.Start(ctx), "Start twice")
+		g, err := a.Enter()
+		require.NoError(t, err)
+		g.Exit()
+		require.NoError(t, a.Stop(ctx))
+		require.NoError(t, a.Stop(ctx), "Stop twice")
+		_, err = a.Enter()
+		require.ErrorIs(t, err, ErrStale)
+	}
+	requireGoroutines(t, base)
+
+	// A Start that times out leaves nothing behind either.
+	cfg := b.config(t, false)
+	cfg.ExchangePrefix = idle
+	a2, err := New(cfg)
+	require.NoError(t, err)
+	short, cancelShort := context.WithTimeout(context.Background(), 300*time.Millisecond)
+	defer cancelShort()
+	require.ErrorIs(t, a2.Start(short), context.DeadlineExceeded)
+	requireGoroutines(t, base)
+}
+
+func requireGoroutines(t *testing.T, base int) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for runtime.NumGoroutine() > base && time.Now().Before(deadline) {
+		time.Sleep(10 * time.Millisecond)
+	}
+	if n := runtime.NumGoroutine(); n > base {
+		buf := make([]byte, 1<<20)
+		buf = buf[:runtime.Stack(buf, true)]
+		require.FailNow(t, "goroutines left behind", "%d goroutines, baseline %d:\n%s", n, base, buf)
+	}
+}
+
+// lockedBuffer collects log output from the agent's goroutines.
+type lockedBuffer struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+}
+
+func (b *lockedBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.Write(p)
+}
+
+func (b *lockedBuffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.String()
+}

@@ -1,0 +1,272 @@
+package agent
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"sync/atomic"
+	"time"
+
+	amqp "github.com/rabbitmq/amqp091-go"
+
+	"github.com/phasecast/phasecast/internal/amqpx"
+	"github.com/phasecast/phasecast/internal/wire"
+)
+
+// session is one live broker connection's publishing side.
+type session struct {
+	pub     *amqp.Channel
+	queue   string      // this connection's server-named queue: grants come here
+	blocked atomic.Bool // the broker blocked publishing (resource alarm)
+}
+
+func (a *Agent) session() *session {
+	a.sessMu.RLock()
+	defer a.sessMu.RUnlock()
+	return a.sess
+}
+
+func (a *Agent) setSession(s *session) {
+	a.sessMu.Lock()
+	a.sess = s
+	a.sessMu.Unlock()
+}
+
+func (a *Agent) connName() string { return "phasecast-agent " + a.cfg.ID }
+
+// reconnectBackoff paces reconnects: capped exponential with full jitter.
+func reconnectBackoff() amqpx.Backoff {
+	return amqpx.Backoff{Min: 100 * time.Millisecond, Max: 5 * time.Second}
+}
+
+// dialBroker is Start's synchronous first attempt, so that Start can tell
+// an unreachable broker from a slow broadcaster.
+func dialBroker(url, name string) (*amqp.Connection, error) {
+	return amqpx.Dial(url, name)
+}
+
+// amqpLoop runs a session on first (Start's connection, if it dialled),
+// then reconnects for as long as the agent runs.
+func (a *Agent) amqpLoop(r *runState, first *amqp.Connection) {
+	backoff := reconnectBackoff()
+	if first != nil {
+		err := a.runSession(r.ctx, r, first)
+		_ = first.Close()
+		if r.ctx.Err() != nil {
+			return
+		}
+		delay := backoff.Next()
+		a.log.Warn().Err(err).Dur("retry_in", delay).Msg("amqp connection lost; reconnecting")
+		if amqpx.Sleep(r.ctx, delay) != nil {
+			return
+		}
+	}
+	_ = amqpx.RunConnected(r.ctx, a.log, a.cfg.AMQPURL, a.connName(), backoff, func(ctx context.Context, conn *amqp.Connection) error {
+		return a.runSession(ctx, r, conn)
+	})
+}
+
+// runSession sets up one connection: the state exchange, a server-named
+// exclusive auto-delete queue bound to it (grants arrive on the same queue
+// through the default exchange), a consuming channel and a publishing
+// channel. It sends a status at once, then handles deliveries until the
+// connection, either channel or the consumer goes away, or ctx ends.
+func (a *Agent) runSession(ctx context.Context, r *runState, conn *amqp.Connection) error {
+	connClosed := amqpx.WatchClose(conn)
+	blocked := conn.NotifyBlocked(make(chan amqp.Blocking, 4))
+
+	sub, err := conn.Channel()
+	if err != nil {
+		return fmt.Errorf("open consuming channel: %w", err)
+	}
+	subClosed := sub.NotifyClose(make(chan *amqp.Error, 1))
+	cancelled := sub.NotifyCancel(make(chan string, 1))
+	prefix := a.cfg.ExchangePrefix
+	if err := amqpx.DeclareStateExchange(sub, prefix); err != nil {
+		return fmt.Errorf("declare exchange %s: %w", amqpx.StateExchange(prefix), err)
+	}
+	q, err := sub.QueueDeclare("", false, true, true, false, nil)
+	if err != nil {
+		return fmt.Errorf("declare agent queue: %w", err)
+	}
+	if err := sub.QueueBind(q.Name, "", amqpx.StateExchange(prefix), false, nil); err != nil {
+		return fmt.Errorf("bind %s to %s: %w", q.Name, amqpx.StateExchange(prefix), err)
+	}
+	// Auto-ack: a state or grant lost with a connection is harmless, as
+	// the next beacon and the next heartbeat's grant replace it.
+	deliveries, err := sub.Consume(q.Name, "", true, true, false, false, nil)
+	if err != nil {
+		return fmt.Errorf("consume %s: %w", q.Name, err)
+	}
+	pub, err := conn.Channel()
+	if err != nil {
+		return fmt.Errorf("open publishing channel: %w", err)
+	}
+	pubClosed := pub.NotifyClose(make(chan *amqp.Error, 1))
+
+	sess := &session{pub: pub, queue: q.Name}
+	a.setSession(sess)
+	defer a.setSession(nil)
+	reconnect := r.sessions.Add(1) > 1
+	a.log.Info().Str("queue", q.Name).Bool("reconnect", reconnect).Msg("connected to the broker")
+	if reconnect {
+		a.reconnects.Add(1)
+		// Whatever was published while we were away is lost: re-sync
+		// before trusting the cache. With a DB that is a read of the
+		// store; without one, the status below is answered by a grant
+		// whose epoch says whether we are behind, and the next beacon
+		// brings the state.
+		if a.store != nil {
+			a.statusMu.Lock()
+			_ = a.syncLocked(ctx, "reconnect")
+			a.statusMu.Unlock()
+		}
+	}
+	a.report(ctx, "connected")
+
+	for {
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case d, ok := <-deliveries:
+			if !ok {
+				return errors.New("the broker closed the consumer")
+			}
+			a.handle(r, d)
+		case err, ok := <-connClosed:
+			if !ok || err == nil {
+				return errors.New("connection closed")
+			}
+			return err
+		case err, ok := <-subClosed:
+			if !ok || err == nil {
+				return errors.New("consuming channel closed")
+			}
+			return err
+		case err, ok := <-pubClosed:
+			if !ok || err == nil {
+				return errors.New("publishing channel closed")
+			}
+			return err
+		case tag, ok := <-cancelled:
+			if !ok {
+				return errors.New("consuming channel closed")
+			}
+			return fmt.Errorf("the broker cancelled consumer %s (queue %s deleted?)", tag, q.Name)
+		case b, ok := <-blocked:
+			if !ok {
+				return errors.New("connection closed")
+			}
+			sess.blocked.Store(b.Active)
+			a.log.Warn().Bool("blocked", b.Active).Str("reason", b.Reason).Msg("broker flow control")
+		}
+	}
+}
+
+// handle dispatches one delivery. Nothing a message holds can stop the
+// agent: a bad message is logged, counted and dropped.
+func (a *Agent) handle(r *runState, d amqp.Delivery) {
+	body := d.Body
+	if len(body) > wire.MaxMessageSize {
+		a.reject(rejTooLarge, fmt.Errorf("%d bytes (limit %d)", len(body), wire.MaxMessageSize), -1)
+		return
+	}
+	if a.cfg.StateKey != nil {
+		sig, _ := d.Headers[wire.SignatureHeader].(string)
+		if err := wire.Verify(a.cfg.StateKey, body, sig); err != nil {
+			a.reject(reasonFor(err), err, -1)
+			return
+		}
+	}
+	var peek struct {
+		Kind wire.Kind `json:"kind"`
+	}
+	if err := json.Unmarshal(body, &peek); err != nil {
+		a.reject(rejMalformed, err, -1)
+		return
+	}
+	switch peek.Kind {
+	case wire.KindState:
+		a.handleState(body)
+	case wire.KindGrant:
+		a.handleGrant(r, body)
+	default:
+		a.reject(rejKind, fmt.Errorf("kind %q on the agent queue", peek.Kind), -1)
+	}
+}
+
+// handleState applies a state newer than the one held. With a DB the
+// message only says "look": the confirmer reads the store and applies what
+// the store says.
+func (a *Agent) handleState(body []byte) {
+	st, err := wire.DecodeState(body)
+	if err != nil {
+		a.reject(reasonFor(err), err, -1)
+		return
+	}
+	if st.Epoch <= a.appliedEpoch() {
+		a.ignoredStates.Add(1)
+		return
+	}
+	if a.store != nil {
+		a.requestConfirm(st.Epoch)
+		return
+	}
+	a.apply(&st)
+}
+
+// handleGrant extends the lease from the send time of the status it
+// answers, unless it says the agent is behind.
+func (a *Agent) handleGrant(r *runState, body []byte) {
+	g, err := wire.DecodeGrant(body)
+	if err != nil {
+		a.reject(reasonFor(err), err, -1)
+		return
+	}
+	if g.AgentID != a.cfg.ID {
+		a.reject(rejWrongAgent, fmt.Errorf("grant for agent %q", g.AgentID), g.Epoch)
+		return
+	}
+	sentAt, ok := a.sentAt(g.Seq)
+	if !ok {
+		a.reject(rejUnknownSeq, fmt.Errorf("grant for seq %d", g.Seq), g.Epoch)
+		return
+	}
+	a.leaseMS.Store(g.LeaseMS)
+	if applied := a.appliedEpoch(); g.Epoch > applied {
+		// The store had a newer epoch when it recorded our status: we
+		// missed a state. Extending the lease now would let us serve on
+		// the old snapshot for another lease; instead let it run out
+		// while we catch up.
+		a.behindGrants.Add(1)
+		a.log.Info().Int64("grant_epoch", g.Epoch).Int64("applied_epoch", applied).Msg("grant says we are behind; not extending the lease")
+		if a.store != nil {
+			a.requestConfirm(g.Epoch)
+		}
+		return
+	}
+	if g.Lease() <= a.cfg.LeaseMargin {
+		a.log.Warn().Dur("lease", g.Lease()).Dur("lease_margin", a.cfg.LeaseMargin).Msg("granted lease is no longer than Config.LeaseMargin; it cannot extend anything")
+	}
+	if a.extendLease(sentAt, g.Lease()) {
+		r.markReady()
+	}
+}
+
+// reject counts a dropped message and logs it; after the first few of a
+// kind, only every thousandth, so a flood cannot flood the log.
+func (a *Agent) reject(reason rejectReason, err error, epoch int64) {
+	n := a.rejected[reason].Add(1)
+	if n > 10 && n%1000 != 0 {
+		return
+	}
+	ev := a.log.Warn().Str("reason", reason.String()).Int64("count", n)
+	if err != nil {
+		ev = ev.Err(err)
+	}
+	if epoch >= 0 {
+		ev = ev.Int64("epoch", epoch)
+	}
+	ev.Msg("message rejected")
+}

@@ -1,0 +1,145 @@
+package agent
+
+import (
+	"fmt"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/require"
+
+	"github.com/phasecast/phasecast/internal/phase"
+	"github.com/phasecast/phasecast/internal/wire"
+)
+
+// The hot path, without servers: snapshots come from newSnapshot through
+// newTestAgent.
+
+var (
+	sinkSnapshot *Snapshot
+	sinkStrings  []string
+	sinkString   string
+	sinkBool     bool
+)
+
+func BenchmarkSnapshot(b *testing.B) {
+	a := newTestAgent(b, stateL(1, phase.Contract))
+	b.ReportAllocs()
+	for b.Loop() {
+		sinkSnapshot = a.Snapshot()
+	}
+}
+
+func BenchmarkColumns(b *testing.B) {
+	a := newTestAgent(b, stateL(1, phase.Contract))
+	inst := a.Table("instances")
+	s := a.Snapshot()
+	b.ReportAllocs()
+	for b.Loop() {
+		sinkStrings = s.Columns(inst)
+		sinkString = s.SelectList(inst)
+	}
+}
+
+func BenchmarkRemoved(b *testing.B) {
+	a := newTestAgent(b, stateL(1, phase.Contract))
+	s := a.Snapshot()
+	b.ReportAllocs()
+	for b.Loop() {
+		sinkBool = s.Removed("instances", "name")
+	}
+}
+
+func BenchmarkEnterExit(b *testing.B) {
+	a := newTestAgent(b, stateL(1, phase.Contract))
+	b.ReportAllocs()
+	for b.Loop() {
+		g, err := a.Enter()
+		if err != nil {
+			b.Fatal(err)
+		}
+		g.Exit()
+	}
+}
+
+// BenchmarkEnterExitParallel runs guards on every core while a new
+// snapshot is swapped in about every 100µs and the drainer acknowledges
+// each. The writer is not a goroutine of its own: with every core busy in
+// RunParallel it would be starved (on two cores it managed a swap every
+// ~30ms), so whichever worker notices that 100µs have passed does the swap.
+// Its cost is in ns/op, spread over the iterations in between.
+func BenchmarkEnterExitParallel(b *testing.B) {
+	a := newTestAgent(b, stateL(1, phase.Contract))
+	runDrainer(b, a)
+	const every = 100 * time.Microsecond
+	var (
+		epoch    atomic.Int64
+		swapping atomic.Bool
+		lastSwap atomic.Int64 // UnixNano
+	)
+	epoch.Store(1)
+	lastSwap.Store(time.Now().UnixNano())
+	maybeSwap := func() {
+		if time.Now().UnixNano()-lastSwap.Load() < int64(every) || !swapping.CompareAndSwap(false, true) {
+			return
+		}
+		e := epoch.Add(1)
+		p := phase.Contract
+		if e%2 == 0 {
+			p = phase.Migrate
+		}
+		a.apply(stateL(e, p))
+		lastSwap.Store(time.Now().UnixNano())
+		swapping.Store(false)
+	}
+	b.ReportAllocs()
+	b.ResetTimer()
+	b.RunParallel(func(pb *testing.PB) {
+		for i := 0; pb.Next(); i++ {
+			if i%256 == 0 {
+				maybeSwap()
+			}
+			g, err := a.Enter()
+			if err != nil {
+				b.Error(err)
+				return
+			}
+			g.Exit()
+		}
+	})
+	b.StopTimer()
+	last := epoch.Load()
+	b.ReportMetric(float64(last-1), "swaps")
+	require.Eventually(b, func() bool { return a.drained.Load() == last }, 5*time.Second, time.Millisecond)
+}
+
+// BenchmarkApplyState50Releases decodes a 50-release state message and
+// applies it (snapshot build and swap): the cost of one flip for one agent.
+func BenchmarkApplyState50Releases(b *testing.B) {
+	st := wire.State{Epoch: 1}
+	for i := range 50 {
+		p := []phase.Phase{phase.Expand, phase.Migrate, phase.Contract, phase.Contracting, phase.Complete}[i%5]
+		st.Releases = append(st.Releases, wire.Release{Name: fmt.Sprintf("R%02d", i), Phase: p, Removals: []wire.Removal{
+			{Table: "instances", Columns: []string{fmt.Sprintf("col_%d", i)}},
+			{Table: fmt.Sprintf("nova.table_%d", i), Columns: []string{"a", "b", "c"}},
+			{Table: fmt.Sprintf("legacy_%d", i)},
+		}})
+	}
+	body, err := wire.EncodeState(st)
+	require.NoError(b, err)
+	a := newTestAgent(b, stateL(1, phase.Contract))
+	epoch := int64(1)
+	b.ReportAllocs()
+	b.SetBytes(int64(len(body)))
+	for b.Loop() {
+		got, err := wire.DecodeState(body)
+		if err != nil {
+			b.Fatal(err)
+		}
+		epoch++
+		got.Epoch = epoch
+		if !a.apply(&got) {
+			b.Fatal("not applied")
+		}
+	}
+}

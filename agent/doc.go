@@ -1,0 +1,84 @@
+// Package agent is the part of phasecast embedded in every service. It holds
+// the versioning state (which releases are in which phase, and which
+// columns and tables their removals take away) as an immutable Snapshot
+// behind an atomic pointer, keeps it current from the broadcaster and the
+// store, and acknowledges each new state once no work begun under an older
+// one is still running. The contract runner drops a column only when every
+// live agent has acknowledged.
+//
+// # Using it
+//
+// Create the agent with New, resolve the tables the service queries with
+// Table once, call Start before serving, and Stop after the service has
+// stopped taking work. Wrap every unit of work that builds queries (a
+// request, a transaction) in Enter and Exit, and build the queries from the
+// pinned snapshot:
+//
+//	g, err := a.Enter()
+//	if err != nil { // ErrStale: refuse the work, e.g. with a 503
+//		return err
+//	}
+//	defer g.Exit()
+//	q := "SELECT " + g.Snapshot().SelectList(instances) + " FROM instances"
+//
+// Snapshot.Columns and Snapshot.SelectList are computed once per snapshot,
+// for every table registered in Config.Tables; Snapshot.Removed answers for
+// any table and column. None of them allocates, Agent.Snapshot is one
+// atomic load, and Enter/Exit are an atomic load, an increment, a re-check
+// and a decrement. Agent.Table panics on a table not in Config.Tables.
+//
+// # What an acknowledgement promises
+//
+// When a newer state is swapped in, the agent waits until every guard
+// pinned to an older snapshot has exited, then sets its drained epoch and
+// sends its status at once. That status is the acknowledgement: no
+// operation that could name a removed column is still running here. The
+// agent reports Config.Releases, the releases its code was built for; the
+// runner counts an ack for release L only from agents that know L. A
+// snapshot hides the removals of every release in contract, contracting or
+// complete, known or not.
+//
+// # Trust
+//
+// The store is the truth; the broker only says "look". With Config.DB the
+// agent never applies a state message's content: a higher epoch makes it
+// read the store (Store.SyncAgent, at most once per ConfirmInterval) and
+// apply what the store says, so a forged state changes nothing. With
+// Config.StateKey, state and grant messages must carry a valid Ed25519
+// signature; with Config.StatusMACKey, statuses carry an HMAC. Set StateKey
+// in production: a DB protects the state, but without a key a grant (and
+// so the lease) is not authenticated. Bad messages are logged, counted
+// (Stats.RejectedMessages) and dropped.
+//
+// # Lease and fencing
+//
+// Every status the agent sends is answered by the broadcaster with a
+// grant, which extends the agent's lease to (time the status was sent) +
+// lease − Config.LeaseMargin on the agent's own monotonic clock. The store
+// records the lease on the database clock when it writes the status, which
+// is later, so the agent's lease always runs out first. When it runs out
+// the agent is fenced: Enter re-reads the state from the store and renews
+// the lease there when there is a DB, and returns ErrStale when there is
+// not. The runner treats an agent whose lease expired as gone, so a
+// partitioned agent has always fenced itself before the runner stops
+// waiting for it. A grant whose epoch is newer than the agent's state does
+// not extend the lease: the agent missed a state and must catch up first.
+//
+// # Database sessions
+//
+// The runner tells the service's own database sessions from sessions
+// nobody vouches for by their application_name. Open the service's
+// database with Config.ApplicationName, "phasecast:"+ID by default; NewID
+// and DefaultApplicationName give both before the agent exists, so the
+// same *sql.DB can be handed to the agent as Config.DB.
+//
+// # Connections
+//
+// The agent keeps one AMQP connection, reconnecting with capped
+// exponential backoff and jitter. Each connection gets a server-named,
+// exclusive, auto-delete queue bound to the state exchange; grants arrive
+// on the same queue. After a reconnect the agent re-syncs before trusting
+// its cache: from the store if it has a DB, else from the next grant and
+// beacon. With a DB, while the agent is fenced or disconnected, its
+// heartbeats and acks go through the store.
+package agent

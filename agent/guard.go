@@ -1,0 +1,122 @@
+package agent
+
+import (
+	"fmt"
+	"time"
+)
+
+// Guard pins one snapshot for one unit of work (a request, a transaction):
+// the agent does not acknowledge a newer state until every guard pinned to
+// an older snapshot has exited. It is a small value; copying it does not
+// allocate. Call Exit exactly once.
+type Guard struct {
+	s *Snapshot
+}
+
+// Snapshot returns the pinned snapshot; nil for the zero Guard that
+// accompanies an error from Enter.
+func (g Guard) Snapshot() *Snapshot { return g.s }
+
+// Exit releases the guard. Exit on the zero Guard does nothing.
+func (g Guard) Exit() {
+	if g.s != nil {
+		g.s.exit()
+	}
+}
+
+func (s *Snapshot) exit() {
+	n := s.inflight.Add(-1)
+	if n == 0 {
+		// Read retired only after the decrement: a swap that retires s
+		// after this load sees the count at zero itself.
+		if s.retired.Load() {
+			poke(s.drain)
+		}
+	} else if n < 0 {
+		panic("agent: Guard.Exit called more often than Enter")
+	}
+}
+
+// Enter pins the current snapshot for one unit of work; the caller must
+// call Exit on the guard when the work is done (defer g.Exit()).
+//
+// On the hot path Enter is one atomic load of the fence flag, one atomic
+// increment and a re-check of the snapshot pointer; it does not allocate
+// and reads no clock. Once the lease has run out (the agent is fenced),
+// Enter with a DB re-syncs from the store first (one caller syncs, the
+// others wait for its result) and returns a guard on the fresh snapshot;
+// without a DB, or if the re-sync fails, it returns ErrStale.
+func (a *Agent) Enter() (Guard, error) {
+	if a.fenced.Load() {
+		return a.enterFenced()
+	}
+	return a.pin(), nil
+}
+
+// pin returns a guard on the current snapshot. Incrementing first and then
+// re-checking the pointer makes it race-free against a swap: either the
+// snapshot was still current after our increment, so the drainer (which
+// reads the count only after the swap) sees the guard, or we back out and
+// try the newer snapshot.
+func (a *Agent) pin() Guard {
+	for {
+		s := a.cur.Load()
+		s.inflight.Add(1)
+		if a.cur.Load() == s {
+			return Guard{s}
+		}
+		s.exit()
+	}
+}
+
+// enterFenced is Enter's slow path, taken while the lease is out.
+func (a *Agent) enterFenced() (Guard, error) {
+	r := a.runPtr.Load()
+	if r == nil || a.cur.Load() == nil {
+		a.staleRefusals.Add(1)
+		return Guard{}, errNotRunning
+	}
+	if a.store == nil {
+		a.staleRefusals.Add(1)
+		return Guard{}, ErrStale
+	}
+	if err := a.resyncFenced(r); err != nil {
+		a.staleRefusals.Add(1)
+		return Guard{}, err
+	}
+	return a.pin(), nil
+}
+
+// resyncFenced re-reads the state from the store and renews the lease
+// there. Callers that pile up behind one sync take its result rather than
+// each running their own, and after a failure no caller tries again before
+// ConfirmInterval has passed, so a database outage does not turn every
+// request into a database round trip.
+//
+// Why this keeps the invariant: Store.SyncAgent records this agent's lease
+// (now() + lease on the database clock) and reads the state in one
+// transaction under the epoch row lock. Either a contract flip committed
+// before it, and the fresh snapshot hides the column; or the flip commits
+// after it, and the runner sees a live lease with an older drained_epoch
+// and waits for this agent's ack, or for the lease to expire on the
+// database clock. The local lease is extended to t_before_sync + lease −
+// margin: t_before_sync precedes the database's now(), so the agent fences
+// itself before the runner can consider it gone.
+func (a *Agent) resyncFenced(r *runState) error {
+	gen := a.syncGen.Load()
+	a.statusMu.Lock()
+	defer a.statusMu.Unlock()
+	if !a.fenced.Load() {
+		return nil // the sync we waited behind renewed the lease
+	}
+	if a.lastSyncErr != nil && (a.syncGen.Load() != gen || time.Since(a.lastSyncFail) < a.cfg.ConfirmInterval) {
+		return fmt.Errorf("%w; re-sync from the store failed: %w", ErrStale, a.lastSyncErr)
+	}
+	if err := a.syncLocked(r.ctx, "fenced_enter"); err != nil {
+		return fmt.Errorf("%w; re-sync from the store failed: %w", ErrStale, err)
+	}
+	if a.fenced.Load() {
+		return fmt.Errorf("%w; re-synced, but the lease is no longer than Config.LeaseMargin", ErrStale)
+	}
+	return nil
+}

@@ -1,0 +1,117 @@
+package agent
+
+import (
+	"errors"
+	"sync/atomic"
+	"time"
+
+	"github.com/phasecast/phasecast/internal/wire"
+)
+
+// Reasons a message is rejected, the keys of Stats.RejectedMessages.
+const (
+	RejectTooLarge     = "too_large"     // over wire.MaxMessageSize
+	RejectMalformed    = "malformed"     // not JSON, or a field of the wrong type
+	RejectVersion      = "version"       // a protocol version this build does not speak
+	RejectKind         = "kind"          // neither a state nor a grant
+	RejectInvalid      = "invalid"       // well-formed but impossible (negative epoch, unknown phase, …)
+	RejectUnsigned     = "unsigned"      // Config.StateKey is set and the message has no signature
+	RejectBadSignature = "bad_signature" // the signature does not match the body
+	RejectWrongAgent   = "wrong_agent"   // a grant for another agent
+	RejectUnknownSeq   = "unknown_seq"   // a grant for a status this agent did not send (or too old to remember)
+	RejectUnconfirmed  = "unconfirmed"   // with a DB: a state epoch the store does not confirm (forged, or another store)
+)
+
+var rejectReasons = [...]string{
+	RejectTooLarge, RejectMalformed, RejectVersion, RejectKind, RejectInvalid,
+	RejectUnsigned, RejectBadSignature, RejectWrongAgent, RejectUnknownSeq, RejectUnconfirmed,
+}
+
+type rejectReason int
+
+const (
+	rejTooLarge rejectReason = iota
+	rejMalformed
+	rejVersion
+	rejKind
+	rejInvalid
+	rejUnsigned
+	rejBadSignature
+	rejWrongAgent
+	rejUnknownSeq
+	rejUnconfirmed
+)
+
+func (r rejectReason) String() string { return rejectReasons[r] }
+
+// reasonFor maps a wire or signature error to the reason it is counted as.
+func reasonFor(err error) rejectReason {
+	switch {
+	case errors.Is(err, wire.ErrTooLarge):
+		return rejTooLarge
+	case errors.Is(err, wire.ErrVersion):
+		return rejVersion
+	case errors.Is(err, wire.ErrKind):
+		return rejKind
+	case errors.Is(err, wire.ErrInvalid):
+		return rejInvalid
+	case errors.Is(err, wire.ErrUnsigned):
+		return rejUnsigned
+	case errors.Is(err, wire.ErrBadSignature):
+		return rejBadSignature
+	default:
+		return rejMalformed
+	}
+}
+
+// counters are the agent's monotonic counts.
+type counters struct {
+	rejected       [len(rejectReasons)]atomic.Int64
+	staleRefusals  atomic.Int64
+	ignoredStates  atomic.Int64
+	behindGrants   atomic.Int64
+	resyncs        atomic.Int64
+	resyncFailures atomic.Int64
+	reconnects     atomic.Int64
+	fencings       atomic.Int64
+}
+
+// Stats is a point-in-time view of an agent, for metrics and tests.
+type Stats struct {
+	// AppliedEpoch is the epoch of the current snapshot (-1 before any).
+	AppliedEpoch int64
+	// DrainedEpoch is the newest epoch acknowledged: no guard pinned to an
+	// older snapshot was still open when it was set (-1 before any).
+	DrainedEpoch int64
+	// Inflight counts guards still pinned to snapshots older than the
+	// current one.
+	Inflight int64
+	// Fenced is true while the local lease has run out (and before Start).
+	Fenced bool
+	// LeaseRemaining is the time left on the local lease; negative once it
+	// ran out.
+	LeaseRemaining time.Duration
+	// StatusesSent counts statuses sent, over AMQP or through the store;
+	// Seq is the seq of the last one. Seqs start at the agent's creation
+	// time in nanoseconds, so that an agent restarted under the same ID
+	// numbers its statuses above its predecessor's.
+	StatusesSent, Seq uint64
+	// StaleRefusals counts Enter calls refused with ErrStale.
+	StaleRefusals int64
+	// RejectedMessages counts dropped messages by reason (the Reject…
+	// constants); reasons never seen are absent.
+	RejectedMessages map[string]int64
+	// IgnoredStates counts valid state messages not newer than the
+	// snapshot held: duplicates, reorderings and beacons.
+	IgnoredStates int64
+	// BehindGrants counts grants that carried an epoch newer than the
+	// snapshot held, which therefore did not extend the lease.
+	BehindGrants int64
+	// Resyncs counts successful reads of the store (Store.SyncAgent);
+	// ResyncFailures the failed ones.
+	Resyncs, ResyncFailures int64
+	// Reconnects counts AMQP sessions after the first.
+	Reconnects int64
+	// Fencings counts the times the lease ran out.
+	Fencings int64
+}

@@ -1,0 +1,134 @@
+package agent
+
+import (
+	"context"
+	"time"
+
+	amqp "github.com/rabbitmq/amqp091-go"
+
+	"github.com/phasecast/phasecast/internal/amqpx"
+	"github.com/phasecast/phasecast/internal/wire"
+)
+
+// report sends a status: at start, after every drain (the ack), and as a
+// heartbeat. Over the broker when connected; through the store (which also
+// re-reads the state and renews the lease there) when there is a DB and
+// the agent is fenced or has no usable broker connection, so acks reach
+// the store without the broker.
+func (a *Agent) report(ctx context.Context, reason string) {
+	a.statusMu.Lock()
+	defer a.statusMu.Unlock()
+	sess := a.session()
+	if sess != nil && sess.blocked.Load() {
+		sess = nil // the broker stopped reading: a publish would hang
+	}
+	if a.store != nil && (sess == nil || a.fenced.Load()) {
+		_ = a.syncLocked(ctx, reason)
+	}
+	if sess != nil {
+		a.publishLocked(ctx, sess, reason)
+	}
+}
+
+// statusLocked numbers and fills the next status.
+func (a *Agent) statusLocked(queue string) wire.Status {
+	seq := a.seq.Add(1)
+	// drained before applied: drained never passes the applied epoch read
+	// after it, and the wire refuses a status where it does.
+	drained := a.drained.Load()
+	applied := a.appliedEpoch()
+	return wire.Status{
+		V:            wire.Version,
+		Kind:         wire.KindStatus,
+		AgentID:      a.cfg.ID,
+		Service:      a.cfg.Service,
+		Host:         a.cfg.Host,
+		PID:          a.pid,
+		Version:      a.cfg.Version,
+		Releases:     a.cfg.Releases,
+		Seq:          seq,
+		AppliedEpoch: max(applied, 0),
+		DrainedEpoch: max(drained, 0),
+		Inflight:     a.inflightOlder(),
+		Queue:        queue,
+		AppName:      a.cfg.ApplicationName,
+		SentAt:       time.Now().UTC(),
+	}
+}
+
+// publishLocked publishes the next status to the status queue. Its send
+// time is remembered before the publish, so it precedes the moment the
+// broadcaster records it.
+func (a *Agent) publishLocked(ctx context.Context, sess *session, reason string) {
+	st := a.statusLocked(sess.queue)
+	body, err := wire.EncodeStatus(st)
+	if err != nil {
+		a.log.Error().Err(err).Msg("encoding status")
+		return
+	}
+	msg := amqp.Publishing{
+		ContentType: "application/json",
+		Type:        string(wire.KindStatus),
+		AppId:       "phasecast-agent",
+		Body:        body,
+	}
+	if a.cfg.StatusMACKey != nil {
+		msg.Headers = amqp.Table{wire.MACHeader: wire.MAC(a.cfg.StatusMACKey, body)}
+	}
+	a.recordSent(st.Seq, time.Now())
+	ctx, cancel := context.WithTimeout(ctx, publishTimeout)
+	defer cancel()
+	if err := sess.pub.PublishWithContext(ctx, "", amqpx.StatusQueue(a.cfg.ExchangePrefix), false, false, msg); err != nil {
+		a.log.Warn().Err(err).Uint64("seq", st.Seq).Str("reason", reason).Msg("publishing status failed")
+		return
+	}
+	a.log.Debug().Uint64("seq", st.Seq).Str("reason", reason).Int64("applied_epoch", st.AppliedEpoch).
+		Int64("drained_epoch", st.DrainedEpoch).Int64("inflight", st.Inflight).Msg("status sent")
+}
+
+// syncLocked is the path to the truth without the broker: Store.SyncAgent
+// records the next status with a lease and reads the state in one
+// transaction; the state is applied, then the local lease extended from a
+// time taken before the transaction began (see resyncFenced for why that
+// ordering keeps the invariant). Applying first means that once the fence
+// lifts, Enter pins the fresh snapshot.
+func (a *Agent) syncLocked(ctx context.Context, reason string) error {
+	queue := ""
+	if s := a.session(); s != nil {
+		queue = s.queue
+	}
+	st := a.statusLocked(queue)
+	lease := a.leaseLength()
+	t0 := time.Now()
+	ctx, cancel := context.WithTimeout(ctx, syncTimeout)
+	defer cancel()
+	state, err := a.store.SyncAgent(ctx, st, lease)
+	a.syncGen.Add(1)
+	a.lastSyncErr = err
+	if err != nil {
+		a.lastSyncFail = time.Now()
+		a.resyncFailures.Add(1)
+		a.log.Warn().Err(err).Str("reason", reason).Uint64("seq", st.Seq).Msg("re-sync from the store failed")
+		return err
+	}
+	a.resyncs.Add(1)
+	a.apply(&state)
+	a.extendLease(t0, lease)
+	a.log.Debug().Str("reason", reason).Uint64("seq", st.Seq).Int64("epoch", state.Epoch).Msg("re-synced from the store")
+	return nil
+}
+
+func (a *Agent) recordSent(seq uint64, at time.Time) {
+	a.sentMu.Lock()
+	a.sent[seq%sentRing] = sentStatus{seq: seq, at: at}
+	a.sentMu.Unlock()
+}
+
+// sentAt returns when the status with seq was sent, if it is recent enough
+// to be remembered.
+func (a *Agent) sentAt(seq uint64) (time.Time, bool) {
+	a.sentMu.Lock()
+	e := a.sent[seq%sentRing]
+	a.sentMu.Unlock()
+	return e.at, seq != 0 && e.seq == seq
+}
