@@ -1,0 +1,57 @@
+// Command novalike runs one instance of the example service: an agent and
+// N workers reading and writing the instances table. On SIGTERM or SIGINT
+// it stops, prints one JSON line {"service", "queries", "failed", "epoch",
+// …} and exits 0.
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"flag"
+	"fmt"
+	"os"
+	"os/signal"
+	"strings"
+	"syscall"
+
+	"github.com/rs/zerolog"
+
+	"github.com/phasecast/phasecast/agent"
+	"github.com/phasecast/phasecast/examples/novalike"
+	"github.com/phasecast/phasecast/internal/config"
+)
+
+func main() {
+	var cfg novalike.Config
+	flag.StringVar(&cfg.Service, "service", "novalike", "service name")
+	flag.IntVar(&cfg.Workers, "workers", 4, "concurrent workers")
+	flag.StringVar(&cfg.Table, "table", "instances", "the instances table, as spelled in the release manifest")
+	flag.StringVar(&cfg.DatabaseURL, "database-url", config.Env(config.EnvDatabaseURL, config.DefaultDatabaseURL), "PostgreSQL URL ($"+config.EnvDatabaseURL+")")
+	amqpURL := flag.String("amqp-url", config.Env(config.EnvAMQPURL, config.DefaultAMQPURL), "RabbitMQ URL ($"+config.EnvAMQPURL+")")
+	schemaName := flag.String("schema", config.Env(config.EnvSchema, config.DefaultSchema), "phasecast's schema ($"+config.EnvSchema+")")
+	prefix := flag.String("exchange-prefix", config.Env(config.EnvExchangePrefix, config.DefaultExchangePrefix), "AMQP name prefix ($"+config.EnvExchangePrefix+")")
+	releases := flag.String("releases", "L", "comma-separated releases this build knows")
+	flag.Parse()
+
+	cfg.Releases = splitComma(*releases)
+	cfg.Agent = agent.Config{AMQPURL: *amqpURL, Schema: *schemaName, ExchangePrefix: *prefix}
+	cfg.Logger = zerolog.New(zerolog.ConsoleWriter{Out: os.Stderr}).With().Timestamp().Str("service", cfg.Service).Logger()
+
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, os.Interrupt)
+	defer stop()
+	svc, err := novalike.New(cfg)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "novalike:", err)
+		os.Exit(1)
+	}
+	res, err := svc.Run(ctx)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "novalike:", err)
+		os.Exit(1)
+	}
+	_ = json.NewEncoder(os.Stdout).Encode(res)
+}
+
+func splitComma(s string) []string {
+	return strings.FieldsFunc(s, func(r rune) bool { return r == ',' })
+}

@@ -1,0 +1,176 @@
+package cli
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"strings"
+	"time"
+
+	"github.com/mattn/go-isatty"
+	"github.com/spf13/cobra"
+
+	"github.com/phasecast/phasecast/schema"
+)
+
+func init() { extraCommands = append(extraCommands, newContractCmd) }
+
+func newContractCmd(g *globals) *cobra.Command {
+	var (
+		opts   schema.ContractOptions
+		asJSON bool
+	)
+	cmd := &cobra.Command{
+		Use:   "contract RELEASE",
+		Short: "Wait until every live agent has acknowledged RELEASE's contract, then drop its removed columns",
+		Long: `Runs the contract of RELEASE, which must be in phase contract:
+
+  1. re-checks the preconditions (exit 3) and the safety checks (exit 4), and
+     refuses when no broadcaster has been alive recently;
+  2. waits until every agent with an unexpired lease has drained the contract
+     flip's epoch, and runs code built for RELEASE (exit 2 on --timeout, with
+     the missing agents named; nothing is dropped);
+  3. lists database sessions that belong to no agent (--strict refuses);
+  4. takes the release to contracting and runs the DDL with a short
+     lock_timeout, retrying on lock timeouts so the DROP never queues in
+     front of live traffic;
+  5. marks the release complete.
+
+Re-running is safe at every step: after a crash, run the same command again.`,
+		Args: cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			log, err := g.logger()
+			if err != nil {
+				return err
+			}
+			store, err := g.openStore(cmd.Context())
+			if err != nil {
+				return err
+			}
+			defer store.Close()
+			opts.Log = log
+			if !asJSON && !opts.DryRun {
+				opts.Progress = progressPrinter(g.stderr)
+			}
+			res, err := store.Contract(cmd.Context(), args[0], opts)
+			if asJSON {
+				return printContractJSON(g.stdout, res, err)
+			}
+			if res != nil {
+				printContract(g.stdout, res)
+			}
+			return err
+		},
+	}
+	f := cmd.Flags()
+	f.DurationVar(&opts.Timeout, "timeout", 10*time.Minute, "how long to wait for acknowledgements (exit 2 after)")
+	f.BoolVar(&opts.DryRun, "dry-run", false, "print the plan (DDL, agents acknowledged and missing, outside sessions) and change nothing")
+	f.BoolVar(&opts.Strict, "strict", false, "refuse when database sessions outside any agent are connected")
+	f.DurationVar(&opts.LockTimeout, "lock-timeout", 2*time.Second, "lock_timeout of each DROP; retried with backoff on timeout")
+	f.DurationVar(&opts.LeaderWithin, "broadcaster-within", 15*time.Second, "refuse unless a leading broadcaster was alive this recently")
+	f.StringVar(&opts.Actor, "actor", defaultActor(), "who runs the contract, for the audit log")
+	f.BoolVar(&asJSON, "json", false, "print one JSON document at the end")
+	return cmd
+}
+
+// progressPrinter shows live progress: one line redrawn in place on a
+// terminal, plain lines when something changes elsewhere.
+func progressPrinter(w io.Writer) func(schema.Progress) {
+	tty := false
+	if f, ok := w.(*os.File); ok {
+		tty = isatty.IsTerminal(f.Fd())
+	}
+	last := ""
+	var lastPrinted time.Time
+	return func(p schema.Progress) {
+		line := fmt.Sprintf("waiting for acknowledgements of %s (epoch %d): %d/%d live agents acknowledged, %s elapsed",
+			p.Release, p.ContractEpoch, p.Acked, p.Live, p.Elapsed.Round(100*time.Millisecond))
+		if missing := describeMissing(p.Missing, p.OldCode); missing != "" {
+			line += "; missing: " + missing
+		}
+		if tty {
+			fmt.Fprintf(w, "\r\033[K%s", line)
+			return
+		}
+		// Elsewhere, one line per change, and a reminder every 10 s.
+		key := fmt.Sprint(p.Acked, p.Live, describeMissing(p.Missing, p.OldCode))
+		if key != last || time.Since(lastPrinted) >= 10*time.Second {
+			fmt.Fprintln(w, line)
+			last, lastPrinted = key, time.Now()
+		}
+	}
+}
+
+func describeMissing(missing, oldCode []schema.Agent) string {
+	var parts []string
+	for _, a := range missing {
+		parts = append(parts, fmt.Sprintf("%s (%s on %s/%d)", a.ID, a.Service, a.Host, a.PID))
+	}
+	for _, a := range oldCode {
+		parts = append(parts, fmt.Sprintf("%s (%s on %s/%d, version %q: code predates the release)", a.ID, a.Service, a.Host, a.PID, a.Version))
+	}
+	const most = 5
+	if len(parts) > most {
+		parts = append(parts[:most], fmt.Sprintf("and %d more", len(parts)-most))
+	}
+	return strings.Join(parts, ", ")
+}
+
+func printContract(w io.Writer, res *schema.ContractResult) {
+	fmt.Fprintf(w, "\nrelease %s: %s\n", res.Release, res.Outcome)
+	if len(res.DDL) > 0 {
+		fmt.Fprintln(w, "DDL:")
+		for _, s := range res.DDL {
+			fmt.Fprintf(w, "  %s;\n", s)
+		}
+	}
+	for _, d := range res.Dependents {
+		if d.Cascade {
+			fmt.Fprintf(w, "goes with CASCADE: %s\n", d.Object())
+		} else {
+			fmt.Fprintf(w, "depends on a removed column: %s\n", d.Object())
+		}
+	}
+	fmt.Fprintf(w, "agents: %d acknowledged, %d missing, %d running code that predates %s\n", len(res.Acked), len(res.Missing), len(res.OldCode), res.Release)
+	if m := describeMissing(res.Missing, res.OldCode); m != "" {
+		fmt.Fprintf(w, "  waiting for: %s\n", m)
+	}
+	for _, s := range res.OutsideSessions {
+		mark := ""
+		if s.NamesRemoved {
+			mark = " NAMES A REMOVED COLUMN"
+		}
+		fmt.Fprintf(w, "outside session: pid %d, application %q, user %s, %s%s: %s\n", s.PID, s.ApplicationName, s.User, s.State, mark, s.Query)
+	}
+	for _, p := range res.Problems {
+		fmt.Fprintf(w, "problem: %s\n", p.Detail)
+		if p.Fix != "" {
+			fmt.Fprintf(w, "  fix: add to expand: %s\n", p.Fix)
+		}
+	}
+	if len(res.Dropped) > 0 {
+		fmt.Fprintf(w, "dropped: %s (%d DDL attempt(s), waited %s for acknowledgements)\n", strings.Join(res.Dropped, ", "), res.Attempts, res.Waited.Round(time.Millisecond))
+	}
+}
+
+// contractJSON is the one document --json prints, success or not.
+type contractJSON struct {
+	*schema.ContractResult
+	Error    string `json:"error,omitempty"`
+	ExitCode int    `json:"exit_code"`
+}
+
+func printContractJSON(w io.Writer, res *schema.ContractResult, err error) error {
+	doc := contractJSON{ContractResult: res, ExitCode: exitCode(err)}
+	if err != nil {
+		doc.Error = oneLine(err.Error())
+	}
+	if doc.ContractResult == nil {
+		doc.ContractResult = &schema.ContractResult{}
+	}
+	if werr := writeJSON(w, doc); werr != nil {
+		return errors.Join(err, werr)
+	}
+	return err
+}

@@ -1,0 +1,64 @@
+package cli
+
+import (
+	"context"
+	"time"
+
+	"github.com/spf13/cobra"
+
+	"github.com/phasecast/phasecast/broadcaster"
+)
+
+func init() { extraCommands = append(extraCommands, newBroadcastCmd) }
+
+func newBroadcastCmd(g *globals) *cobra.Command {
+	var cfg broadcaster.Config
+	var keyFlags keyFiles
+	cmd := &cobra.Command{
+		Use:   "broadcast",
+		Short: "Run the broadcaster daemon: relay phase changes to agents, record their status, grant leases",
+		Long: `Runs the broadcaster until SIGINT or SIGTERM. It publishes every committed
+change from the store's outbox to the state exchange (with publisher confirms),
+re-broadcasts the whole state as a beacon, records agent status in the store
+and answers each with a lease grant. Run several for availability: one leads
+(a PostgreSQL advisory lock), the others stand by and take over within seconds.`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			log, err := g.logger()
+			if err != nil {
+				return err
+			}
+			keys, err := keyFlags.load()
+			if err != nil {
+				return err
+			}
+			store, err := g.openStore(cmd.Context())
+			if err != nil {
+				return err
+			}
+			defer store.Close()
+			cfg.Store, cfg.DatabaseURL, cfg.AMQPURL, cfg.ExchangePrefix, cfg.Logger = store, g.databaseURL, g.amqpURL, g.exchangePrefix, log
+			cfg.SigningKey, cfg.StatusMACKey = keys.StatePrivate, keys.StatusMAC
+			b, err := broadcaster.New(&cfg)
+			if err != nil {
+				return err
+			}
+			if err := b.Start(cmd.Context()); err != nil {
+				return err
+			}
+			log.Info().Str("id", b.ID()).Msg("broadcaster running; stop with SIGINT or SIGTERM")
+			<-cmd.Context().Done()
+			stopCtx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+			defer cancel()
+			return b.Stop(stopCtx)
+		},
+	}
+	f := cmd.Flags()
+	f.StringVar(&cfg.ID, "id", "", "broadcaster id (default: host-pid-random)")
+	f.DurationVar(&cfg.BeaconInterval, "beacon-interval", 3*time.Second, "how often the whole state is re-published")
+	f.DurationVar(&cfg.PollInterval, "poll-interval", time.Second, "outbox poll, a safety net under LISTEN/NOTIFY")
+	f.DurationVar(&cfg.LeaseDuration, "lease", 10*time.Second, "lease granted to agents with each recorded status")
+	f.DurationVar(&cfg.LivenessInterval, "liveness-interval", time.Second, "how often liveness is written and standbys try to lead")
+	keyFlags.register(cmd, true)
+	return cmd
+}
