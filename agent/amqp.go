@@ -83,7 +83,7 @@ func (a *Agent) runSession(ctx context.Context, r *runState, conn *amqp.Connecti
 	subClosed := sub.NotifyClose(make(chan *amqp.Error, 1))
 	cancelled := sub.NotifyCancel(make(chan string, 1))
 	prefix := a.cfg.ExchangePrefix
-	if err := amqpx.DeclareStateExchange(sub, prefix); err != nil {
+	if err := amqpx.EnsureStateExchange(conn, prefix); err != nil {
 		return fmt.Errorf("declare exchange %s: %w", amqpx.StateExchange(prefix), err)
 	}
 	q, err := sub.QueueDeclare("", false, true, true, false, nil)

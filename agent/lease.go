@@ -120,10 +120,7 @@ func (a *Agent) confirmLoop(r *runState) {
 		}
 		hint := a.confirmHint.Swap(0)
 		if hint > a.appliedEpoch() {
-			a.statusMu.Lock()
-			err := a.syncLocked(r.ctx, "confirm")
-			a.statusMu.Unlock()
-			if err == nil && hint > a.appliedEpoch() {
+			if err := a.confirm(r.ctx); err == nil && hint > a.appliedEpoch() {
 				a.reject(rejUnconfirmed, nil, hint)
 			}
 		}

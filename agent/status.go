@@ -118,6 +118,26 @@ func (a *Agent) syncLocked(ctx context.Context, reason string) error {
 	return nil
 }
 
+// confirm reads the true state from the store and applies it, after a
+// state message claimed a newer epoch. It only reads (one read-only
+// snapshot, no WAL, no commit flush), so a flip reaches the agent without
+// waiting on the disk, and it leaves the lease alone: leases come from
+// grants and from syncLocked, which also writes the agent's row.
+func (a *Agent) confirm(ctx context.Context) error {
+	ctx, cancel := context.WithTimeout(ctx, syncTimeout)
+	defer cancel()
+	state, err := a.store.State(ctx)
+	if err != nil {
+		a.resyncFailures.Add(1)
+		a.log.Warn().Err(err).Msg("confirming a state message against the store failed")
+		return err
+	}
+	a.resyncs.Add(1)
+	a.apply(&state)
+	a.log.Debug().Int64("epoch", state.Epoch).Msg("state confirmed from the store")
+	return nil
+}
+
 func (a *Agent) recordSent(seq uint64, at time.Time) {
 	a.sentMu.Lock()
 	a.sent[seq%sentRing] = sentStatus{seq: seq, at: at}

@@ -199,6 +199,7 @@ func (l *leader) recordStatuses(ctx context.Context, statuses []wire.Status) (in
 	epoch, recorded, err := l.b.cfg.Store.RecordStatuses(octx, statuses, l.b.cfg.LeaseDuration)
 	if err == nil {
 		l.b.stats.statusBatches.Add(1)
+		l.log.Debug().Int("statuses", len(statuses)).Int("recorded", len(recorded)).Int64("epoch", epoch).Msg("status batch recorded")
 	}
 	return epoch, recorded, err
 }

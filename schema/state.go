@@ -24,22 +24,29 @@ LEFT JOIN @schema.removals rm ON rm.release = r.name
 GROUP BY r.name, r.phase
 ORDER BY r.name`
 
-// State returns the whole current state.
+// State returns the whole current state. It reads one read-only
+// snapshot, so the releases match the epoch; it takes no lock and writes no
+// WAL, so it costs no commit flush on the broadcaster's or an agent's path
+// to an acknowledgement.
 func (s *Store) State(ctx context.Context) (wire.State, error) {
 	var st wire.State
-	err := s.inTx(ctx, func(tx *sqlx.Tx) error {
+	err := s.inTxOpts(ctx, readOnlySnapshot, func(tx *sqlx.Tx) error {
 		var err error
-		st, err = s.readState(ctx, tx)
+		st, err = s.readState(ctx, tx, `SELECT value FROM @schema.epoch`)
 		return err
 	})
 	return st, err
 }
 
-// readState holds the epoch row FOR SHARE while it reads, so no writer can
-// commit in between and the releases match the epoch.
-func (s *Store) readState(ctx context.Context, tx *sqlx.Tx) (wire.State, error) {
+// lockedEpoch reads the epoch and holds its row FOR SHARE until the
+// transaction ends: no change can commit meanwhile, and a change that
+// commits afterwards is ordered after this transaction's writes.
+const lockedEpoch = `SELECT value FROM @schema.epoch FOR SHARE`
+
+// readState reads the epoch with epochQuery, then the releases.
+func (s *Store) readState(ctx context.Context, tx *sqlx.Tx, epochQuery string) (wire.State, error) {
 	st := wire.State{V: wire.Version, Kind: wire.KindState, Releases: []wire.Release{}}
-	if err := tx.GetContext(ctx, &st.Epoch, s.sql(`SELECT value FROM @schema.epoch FOR SHARE`)); err != nil {
+	if err := tx.GetContext(ctx, &st.Epoch, s.sql(epochQuery)); err != nil {
 		return st, err
 	}
 	rows, err := tx.QueryContext(ctx, s.sql(stateQuery))
@@ -125,7 +132,7 @@ func (s *Store) RecordStatuses(ctx context.Context, statuses []wire.Status, leas
 		return 0, nil, err
 	}
 	err = s.inTx(ctx, func(tx *sqlx.Tx) error {
-		if err := tx.GetContext(ctx, &epoch, s.sql(`SELECT value FROM @schema.epoch FOR SHARE`)); err != nil {
+		if err := tx.GetContext(ctx, &epoch, s.sql(lockedEpoch)); err != nil {
 			return err
 		}
 		return tx.SelectContext(ctx, &recorded, s.sql(upsertAgents), payload, lease.Milliseconds())
@@ -147,7 +154,7 @@ func (s *Store) SyncAgent(ctx context.Context, st wire.Status, lease time.Durati
 	}
 	err = s.inTx(ctx, func(tx *sqlx.Tx) error {
 		var err error
-		if state, err = s.readState(ctx, tx); err != nil {
+		if state, err = s.readState(ctx, tx, lockedEpoch); err != nil {
 			return err
 		}
 		var recorded []string

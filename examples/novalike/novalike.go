@@ -2,8 +2,6 @@ package novalike
 
 import (
 	"context"
-	crand "crypto/rand"
-	"encoding/hex"
 	"errors"
 	"fmt"
 	"math/rand/v2"
@@ -40,6 +38,10 @@ type Config struct {
 	Table string
 	// Workers run queries concurrently. Defaults to 4.
 	Workers int
+	// Pause is each worker's think time between queries, so that a fleet
+	// of instances on one machine loads it like real services rather than
+	// spinning. Defaults to 5ms; negative means none.
+	Pause time.Duration
 	// Releases the service's code was built for. Defaults to ["L"].
 	Releases []string
 	// Agent carries the agent's connection settings (AMQPURL, Schema,
@@ -72,6 +74,9 @@ type Service struct {
 	workers sync.WaitGroup
 	cancel  context.CancelFunc // stops the workers
 
+	stopOnce sync.Once
+	stopErr  error
+
 	queries, failed, refused atomic.Int64
 	mu                       sync.Mutex // guards failures
 	failures                 []error
@@ -90,6 +95,9 @@ func New(cfg Config) (*Service, error) {
 	if cfg.Workers <= 0 {
 		cfg.Workers = 4
 	}
+	if cfg.Pause == 0 {
+		cfg.Pause = 5 * time.Millisecond
+	}
 	if cfg.Releases == nil {
 		cfg.Releases = []string{"L"}
 	}
@@ -101,9 +109,9 @@ func New(cfg Config) (*Service, error) {
 	ac.Releases = cfg.Releases
 	ac.Tables = map[string][]string{cfg.Table: Columns}
 	if ac.ID == "" {
-		ac.ID = newID(cfg.Service)
+		ac.ID = agent.NewID(cfg.Service)
 	}
-	ac.ApplicationName = "phasecast:" + ac.ID
+	ac.ApplicationName = agent.DefaultApplicationName(ac.ID)
 	ac.Logger = cfg.Logger
 	dsn, err := config.WithApplicationName(cfg.DatabaseURL, ac.ApplicationName)
 	if err != nil {
@@ -143,13 +151,18 @@ func (s *Service) Start(ctx context.Context) error {
 }
 
 // Stop stops the workers, then the agent, closes the database and
-// reports. ctx bounds the agent's graceful stop.
+// reports. ctx bounds the agent's graceful stop. Only the first call
+// stops anything; later calls report the same result.
 func (s *Service) Stop(ctx context.Context) (Result, error) {
-	s.cancel()
-	s.workers.Wait()
-	err := s.agent.Stop(ctx)
-	res := s.Result()
-	return res, errors.Join(err, s.db.Close())
+	s.stopOnce.Do(func() {
+		if s.cancel != nil {
+			s.cancel()
+		}
+		s.workers.Wait()
+		err := s.agent.Stop(ctx)
+		s.stopErr = errors.Join(err, s.db.Close())
+	})
+	return s.Result(), s.stopErr
 }
 
 // Run is Start, then Stop once ctx is done: the shape of a service's main.
@@ -207,6 +220,9 @@ func (s *Service) work(ctx context.Context) {
 		if err == nil {
 			s.queries.Add(1)
 		}
+		if s.cfg.Pause > 0 && amqpx.Sleep(ctx, s.cfg.Pause) != nil {
+			return
+		}
 	}
 }
 
@@ -251,11 +267,4 @@ func valueFor(column, name string) any {
 		return host
 	}
 	return name
-}
-
-func newID(service string) string {
-	host, _ := os.Hostname()
-	b := make([]byte, 3)
-	_, _ = crand.Read(b)
-	return fmt.Sprintf("%s-%s-%d-%s", service, host, os.Getpid(), hex.EncodeToString(b))
 }

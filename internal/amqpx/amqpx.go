@@ -24,6 +24,31 @@ func DeclareStateExchange(ch *amqp.Channel, prefix string) error {
 	return ch.ExchangeDeclare(StateExchange(prefix), amqp.ExchangeFanout, true, false, false, false, nil)
 }
 
+// EnsureStateExchange makes sure the state exchange exists, for an agent.
+// An agent run with least privilege (docs/rabbitmq-permissions.md) may not
+// configure the exchange; for it a passive declare checks that the
+// broadcaster has declared it. Each attempt uses a scratch channel, since a
+// refusal closes the channel it happens on.
+func EnsureStateExchange(conn *amqp.Connection, prefix string) error {
+	ch, err := conn.Channel()
+	if err != nil {
+		return err
+	}
+	err = DeclareStateExchange(ch, prefix)
+	if err == nil {
+		return ch.Close()
+	}
+	var amqpErr *amqp.Error
+	if !errors.As(err, &amqpErr) || amqpErr.Code != amqp.AccessRefused {
+		return err
+	}
+	if ch, err = conn.Channel(); err != nil {
+		return err
+	}
+	defer ch.Close()
+	return ch.ExchangeDeclarePassive(StateExchange(prefix), amqp.ExchangeFanout, true, false, false, false, nil)
+}
+
 // DeclareStatusQueue declares the durable status queue as a quorum queue.
 // A broker without quorum queues refuses that and closes the channel, so
 // the fallback to a classic durable queue opens a new one.

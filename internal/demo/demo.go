@@ -16,10 +16,9 @@ import (
 	"github.com/lib/pq"
 	"github.com/rs/zerolog"
 
-	"github.com/phasecast/phasecast/agent"
-	"github.com/phasecast/phasecast/broadcaster"
 	"github.com/phasecast/phasecast/examples/novalike"
 	"github.com/phasecast/phasecast/internal/amqpx"
+	"github.com/phasecast/phasecast/internal/fleet"
 	"github.com/phasecast/phasecast/internal/latency"
 	"github.com/phasecast/phasecast/internal/phase"
 	"github.com/phasecast/phasecast/schema"
@@ -112,30 +111,21 @@ func (d *run) run(ctx context.Context) (*Report, error) {
 	d.store, d.db = store, store.DB()
 	d.defers(func() { store.Close() })
 	d.defers(func() { d.dropSchemas(storeSchema, appSchema) })
-	d.defers(d.deleteAMQP)
 	if _, err := store.Migrate(ctx); err != nil {
 		return nil, err
 	}
+	d.defers((&fleet.Env{AMQPURL: o.AMQPURL, Prefix: d.prefix}).DeleteAMQP)
 	if err := d.createAppTable(ctx, appSchema); err != nil {
 		return nil, err
 	}
 	d.tl.now("store migrated; %s created with 1000 rows", d.appTable)
 
-	b, err := broadcaster.New(&broadcaster.Config{
-		Store: store, DatabaseURL: o.DatabaseURL, AMQPURL: o.AMQPURL, ExchangePrefix: d.prefix,
-		BeaconInterval: time.Second, LeaseDuration: 5 * time.Second, LivenessInterval: 500 * time.Millisecond,
-		Logger: o.Logger.With().Str("component", "broadcaster").Logger(),
-	})
+	env := &fleet.Env{Store: store, DatabaseURL: o.DatabaseURL, AMQPURL: o.AMQPURL, Prefix: d.prefix, Logger: o.Logger}
+	b, err := env.StartBroadcaster(ctx, env.BroadcasterConfig(), true)
 	if err != nil {
 		return nil, err
 	}
-	if err := b.Start(ctx); err != nil {
-		return nil, err
-	}
 	d.defers(func() { _ = b.Stop(context.Background()) })
-	if err := waitFor(ctx, 10*time.Second, b.IsLeader); err != nil {
-		return nil, fmt.Errorf("broadcaster did not take the lead: %w", err)
-	}
 	d.tl.now("broadcaster started and leading")
 
 	m, err := schema.ParseManifest("demo L.yaml", []byte(manifest(d.appTable)))
@@ -148,11 +138,16 @@ func (d *run) run(ctx context.Context) (*Report, error) {
 	}
 	d.tl.now("release L applied: expand ran (ADD COLUMN common_name), epoch %d", applied.Epoch)
 
-	services, err := d.startServices(ctx)
+	startCtx, cancelStart := context.WithTimeout(ctx, 30*time.Second)
+	services, err := fleet.StartServices(startCtx, o.Agents, func(i int) novalike.Config {
+		return env.ServiceConfig(fmt.Sprintf("nova-api-%02d", i), d.appTable, o.Workers)
+	})
+	cancelStart()
 	if err != nil {
 		return nil, err
 	}
-	d.tl.now("%d services started (code built for L), %d workers running", len(services), len(services)*o.Workers)
+	d.defers(func() { _, _ = services.Stop(context.Background()) })
+	d.tl.now("%d services started (code built for L), %d workers running", len(services.List), len(services.List)*o.Workers)
 	time.Sleep(300 * time.Millisecond) // let the workers get going under the old phase
 
 	if _, err := d.flip(ctx, phase.Migrate); err != nil {
@@ -172,9 +167,10 @@ func (d *run) run(ctx context.Context) (*Report, error) {
 		return nil, err
 	}
 	d.tl.at(committed, "flip L contract committed, epoch %d", flipped.Epoch)
+	o.Logger.Debug().Int64("epoch", flipped.Epoch).Msg("contract flip committed")
 	watchCtx, stopWatch := context.WithCancel(ctx)
 	var ackWait sync.WaitGroup
-	ackWait.Go(func() { acks.run(watchCtx, flipped.Epoch, len(services)) })
+	ackWait.Go(func() { acks.run(watchCtx, flipped.Epoch, len(services.List)) })
 
 	contract, err := store.Contract(ctx, "L", schema.ContractOptions{Timeout: 30 * time.Second, PollInterval: 10 * time.Millisecond, Actor: "demo", LeaderWithin: 5 * time.Second})
 	stopWatch()
@@ -185,27 +181,22 @@ func (d *run) run(ctx context.Context) (*Report, error) {
 	ackTimes := acks.latencies(committed)
 	if len(ackTimes) > 0 {
 		d.tl.at(committed.Add(ackTimes[0]), "first acknowledgement recorded (+%s)", ms(ackTimes[0]))
-		d.tl.at(committed.Add(ackTimes[len(ackTimes)-1]), "last acknowledgement recorded (+%s): %d/%d agents", ms(ackTimes[len(ackTimes)-1]), len(ackTimes), len(services))
+		d.tl.at(committed.Add(ackTimes[len(ackTimes)-1]), "last acknowledgement recorded (+%s): %d/%d agents", ms(ackTimes[len(ackTimes)-1]), len(ackTimes), len(services.List))
 	}
 	d.tl.at(contract.DDLStart, "contracting: DDL start (lock_timeout 2s)")
 	d.tl.at(contract.DDLEnd, "DDL end: dropped %s (%d attempt(s))", strings.Join(contract.Dropped, ", "), contract.Attempts)
 	d.tl.now("release L complete")
 
 	time.Sleep(500 * time.Millisecond) // traffic after the drop must succeed too
-	rep := &Report{Agents: len(services), AckLatency: latency.Summarize(ackTimes), Dropped: contract.Dropped, Contract: contract}
-	var failures []error
-	for _, svc := range services {
-		stopCtx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
-		r, err := svc.Stop(stopCtx)
-		cancel()
-		if err != nil {
-			failures = append(failures, err)
-		}
-		rep.Queries += r.Queries
-		rep.Failed += r.Failed
-		rep.Refused += r.Refused
-		failures = append(failures, svc.Failures()...)
+	rep := &Report{Agents: len(services.List), AckLatency: latency.Summarize(ackTimes), Dropped: contract.Dropped, Contract: contract}
+	stopCtx, cancelStop := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
+	totals, err := services.Stop(stopCtx)
+	cancelStop()
+	failures := totals.Failures
+	if err != nil {
+		failures = append(failures, err)
 	}
+	rep.Queries, rep.Failed, rep.Refused = totals.Queries, totals.Failed, totals.Refused
 	d.tl.now("services stopped")
 	if rep.ColumnsLeft, err = d.remainingColumns(ctx, appSchema); err != nil {
 		return nil, err
@@ -220,8 +211,8 @@ func (d *run) run(ctx context.Context) (*Report, error) {
 	for _, f := range failures {
 		fmt.Fprintf(o.Out, "  failure: %v\n", f)
 	}
-	if rep.Failed > 0 || len(failures) > 0 || rep.AckLatency.N != len(services) {
-		return rep, fmt.Errorf("%w: %d queries failed, %d of %d agents acknowledged", ErrFailed, rep.Failed, rep.AckLatency.N, len(services))
+	if rep.Failed > 0 || len(failures) > 0 || rep.AckLatency.N != len(services.List) {
+		return rep, fmt.Errorf("%w: %d queries failed, %d of %d agents acknowledged", ErrFailed, rep.Failed, rep.AckLatency.N, len(services.List))
 	}
 	for _, c := range rep.ColumnsLeft {
 		if c == "name" || c == "display_name" {
@@ -238,57 +229,6 @@ func (d *run) flip(ctx context.Context, to phase.Phase) (schema.FlipResult, erro
 		d.tl.now("flip L %s committed, epoch %d", to, res.Epoch)
 	}
 	return res, err
-}
-
-func (d *run) startServices(ctx context.Context) ([]*novalike.Service, error) {
-	services := make([]*novalike.Service, d.opts.Agents)
-	errs := make([]error, d.opts.Agents)
-	var wg sync.WaitGroup
-	for i := range services {
-		wg.Go(func() {
-			svc, err := novalike.New(novalike.Config{
-				Service:     fmt.Sprintf("nova-api-%02d", i),
-				DatabaseURL: d.opts.DatabaseURL,
-				Table:       d.appTable,
-				Workers:     d.opts.Workers,
-				Releases:    []string{"L"},
-				Agent: agent.Config{
-					AMQPURL: d.opts.AMQPURL, Schema: d.store.Schema(), ExchangePrefix: d.prefix,
-					HeartbeatInterval: time.Second,
-				},
-				Logger: d.opts.Logger.With().Str("component", "agent").Logger(),
-			})
-			if err != nil {
-				errs[i] = err
-				return
-			}
-			startCtx, cancel := context.WithTimeout(ctx, 20*time.Second)
-			defer cancel()
-			if errs[i] = svc.Start(startCtx); errs[i] == nil {
-				services[i] = svc
-			}
-		})
-	}
-	wg.Wait()
-	var started []*novalike.Service
-	for _, s := range services {
-		if s != nil {
-			started = append(started, s)
-		}
-	}
-	if err := errors.Join(errs...); err != nil {
-		for _, s := range started {
-			_, _ = s.Stop(context.Background())
-		}
-		return nil, err
-	}
-	d.defers(func() {
-		// Idempotent for services the run already stopped.
-		for _, s := range started {
-			_, _ = s.Stop(context.Background())
-		}
-	})
-	return started, nil
 }
 
 func (d *run) createAppTable(ctx context.Context, appSchema string) error {
@@ -311,20 +251,6 @@ func (d *run) dropSchemas(names ...string) {
 	for _, n := range names {
 		_, _ = d.db.Exec(`DROP SCHEMA IF EXISTS ` + pq.QuoteIdentifier(n) + ` CASCADE`)
 	}
-}
-
-func (d *run) deleteAMQP() {
-	conn, err := amqpx.Dial(d.opts.AMQPURL, "phasecast demo cleanup")
-	if err != nil {
-		return
-	}
-	defer conn.Close()
-	ch, err := conn.Channel()
-	if err != nil {
-		return
-	}
-	_, _ = ch.QueueDelete(amqpx.StatusQueue(d.prefix), false, false, false)
-	_ = ch.ExchangeDelete(amqpx.StateExchange(d.prefix), false, false)
 }
 
 func manifest(table string) string {
@@ -384,19 +310,6 @@ func (w *ackWatch) latencies(from time.Time) []time.Duration {
 	}
 	sort.Slice(out, func(i, j int) bool { return out[i] < out[j] })
 	return out
-}
-
-func waitFor(ctx context.Context, limit time.Duration, cond func() bool) error {
-	deadline := time.Now().Add(limit)
-	for !cond() {
-		if time.Now().After(deadline) {
-			return fmt.Errorf("not within %s", limit)
-		}
-		if err := amqpx.Sleep(ctx, 20*time.Millisecond); err != nil {
-			return err
-		}
-	}
-	return nil
 }
 
 // randomName is a short suffix that keeps two demos, or a demo and a
