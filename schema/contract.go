@@ -61,7 +61,8 @@ type ContractOptions struct {
 	// to 250ms.
 	PollInterval time.Duration
 	// LeaderWithin is how recently a leading broadcaster must have written
-	// its liveness. Defaults to 15s.
+	// its liveness; if none has but one is alive, the runner gives it up
+	// to 5s (at most LeaderWithin) to lead again. Defaults to 15s.
 	LeaderWithin time.Duration
 	// Actor is recorded in the audit log. Defaults to "contract runner".
 	Actor string
@@ -254,7 +255,7 @@ func (s *Store) Contract(ctx context.Context, release string, opts ContractOptio
 	// One dedicated connection carries the session-level advisory lock for
 	// the whole run, and the DDL, so that one runner at a time works on a
 	// release; the lock goes with the session if the runner dies.
-	conn, err := s.db.Connx(ctx)
+	conn, err := s.dedicatedConn(ctx)
 	if err != nil {
 		return nil, notMigrated(err)
 	}
@@ -307,7 +308,7 @@ func (s *Store) Contract(ctx context.Context, release string, opts ContractOptio
 		return fail(OutcomeRefused, &UnsafeError{Release: release, Problems: problems})
 	}
 	if !resuming {
-		alive, err := s.LeaderAliveWithin(ctx, opts.LeaderWithin)
+		alive, err := s.leaderAlive(ctx, opts)
 		if err != nil {
 			return nil, err
 		}
@@ -340,7 +341,7 @@ func (s *Store) Contract(ctx context.Context, release string, opts ContractOptio
 	} else {
 		start := time.Now()
 		for {
-			agents, err := s.waitForAcks(ctx, res, release, start, opts, log)
+			agents, err := s.waitForAcks(ctx, conn, res, release, start, opts, log)
 			res.Waited = time.Since(start)
 			if err != nil {
 				var timeout *AckTimeoutError
@@ -421,15 +422,74 @@ func (s *Store) unlockContract(conn *sqlx.Conn, release string, log zerolog.Logg
 	_ = conn.Raw(func(any) error { return driver.ErrBadConn })
 }
 
-// waitForAcks polls the live agents until every one of them knows the
-// release and has drained its contract epoch, and returns them. A dry run
-// reads them once.
-func (s *Store) waitForAcks(ctx context.Context, res *ContractResult, release string, start time.Time, opts ContractOptions, log zerolog.Logger) ([]Agent, error) {
-	deadline := start.Add(opts.Timeout)
+// leaderGrace bounds how long the runner waits for a live broadcaster
+// that does not lead at the moment to lead again: one whose lock session
+// failed stands by for two liveness intervals (2s at the default) before
+// it tries for the lock again, and refusing in that moment would tell the
+// operator to start a broadcaster that is running.
+const leaderGrace = 5 * time.Second
+
+// leaderAlive reports whether a leading broadcaster wrote its liveness
+// within opts.LeaderWithin. If none did but some broadcaster is alive, it
+// waits up to leaderGrace (at most LeaderWithin) for one to lead.
+func (s *Store) leaderAlive(ctx context.Context, opts ContractOptions) (bool, error) {
+	deadline := time.Now().Add(min(opts.LeaderWithin, leaderGrace))
 	for {
-		agents, err := s.LiveAgents(ctx)
+		alive, err := s.LeaderAliveWithin(ctx, opts.LeaderWithin)
+		if err != nil || alive {
+			return alive, err
+		}
+		var standby bool
+		err = s.db.GetContext(ctx, &standby, s.sql(`SELECT EXISTS (SELECT 1 FROM @schema.broadcasters WHERE last_seen > now() - $1 * interval '1 millisecond')`), opts.LeaderWithin.Milliseconds())
+		if err != nil || !standby || !time.Now().Before(deadline) {
+			return false, notMigrated(err)
+		}
+		if err := sleepCtx(ctx, min(opts.PollInterval, time.Until(deadline))); err != nil {
+			return false, err
+		}
+	}
+}
+
+// maxBadConns bounds how many dead pooled sessions dedicatedConn discards
+// before it gives up.
+const maxBadConns = 10
+
+// dedicatedConn takes a session out of the pool for the run. A pooled
+// session the server has ended (a restart, pg_terminate_backend) shows only
+// on first use, and database/sql retries that for pooled queries but not
+// on a dedicated connection: ping it, and take another if it is dead.
+func (s *Store) dedicatedConn(ctx context.Context) (*sqlx.Conn, error) {
+	for i := 1; ; i++ {
+		conn, err := s.db.Connx(ctx)
 		if err != nil {
 			return nil, err
+		}
+		err = conn.PingContext(ctx)
+		if err == nil {
+			return conn, nil
+		}
+		_ = conn.Close() // a bad connection is discarded, not pooled
+		if !errors.Is(err, driver.ErrBadConn) || ctx.Err() != nil || i >= maxBadConns {
+			return nil, err
+		}
+	}
+}
+
+// waitForAcks polls the live agents until every one of them knows the
+// release and has drained its contract epoch, and returns them. A dry run
+// reads them once. It reads on conn, the session that holds the contract
+// lock: if that session dies the lock goes with it and another runner may
+// start, so the wait stops at the next poll instead of running on
+// unguarded.
+func (s *Store) waitForAcks(ctx context.Context, conn *sqlx.Conn, res *ContractResult, release string, start time.Time, opts ContractOptions, log zerolog.Logger) ([]Agent, error) {
+	deadline := start.Add(opts.Timeout)
+	for {
+		agents, err := s.agents(ctx, conn, true)
+		if err != nil {
+			if ctx.Err() != nil {
+				return nil, err
+			}
+			return nil, fmt.Errorf("release %q: reading the agents on the runner's own session, which holds the contract lock, failed; nothing was dropped: run 'phasecast contract %s' again: %w", release, release, notMigrated(err))
 		}
 		res.Acked, res.Missing, res.OldCode = classifyAgents(agents, release, res.ContractEpoch)
 		if opts.Progress != nil {
@@ -533,7 +593,9 @@ ORDER BY pid`
 const maxSessionQuery = 200
 
 func (s *Store) listSessions(ctx context.Context, conn *sqlx.Conn, res *ContractResult, m *Manifest, agents []Agent) error {
-	var appNames []string
+	// Never nil: a nil pq.StringArray is SQL NULL, and "NOT (x = ANY
+	// (NULL))" is NULL, which would hide every session when no agent is live.
+	appNames := []string{}
 	for _, a := range agents {
 		if a.AppName != "" {
 			appNames = append(appNames, a.AppName)
