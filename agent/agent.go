@@ -177,6 +177,19 @@ func (a *Agent) Table(name string) TableRef {
 	return t
 }
 
+// Column returns the handle of a column of a table registered in
+// Config.Tables, for Snapshot.ColumnRemoved. Resolve each column once, at
+// start-up. It panics if the table is not registered or does not list the
+// column.
+func (a *Agent) Column(table, column string) ColumnRef {
+	t := a.Table(table)
+	i := slices.Index(a.reg.columns[t.index()], column)
+	if i < 0 {
+		panic(fmt.Sprintf("agent: column %q is not registered for table %q in Config.Tables (registered: %q)", column, table, a.reg.columns[t.index()]))
+	}
+	return ColumnRef{i: int32(a.reg.colBase[t.index()] + i + 1)}
+}
+
 // Start loads the state and connects, and returns once the agent can vouch
 // for its snapshot. The service should not serve before Start returns.
 //
@@ -230,7 +243,7 @@ func (a *Agent) Start(ctx context.Context) error {
 		a.pendingMu.Unlock()
 	}
 
-	conn, dialErr := dialBroker(a.cfg.AMQPURL, a.connName())
+	conn, dialErr := a.dialBroker(ctx)
 	r.wg.Go(func() { a.drainLoop(r) })
 	r.wg.Go(func() { a.leaseLoop(r) })
 	r.wg.Go(func() { a.heartbeatLoop(r) })

@@ -17,8 +17,8 @@ import (
 // session is one live broker connection's publishing side.
 type session struct {
 	pub     *amqp.Channel
-	queue   string      // this connection's server-named queue: grants come here
-	blocked atomic.Bool // the broker blocked publishing (resource alarm)
+	queue   string       // this connection's server-named queue: grants come here
+	blocked *atomic.Bool // the link's flag: the broker blocked publishing (resource alarm)
 }
 
 func (a *Agent) session() *session {
@@ -41,17 +41,30 @@ func reconnectBackoff() amqpx.Backoff {
 }
 
 // dialBroker is Start's synchronous first attempt, so that Start can tell
-// an unreachable broker from a slow broadcaster.
-func dialBroker(url, name string) (*amqp.Connection, error) {
-	return amqpx.Dial(url, name)
+// an unreachable broker from a slow broadcaster. With Config.Connection it
+// waits for the shared connection's current attempt instead (at most
+// amqpx.DialTimeout) and returns no connection: the session loop takes it
+// from the SharedConnection.
+func (a *Agent) dialBroker(ctx context.Context) (*amqp.Connection, error) {
+	if c := a.cfg.Connection; c != nil {
+		wctx, cancel := context.WithTimeout(ctx, amqpx.DialTimeout)
+		defer cancel()
+		_, err := c.await(wctx, true)
+		return nil, err
+	}
+	return amqpx.Dial(a.cfg.AMQPURL, a.connName())
 }
 
 // amqpLoop runs a session on first (Start's connection, if it dialled),
 // then reconnects for as long as the agent runs.
 func (a *Agent) amqpLoop(r *runState, first *amqp.Connection) {
+	if a.cfg.Connection != nil {
+		a.sharedLoop(r)
+		return
+	}
 	backoff := reconnectBackoff()
 	if first != nil {
-		err := a.runSession(r.ctx, r, first)
+		err := a.runSession(r.ctx, r, ownLink(first))
 		_ = first.Close()
 		if r.ctx.Err() != nil {
 			return
@@ -63,8 +76,41 @@ func (a *Agent) amqpLoop(r *runState, first *amqp.Connection) {
 		}
 	}
 	_ = amqpx.RunConnected(r.ctx, a.log, a.cfg.AMQPURL, a.connName(), backoff, func(ctx context.Context, conn *amqp.Connection) error {
-		return a.runSession(ctx, r, conn)
+		return a.runSession(ctx, r, ownLink(conn))
 	})
+}
+
+// sharedLoop runs sessions on Config.Connection for as long as the agent
+// runs. The SharedConnection dials and re-dials; a session that ended
+// while the connection lives on (a channel error) is retried on it after
+// a backoff. A session opens channels of its own and closes them when it
+// ends, which deletes its auto-delete queue.
+func (a *Agent) sharedLoop(r *runState) {
+	backoff := reconnectBackoff()
+	var last *link
+	for {
+		l, err := a.cfg.Connection.await(r.ctx, false)
+		if err != nil {
+			return // the agent stops, or the connection was closed for good
+		}
+		if l != last {
+			backoff.Reset()
+		}
+		last = l
+		err = a.runSession(r.ctx, r, l)
+		if r.ctx.Err() != nil {
+			return
+		}
+		if l.isDown() {
+			a.log.Warn().Err(err).Msg("shared amqp connection lost; waiting for it to reconnect")
+			continue
+		}
+		delay := backoff.Next()
+		a.log.Warn().Err(err).Dur("retry_in", delay).Msg("amqp session ended; opening it again")
+		if amqpx.Sleep(r.ctx, delay) != nil {
+			return
+		}
+	}
 }
 
 // runSession sets up one connection: the state exchange, a server-named
@@ -72,13 +118,17 @@ func (a *Agent) amqpLoop(r *runState, first *amqp.Connection) {
 // through the default exchange), a consuming channel and a publishing
 // channel. It sends a status at once, then handles deliveries until the
 // connection, either channel or the consumer goes away, or ctx ends.
-func (a *Agent) runSession(ctx context.Context, r *runState, conn *amqp.Connection) error {
-	connClosed := amqpx.WatchClose(conn)
-	blocked := conn.NotifyBlocked(make(chan amqp.Blocking, 4))
-
+func (a *Agent) runSession(ctx context.Context, r *runState, l *link) error {
+	conn := l.conn
 	sub, err := conn.Channel()
 	if err != nil {
 		return fmt.Errorf("open consuming channel: %w", err)
+	}
+	if l.shared {
+		// The connection outlives the session: close what the session
+		// opened. Closing the consuming channel cancels the consumer, so
+		// the broker deletes the auto-delete queue.
+		defer sub.Close()
 	}
 	subClosed := sub.NotifyClose(make(chan *amqp.Error, 1))
 	cancelled := sub.NotifyCancel(make(chan string, 1))
@@ -103,9 +153,12 @@ func (a *Agent) runSession(ctx context.Context, r *runState, conn *amqp.Connecti
 	if err != nil {
 		return fmt.Errorf("open publishing channel: %w", err)
 	}
+	if l.shared {
+		defer pub.Close()
+	}
 	pubClosed := pub.NotifyClose(make(chan *amqp.Error, 1))
 
-	sess := &session{pub: pub, queue: q.Name}
+	sess := &session{pub: pub, queue: q.Name, blocked: l.blocked}
 	a.setSession(sess)
 	defer a.setSession(nil)
 	reconnect := r.sessions.Add(1) > 1
@@ -134,11 +187,13 @@ func (a *Agent) runSession(ctx context.Context, r *runState, conn *amqp.Connecti
 				return errors.New("the broker closed the consumer")
 			}
 			a.handle(r, d)
-		case err, ok := <-connClosed:
+		case err, ok := <-l.connClosed:
 			if !ok || err == nil {
 				return errors.New("connection closed")
 			}
 			return err
+		case <-l.down:
+			return fmt.Errorf("shared connection lost: %w", l.downErr)
 		case err, ok := <-subClosed:
 			if !ok || err == nil {
 				return errors.New("consuming channel closed")
@@ -154,7 +209,7 @@ func (a *Agent) runSession(ctx context.Context, r *runState, conn *amqp.Connecti
 				return errors.New("consuming channel closed")
 			}
 			return fmt.Errorf("the broker cancelled consumer %s (queue %s deleted?)", tag, q.Name)
-		case b, ok := <-blocked:
+		case b, ok := <-l.blockedCh:
 			if !ok {
 				return errors.New("connection closed")
 			}
@@ -179,20 +234,28 @@ func (a *Agent) handle(r *runState, d amqp.Delivery) {
 			return
 		}
 	}
-	var peek struct {
-		Kind wire.Kind `json:"kind"`
+	// The broadcaster names the kind in the AMQP type property, which
+	// saves parsing the body twice; the decoders check the body's own
+	// kind, so a wrong type property gets a message rejected, never
+	// misread. Without one, the body says.
+	kind := wire.Kind(d.Type)
+	if kind != wire.KindState && kind != wire.KindGrant {
+		var peek struct {
+			Kind wire.Kind `json:"kind"`
+		}
+		if err := json.Unmarshal(body, &peek); err != nil {
+			a.reject(rejMalformed, err, -1)
+			return
+		}
+		kind = peek.Kind
 	}
-	if err := json.Unmarshal(body, &peek); err != nil {
-		a.reject(rejMalformed, err, -1)
-		return
-	}
-	switch peek.Kind {
+	switch kind {
 	case wire.KindState:
 		a.handleState(body)
 	case wire.KindGrant:
 		a.handleGrant(r, body)
 	default:
-		a.reject(rejKind, fmt.Errorf("kind %q on the agent queue", peek.Kind), -1)
+		a.reject(rejKind, fmt.Errorf("kind %q on the agent queue", kind), -1)
 	}
 }
 

@@ -37,10 +37,21 @@ func BenchmarkColumns(b *testing.B) {
 	b.ReportAllocs()
 	for b.Loop() {
 		sinkStrings = s.Columns(inst)
+	}
+}
+
+func BenchmarkColumnsSelectList(b *testing.B) {
+	a := newTestAgent(b, stateL(1, phase.Contract))
+	inst := a.Table("instances")
+	s := a.Snapshot()
+	b.ReportAllocs()
+	for b.Loop() {
 		sinkString = s.SelectList(inst)
 	}
 }
 
+// BenchmarkRemoved is the lookup by name, for any table: two string
+// hashes. BenchmarkColumnRemoved is the hot-path form, resolved once.
 func BenchmarkRemoved(b *testing.B) {
 	a := newTestAgent(b, stateL(1, phase.Contract))
 	s := a.Snapshot()
@@ -48,6 +59,68 @@ func BenchmarkRemoved(b *testing.B) {
 	for b.Loop() {
 		sinkBool = s.Removed("instances", "name")
 	}
+}
+
+func BenchmarkColumnRemoved(b *testing.B) {
+	a := newTestAgent(b, stateL(1, phase.Contract))
+	name := a.Column("instances", "name")
+	s := a.Snapshot()
+	b.ReportAllocs()
+	for b.Loop() {
+		sinkBool = s.ColumnRemoved(name)
+	}
+}
+
+// Baselines, run alongside so that ratios compare like with like on the
+// machine at hand: an atomic pointer load (what Snapshot is), a slice
+// index (what Columns and ColumnRemoved are), a map lookup by string
+// (what Removed is, twice) and an atomic increment-decrement pair (the
+// least an Enter/Exit can cost).
+
+var (
+	baselinePtr   atomic.Pointer[Snapshot]
+	baselineSlice = []bool{false, true, false, true}
+	baselineMap   = map[string]bool{"instances": true, "flavors": false}
+	baselineCount atomic.Int64
+	baselineIndex = 1
+)
+
+func BenchmarkBaselineAtomicLoad(b *testing.B) {
+	baselinePtr.Store(&Snapshot{})
+	for b.Loop() {
+		sinkSnapshot = baselinePtr.Load()
+	}
+}
+
+func BenchmarkBaselineSliceIndex(b *testing.B) {
+	for b.Loop() {
+		sinkBool = baselineSlice[baselineIndex]
+	}
+}
+
+func BenchmarkBaselineMapLookup(b *testing.B) {
+	for b.Loop() {
+		sinkBool = baselineMap["instances"]
+	}
+}
+
+func BenchmarkBaselineAtomicAddPair(b *testing.B) {
+	for b.Loop() {
+		baselineCount.Add(1)
+		baselineCount.Add(-1)
+	}
+}
+
+// BenchmarkBaselineAtomicAddPairParallel is the reference for
+// BenchmarkEnterExitParallel: every core incrementing and decrementing one
+// shared counter, as guards on one snapshot do.
+func BenchmarkBaselineAtomicAddPairParallel(b *testing.B) {
+	b.RunParallel(func(pb *testing.PB) {
+		for pb.Next() {
+			baselineCount.Add(1)
+			baselineCount.Add(-1)
+		}
+	})
 }
 
 func BenchmarkEnterExit(b *testing.B) {

@@ -63,6 +63,13 @@ type Config struct {
 	// AMQPURL is the broker. Defaults to "amqp://guest:guest@localhost:5672/".
 	AMQPURL string
 
+	// Connection, if set, is an AMQP connection this agent shares with
+	// other agents in the same process (NewSharedConnection); the agent
+	// opens its own channels and queue on it, and AMQPURL is not used. A
+	// service with one agent leaves it nil: the agent then dials and owns
+	// a connection of its own. The agent never closes it.
+	Connection *SharedConnection
+
 	// ExchangePrefix prefixes the state exchange and the status queue.
 	// Defaults to "phasecast".
 	ExchangePrefix string

@@ -23,9 +23,12 @@
 //
 // Snapshot.Columns and Snapshot.SelectList are computed once per snapshot,
 // for every table registered in Config.Tables; Snapshot.Removed answers for
-// any table and column. None of them allocates, Agent.Snapshot is one
-// atomic load, and Enter/Exit are an atomic load, an increment, a re-check
-// and a decrement. Agent.Table panics on a table not in Config.Tables.
+// any table and column (two string hashes), and Snapshot.ColumnRemoved for
+// a registered column resolved once with Agent.Column (a slice index).
+// None of them allocates, Agent.Snapshot is one atomic load, and
+// Enter/Exit are an atomic load, an increment, a re-check and a
+// decrement. Agent.Table and Agent.Column panic on a table or column not
+// in Config.Tables.
 //
 // # What an acknowledgement promises
 //
@@ -77,7 +80,11 @@
 // The agent keeps one AMQP connection, reconnecting with capped
 // exponential backoff and jitter. Each connection gets a server-named,
 // exclusive, auto-delete queue bound to the state exchange; grants arrive
-// on the same queue. After a reconnect the agent re-syncs before trusting
+// on the same queue. A process that runs many agents (the benchmark runs
+// a thousand) can have several share one connection: NewSharedConnection
+// and Config.Connection. Each agent then opens its own channels and queue
+// on it, and when it drops, each re-syncs and reconnects as it would on a
+// connection of its own. After a reconnect the agent re-syncs before trusting
 // its cache: from the store if it has a DB, else from the next grant and
 // beacon. With a DB, while the agent is fenced or disconnected, its
 // heartbeats and acks go through the store.

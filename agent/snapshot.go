@@ -19,6 +19,14 @@ type TableRef struct {
 	i int32 // index into the registry + 1; 0 is the zero value
 }
 
+// ColumnRef is one column of a registered table, resolved once by
+// Agent.Column so that Snapshot.ColumnRemoved is a slice index on the hot
+// path, where Removed hashes two strings. The zero ColumnRef names no
+// column.
+type ColumnRef struct {
+	i int32 // index into the registry's flattened columns + 1; 0 is the zero value
+}
+
 // registry holds the tables of Config.Tables, in a fixed order that
 // TableRef indexes.
 type registry struct {
@@ -26,6 +34,8 @@ type registry struct {
 	columns [][]string // as registered, in the service's order
 	selects []string   // SelectList of all columns, shared while none is removed
 	index   map[string]TableRef
+	colBase []int // per table: the ColumnRef index of its first column
+	ncols   int   // every registered column of every table
 }
 
 func newRegistry(tables map[string][]string) *registry {
@@ -36,6 +46,8 @@ func newRegistry(tables map[string][]string) *registry {
 		r.names = append(r.names, name)
 		r.columns = append(r.columns, cols)
 		r.selects = append(r.selects, selectList(cols))
+		r.colBase = append(r.colBase, r.ncols)
+		r.ncols += len(cols)
 	}
 	return r
 }
@@ -73,6 +85,9 @@ type Snapshot struct {
 	columns [][]string
 	selects []string
 	gone    []bool
+
+	// Per registered column, indexed by ColumnRef.i-1.
+	colGone []bool
 
 	// drain is the agent's drainer wake-up channel (1-buffered).
 	drain chan<- struct{}
@@ -134,8 +149,15 @@ func newSnapshot(st *wire.State, reg *registry, drain chan<- struct{}) *Snapshot
 	s.columns = make([][]string, n)
 	s.selects = make([]string, n)
 	s.gone = make([]bool, n)
+	s.colGone = make([]bool, reg.ncols)
 	for i, name := range reg.names {
 		t, hit := s.removed[name]
+		if hit {
+			for j, c := range reg.columns[i] {
+				_, out := t.columns[c]
+				s.colGone[reg.colBase[i]+j] = t.whole || out
+			}
+		}
 		switch {
 		case !hit:
 			// Nothing removed: share the registry's slice and string, so
@@ -179,6 +201,15 @@ func (s *Snapshot) Removed(table, column string) bool {
 	}
 	_, ok = t.columns[column]
 	return ok
+}
+
+// ColumnRemoved is Removed for a column resolved with Agent.Column: a
+// slice index, for the hot path. It panics on the zero ColumnRef.
+func (s *Snapshot) ColumnRemoved(c ColumnRef) bool {
+	if c.i == 0 {
+		panic("agent: zero ColumnRef: resolve columns with Agent.Column")
+	}
+	return s.colGone[c.i-1]
 }
 
 // Columns returns the registered table's columns minus the removed ones, in

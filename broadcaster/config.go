@@ -94,6 +94,14 @@ type Config struct {
 	// its first status arrived. Defaults to 5ms.
 	StatusBatchWait time.Duration
 
+	// StatusBatchGap closes a batch before StatusBatchWait when no further
+	// status has arrived for this long, so a lone status (one agent's
+	// acknowledgement) is recorded almost at once instead of waiting out
+	// StatusBatchWait, while a burst (a fleet acknowledging a flip) still
+	// fills its batch. Defaults to StatusBatchWait/5 (1ms with the
+	// default StatusBatchWait).
+	StatusBatchGap time.Duration
+
 	// SigningKey, when set, signs every state and grant (wire.SignatureHeader)
 	// so agents holding the public key can tell them from forgeries.
 	// Optional.
@@ -103,8 +111,24 @@ type Config struct {
 	// without a valid HMAC (wire.MACHeader). Optional.
 	StatusMACKey []byte
 
+	// OnRecorded, if set, is called on the status consumer's goroutine
+	// each time a batch of statuses has been committed to the store, with
+	// the time the commit returned and, for each agent recorded, the
+	// status the store kept. It is for measurement and metrics (phasecast
+	// bench times acknowledgements with it): keep it short, as the grants
+	// and the next batch wait for it. Optional.
+	OnRecorded func(at time.Time, recorded []RecordedStatus)
+
 	// Logger receives the broadcaster's logs. Defaults to a no-op logger.
 	Logger zerolog.Logger
+}
+
+// RecordedStatus is what Config.OnRecorded learns of one recorded status.
+type RecordedStatus struct {
+	AgentID      string
+	Seq          uint64
+	AppliedEpoch int64
+	DrainedEpoch int64
 }
 
 // WithDefaults returns a copy of c with every unset optional field set to
@@ -137,6 +161,9 @@ func (c *Config) WithDefaults() *Config {
 	}
 	if out.StatusBatchWait == 0 {
 		out.StatusBatchWait = DefaultStatusBatchWait
+	}
+	if out.StatusBatchGap == 0 {
+		out.StatusBatchGap = max(out.StatusBatchWait/5, time.Microsecond)
 	}
 	return &out
 }
@@ -171,6 +198,7 @@ func (c *Config) validate() error {
 		{"LeaseDuration", c.LeaseDuration, time.Millisecond},
 		{"LivenessInterval", c.LivenessInterval, time.Millisecond},
 		{"StatusBatchWait", c.StatusBatchWait, time.Microsecond},
+		{"StatusBatchGap", c.StatusBatchGap, time.Microsecond},
 	} {
 		if d.v < d.min {
 			fail("Config.%s must be at least %s, or zero for the default (got %s)", d.name, d.min, d.v)

@@ -13,7 +13,9 @@ import (
 	amqp "github.com/rabbitmq/amqp091-go"
 
 	"github.com/phasecast/phasecast/internal/amqpx"
+	"github.com/phasecast/phasecast/internal/config"
 	"github.com/phasecast/phasecast/internal/wire"
+	"github.com/phasecast/phasecast/schema"
 )
 
 // Why a state is published, for the logs.
@@ -41,8 +43,16 @@ func (l *leader) listen(ctx context.Context) {
 	channel := l.b.cfg.Store.NotifyChannel()
 	log := l.log.With().Str("channel", channel).Logger()
 	attempts := failureLog{what: "LISTEN connection attempt"}
+	// The LISTEN session carries the store's application_name, as the
+	// store's own sessions do, or every contract run would list it as a
+	// session outside any agent and --strict could never pass while a
+	// broadcaster runs.
+	dsn, err := config.WithApplicationName(l.b.cfg.DatabaseURL, schema.ApplicationName)
+	if err != nil {
+		dsn = l.b.cfg.DatabaseURL // preflight connected with it as it is
+	}
 	// The callback runs on the Listener's one dispatching goroutine.
-	pl := pq.NewListener(l.b.cfg.DatabaseURL, 100*time.Millisecond, 2*time.Second, func(ev pq.ListenerEventType, err error) {
+	pl := pq.NewListener(dsn, 100*time.Millisecond, 2*time.Second, func(ev pq.ListenerEventType, err error) {
 		switch ev {
 		case pq.ListenerEventConnected:
 			attempts.report(log, nil)

@@ -77,10 +77,12 @@ func (l *leader) consumeSession(ctx context.Context, conn *amqp.Connection) erro
 }
 
 // collect waits for a first delivery, then gathers more until the batch
-// is full or StatusBatchWait has passed.
+// is full, StatusBatchWait has passed, or no delivery came for
+// StatusBatchGap.
 func (l *leader) collect(ctx context.Context, src deliverySource) ([]amqp.Delivery, error) {
 	var batch []amqp.Delivery
-	var deadline <-chan time.Time
+	var deadline, quiet <-chan time.Time
+	var quietTimer *time.Timer
 	for {
 		select {
 		case <-ctx.Done():
@@ -106,8 +108,15 @@ func (l *leader) collect(ctx context.Context, src deliverySource) ([]amqp.Delive
 				t := time.NewTimer(l.b.cfg.StatusBatchWait)
 				defer t.Stop()
 				deadline = t.C
+				quietTimer = time.NewTimer(l.b.cfg.StatusBatchGap)
+				defer quietTimer.Stop()
+				quiet = quietTimer.C
+			} else {
+				quietTimer.Reset(l.b.cfg.StatusBatchGap)
 			}
 		case <-deadline:
+			return batch, nil
+		case <-quiet:
 			return batch, nil
 		}
 	}
@@ -145,6 +154,7 @@ func (l *leader) handleBatch(ctx context.Context, ch *amqp.Channel, batch []amqp
 	// settled: one multiple ack or nack on the last tag settles the batch.
 	last := valid[len(valid)-1].delivery.DeliveryTag
 	valid, epoch, recorded, err := l.record(ctx, valid)
+	at := time.Now()
 	if err != nil {
 		if ctx.Err() != nil {
 			return nil // the channel closes with the session: the broker requeues
@@ -157,8 +167,29 @@ func (l *leader) handleBatch(ctx context.Context, ch *amqp.Channel, batch []amqp
 	}
 	dbLog.report(l.log, nil)
 	backoff.Reset()
+	if l.b.cfg.OnRecorded != nil {
+		l.b.cfg.OnRecorded(at, recordedStatuses(valid, recorded))
+	}
 	l.grant(valid, epoch, recorded)
 	return ch.Ack(last, true)
+}
+
+// recordedStatuses is, for Config.OnRecorded, the status the store kept
+// for each recorded agent: its newest in the batch.
+func recordedStatuses(valid []pending, recorded []string) []RecordedStatus {
+	newest := make(map[string]wire.Status, len(valid))
+	for _, p := range valid {
+		if cur, ok := newest[p.status.AgentID]; !ok || p.status.Seq > cur.Seq {
+			newest[p.status.AgentID] = p.status
+		}
+	}
+	out := make([]RecordedStatus, 0, len(recorded))
+	for _, id := range recorded {
+		if st, ok := newest[id]; ok {
+			out = append(out, RecordedStatus{AgentID: id, Seq: st.Seq, AppliedEpoch: st.AppliedEpoch, DrainedEpoch: st.DrainedEpoch})
+		}
+	}
+	return out
 }
 
 // record writes the batch in one transaction. If the database refuses the

@@ -1,7 +1,6 @@
 package wire
 
 import (
-	"bytes"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -201,33 +200,50 @@ func DecodeGrant(body []byte) (Grant, error) {
 	return g, nil
 }
 
-// header is decoded first, so that a message of another kind or version is
-// named as such rather than as a type error in some field.
+// header is what every message starts with. A message of another kind or
+// version is named as such rather than as a type error in some field.
 type header struct {
 	V    int  `json:"v"`
 	Kind Kind `json:"kind"`
 }
 
-func decode(body []byte, kind Kind, into any) error {
-	if len(body) > MaxMessageSize {
-		return fmt.Errorf("%w: %d bytes (limit %d)", ErrTooLarge, len(body), MaxMessageSize)
-	}
-	var h header
-	if err := json.Unmarshal(body, &h); err != nil {
-		return fmt.Errorf("%w: %v", ErrMalformed, err)
-	}
+func (h header) check(kind Kind) error {
 	if h.V != Version {
 		return fmt.Errorf("%w: v=%d (this build speaks v=%d)", ErrVersion, h.V, Version)
 	}
 	if h.Kind != kind {
 		return fmt.Errorf("%w: got %q, want %q", ErrKind, h.Kind, kind)
 	}
-	dec := json.NewDecoder(bytes.NewReader(body))
-	if err := dec.Decode(into); err != nil {
-		return fmt.Errorf("%w: %v", ErrMalformed, err)
-	}
-	if dec.More() {
-		return fmt.Errorf("%w: trailing data after the message", ErrMalformed)
-	}
 	return nil
+}
+
+// message is a decoded message's header.
+type message interface{ header() header }
+
+func (s *State) header() header  { return header{s.V, s.Kind} }
+func (s *Status) header() header { return header{s.V, s.Kind} }
+func (g *Grant) header() header  { return header{g.V, g.Kind} }
+
+// decode decodes body into into and checks its version and kind. A good
+// message is parsed once: every agent parses every state and grant, and
+// the broadcaster every status, so this is on the path of every flip. Only
+// a body that does not decode is parsed again, for its header alone, to
+// say whether it is of another version or kind rather than malformed.
+// json.Unmarshal refuses trailing data after the value.
+func decode(body []byte, kind Kind, into message) error {
+	if len(body) > MaxMessageSize {
+		return fmt.Errorf("%w: %d bytes (limit %d)", ErrTooLarge, len(body), MaxMessageSize)
+	}
+	err := json.Unmarshal(body, into)
+	if err == nil {
+		return into.header().check(kind)
+	}
+	var h header
+	if herr := json.Unmarshal(body, &h); herr != nil {
+		return fmt.Errorf("%w: %v", ErrMalformed, herr)
+	}
+	if herr := h.check(kind); herr != nil {
+		return herr
+	}
+	return fmt.Errorf("%w: %v", ErrMalformed, err)
 }

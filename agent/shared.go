@@ -1,0 +1,241 @@
+package agent
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	amqp "github.com/rabbitmq/amqp091-go"
+	"github.com/rs/zerolog"
+
+	"github.com/phasecast/phasecast/internal/amqpx"
+	"github.com/phasecast/phasecast/internal/config"
+)
+
+// ErrConnectionClosed is returned while waiting on a SharedConnection that
+// Close has closed.
+var ErrConnectionClosed = errors.New("agent: the shared AMQP connection is closed")
+
+// SharedConnection is one AMQP connection that several agents in one
+// process use (Config.Connection), each with channels and a queue of its
+// own. A real service embeds one agent and keeps the default, a connection
+// of its own; sharing is for processes that run many agents, such as the
+// benchmark, where a thousand connections would measure the broker's
+// connection handling rather than phasecast.
+//
+// The SharedConnection dials at once and, whenever the connection is lost,
+// again with capped exponential backoff and jitter, for as long as it is
+// open. When the connection drops, every agent on it sees its session end,
+// re-syncs and opens its channels again on the next connection, as it
+// would after losing a connection of its own. It watches the connection's
+// close and flow-control notifications itself and hands them to the agents,
+// so no agent has to drain a notification channel of a connection it does
+// not own.
+//
+// Close it after stopping every agent that uses it. Its methods are safe
+// for concurrent use.
+type SharedConnection struct {
+	url  string
+	name string
+	log  zerolog.Logger
+
+	mu      sync.Mutex
+	cur     *link         // under mu: the live connection, nil while down
+	lastErr error         // under mu: why the last attempt failed, nil if it did not
+	tried   bool          // under mu: at least one attempt has finished
+	changed chan struct{} // under mu: closed and replaced whenever the above change
+	closed  bool          // under mu
+
+	ctx    context.Context
+	cancel context.CancelFunc
+	wg     sync.WaitGroup
+}
+
+// link is one live broker connection as an agent's session sees it. For
+// an agent's own connection the session watches connClosed and blockedCh
+// itself; for a shared connection the SharedConnection does and reports
+// through down and blocked.
+type link struct {
+	conn *amqp.Connection
+
+	connClosed <-chan *amqp.Error   // own connection only
+	blockedCh  <-chan amqp.Blocking // own connection only
+
+	down    chan struct{} // shared only: closed when the connection is gone
+	downErr error         // shared only: set before down is closed
+	shared  bool
+
+	blocked *atomic.Bool // the broker blocked publishing (resource alarm)
+}
+
+// ownLink watches a connection the agent dialled itself.
+func ownLink(conn *amqp.Connection) *link {
+	return &link{
+		conn:       conn,
+		connClosed: amqpx.WatchClose(conn),
+		blockedCh:  conn.NotifyBlocked(make(chan amqp.Blocking, 4)),
+		blocked:    new(atomic.Bool),
+	}
+}
+
+// isDown reports whether a shared link's connection is gone.
+func (l *link) isDown() bool {
+	if !l.shared {
+		return false
+	}
+	select {
+	case <-l.down:
+		return true
+	default:
+		return false
+	}
+}
+
+// NewSharedConnection returns a connection to the broker at url for agents
+// to share, named name in the broker's management UI, and starts dialling
+// it in the background. It fails only on a URL that is not an AMQP URL; an
+// unreachable broker is retried, and agents started meanwhile behave as
+// with an unreachable broker of their own. log receives one line per lost
+// connection and failed attempt; the zero zerolog.Logger writes nothing.
+func NewSharedConnection(url, name string, log zerolog.Logger) (*SharedConnection, error) {
+	if _, err := amqp.ParseURI(url); err != nil {
+		return nil, fmt.Errorf("agent: shared connection: %s: %v: give an amqp:// or amqps:// URL", config.Redact(url), err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	c := &SharedConnection{
+		url:     url,
+		name:    name,
+		log:     log.With().Str("connection", name).Logger(),
+		changed: make(chan struct{}),
+		ctx:     ctx,
+		cancel:  cancel,
+	}
+	c.wg.Go(c.loop)
+	return c, nil
+}
+
+// Close closes the connection, which ends the session of every agent
+// still on it, stops reconnecting and waits for its goroutine to return.
+// Agents still running then wait for a connection that never comes. Close
+// is safe to call twice.
+func (c *SharedConnection) Close() error {
+	c.mu.Lock()
+	if c.closed {
+		c.mu.Unlock()
+		return nil
+	}
+	c.closed = true
+	c.signalLocked()
+	c.mu.Unlock()
+	c.cancel()
+	c.wg.Wait()
+	return nil
+}
+
+// signalLocked wakes everyone waiting for a change.
+func (c *SharedConnection) signalLocked() {
+	close(c.changed)
+	c.changed = make(chan struct{})
+}
+
+// loop dials, watches the connection until it is lost, and dials again.
+func (c *SharedConnection) loop() {
+	backoff := reconnectBackoff()
+	for {
+		conn, err := amqpx.Dial(c.url, c.name)
+		if err == nil {
+			backoff.Reset()
+			err = c.serve(conn)
+		} else {
+			c.mu.Lock()
+			c.lastErr, c.tried = err, true
+			c.signalLocked()
+			c.mu.Unlock()
+		}
+		if c.ctx.Err() != nil {
+			return
+		}
+		delay := backoff.Next()
+		c.log.Warn().Err(err).Dur("retry_in", delay).Msg("shared amqp connection lost; reconnecting")
+		if amqpx.Sleep(c.ctx, delay) != nil {
+			return
+		}
+	}
+}
+
+// serve publishes conn to the agents and relays its notifications until it
+// closes or the SharedConnection does. Both notification channels are
+// drained here, for the connection's whole life.
+func (c *SharedConnection) serve(conn *amqp.Connection) error {
+	closes := amqpx.WatchClose(conn)
+	blocks := conn.NotifyBlocked(make(chan amqp.Blocking, 4))
+	l := &link{conn: conn, down: make(chan struct{}), shared: true, blocked: new(atomic.Bool)}
+	c.mu.Lock()
+	c.cur, c.lastErr, c.tried = l, nil, true
+	c.signalLocked()
+	c.mu.Unlock()
+
+	var err error
+	for err == nil {
+		select {
+		case <-c.ctx.Done():
+			err = ErrConnectionClosed
+			// Bounded: a broker that stopped answering must not hold up
+			// Close.
+			_ = conn.CloseDeadline(time.Now().Add(time.Second))
+		case e, ok := <-closes:
+			if !ok || e == nil {
+				err = errors.New("connection closed")
+			} else {
+				err = e
+			}
+		case b, ok := <-blocks:
+			if !ok {
+				err = errors.New("connection closed")
+				continue
+			}
+			l.blocked.Store(b.Active)
+			c.log.Warn().Bool("blocked", b.Active).Str("reason", b.Reason).Msg("broker flow control")
+		}
+	}
+	c.mu.Lock()
+	c.cur = nil
+	l.downErr = err
+	close(l.down)
+	c.signalLocked()
+	c.mu.Unlock()
+	// Drain what the library still sends until it closes both channels,
+	// so its shutdown never waits on us.
+	for range closes {
+	}
+	for range blocks {
+	}
+	return err
+}
+
+// await returns the live connection, waiting for one until ctx ends. With
+// firstAttempt, it returns the error of the last dial instead of waiting
+// out the backoff after it: Start's synchronous attempt.
+func (c *SharedConnection) await(ctx context.Context, firstAttempt bool) (*link, error) {
+	for {
+		c.mu.Lock()
+		l, lastErr, tried, closed, changed := c.cur, c.lastErr, c.tried, c.closed, c.changed
+		c.mu.Unlock()
+		switch {
+		case closed:
+			return nil, ErrConnectionClosed
+		case l != nil && !l.isDown():
+			return l, nil
+		case firstAttempt && tried && lastErr != nil:
+			return nil, lastErr
+		}
+		select {
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		case <-changed:
+		}
+	}
+}
