@@ -1,14 +1,7 @@
 package integration
 
 import (
-	"bufio"
 	"context"
-	"crypto/rand"
-	"encoding/hex"
-	"net/url"
-	"os"
-	"os/exec"
-	"regexp"
 	"strings"
 	"testing"
 	"time"
@@ -25,164 +18,10 @@ import (
 // applies, so that what it tells operators is what is tested.
 const permissionsDoc = "../docs/rabbitmq-permissions.md"
 
-// What the doc's commands are written for; the test substitutes its own.
-const (
-	docVhost       = "phasecast"
-	docBroadcaster = "phasecast-broadcaster"
-	docAgent       = "phasecast-agent"
-	docPrefixRegex = `phasecast\.`
-)
-
-// envRabbitmqctl overrides the rabbitmqctl command, for a broker in a
-// container: PHASECAST_RABBITMQCTL="docker compose exec -T rabbitmq rabbitmqctl".
-const envRabbitmqctl = "PHASECAST_RABBITMQCTL"
-
-// permissions is one set_permissions line of the doc.
-type permissions struct {
-	vhost, user, configure, write, read string
-}
-
-// docPermissions returns the doc's set_permissions lines, by user.
-func docPermissions(t *testing.T) map[string]permissions {
+// dialAs connects as user to the test's vhost.
+func dialAs(t *testing.T, e *testenv.LeastPrivilege, user string) *amqp.Connection {
 	t.Helper()
-	f, err := os.Open(permissionsDoc)
-	require.NoError(t, err)
-	defer f.Close()
-	perms := map[string]permissions{}
-	sc := bufio.NewScanner(f)
-	for sc.Scan() {
-		line := strings.TrimSpace(sc.Text())
-		if !strings.HasPrefix(line, "rabbitmqctl set_permissions ") {
-			continue
-		}
-		args := shellWords(t, line)
-		require.Len(t, args, 8, "want: rabbitmqctl set_permissions -p VHOST USER CONF WRITE READ, got: %s", line)
-		require.Equal(t, "-p", args[2], line)
-		p := permissions{vhost: args[3], user: args[4], configure: args[5], write: args[6], read: args[7]}
-		require.NotContains(t, perms, p.user, "two set_permissions lines for %s", p.user)
-		perms[p.user] = p
-	}
-	require.NoError(t, sc.Err())
-	require.Len(t, perms, 2, "want set_permissions lines for %s and %s", docBroadcaster, docAgent)
-	require.Contains(t, perms, docBroadcaster)
-	require.Contains(t, perms, docAgent)
-	return perms
-}
-
-// shellWords splits a command line into words, with single quotes only:
-// enough for the doc, and anything fancier there is refused.
-func shellWords(t *testing.T, line string) []string {
-	t.Helper()
-	require.NotContains(t, line, `"`, "use single quotes in set_permissions lines: %s", line)
-	var words []string
-	var word strings.Builder
-	inWord, quoted := false, false
-	for _, r := range line {
-		switch {
-		case r == '\'':
-			quoted = !quoted
-			inWord = true
-		case (r == ' ' || r == '\t') && !quoted:
-			if inWord {
-				words = append(words, word.String())
-				word.Reset()
-				inWord = false
-			}
-		default:
-			word.WriteRune(r)
-			inWord = true
-		}
-	}
-	require.False(t, quoted, "unbalanced quote: %s", line)
-	if inWord {
-		words = append(words, word.String())
-	}
-	return words
-}
-
-func rabbitmqctlCommand(t *testing.T) []string {
-	t.Helper()
-	if v := strings.Fields(os.Getenv(envRabbitmqctl)); len(v) > 0 {
-		return v
-	}
-	path, err := exec.LookPath("rabbitmqctl")
-	require.NoError(t, err, "this test manages users with rabbitmqctl: put it on PATH or set %s", envRabbitmqctl)
-	return []string{path}
-}
-
-// rabbitmqctl runs one command. secret, if not empty, is left out of the
-// failure message.
-func rabbitmqctl(t *testing.T, secret string, args ...string) {
-	t.Helper()
-	argv := append(rabbitmqctlCommand(t), args...)
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	defer cancel()
-	out, err := exec.CommandContext(ctx, argv[0], argv[1:]...).CombinedOutput()
-	shown := strings.Join(argv, " ")
-	if secret != "" {
-		shown = strings.ReplaceAll(shown, secret, "xxxxx")
-	}
-	require.NoError(t, err, "%s:\n%s", shown, out)
-}
-
-// permEnv is a vhost of the test's own with the doc's two users in it.
-type permEnv struct {
-	vhost, prefix      string
-	broadcaster, agent string
-	passwords          map[string]string
-}
-
-func newPermEnv(t *testing.T) *permEnv {
-	t.Helper()
-	perms := docPermissions(t)
-	testenv.AMQP(t) // a clear failure if the broker is down
-	base := strings.ReplaceAll(testenv.Name("pct"), "_", "-")
-	e := &permEnv{
-		vhost:       base,
-		prefix:      testenv.Name("pct"),
-		broadcaster: base + "-broadcaster",
-		agent:       base + "-agent",
-		passwords:   map[string]string{},
-	}
-	users := map[string]string{docBroadcaster: e.broadcaster, docAgent: e.agent}
-
-	rabbitmqctl(t, "", "add_vhost", e.vhost)
-	t.Cleanup(func() { rabbitmqctl(t, "", "delete_vhost", e.vhost) })
-	for _, user := range users {
-		pw := randomPassword(t)
-		e.passwords[user] = pw
-		rabbitmqctl(t, pw, "add_user", user, pw)
-		t.Cleanup(func() { rabbitmqctl(t, "", "delete_user", user) })
-	}
-	prefixRegex := regexp.QuoteMeta(e.prefix) + `\.`
-	for docUser, p := range perms {
-		require.Equal(t, docVhost, p.vhost)
-		args := []string{"set_permissions", "-p", e.vhost, users[docUser]}
-		for _, re := range []string{p.configure, p.write, p.read} {
-			re = strings.ReplaceAll(re, docPrefixRegex, prefixRegex)
-			require.NotContains(t, re, "phasecast", "a name in %s's permissions that is not the prefix", docUser)
-			args = append(args, re)
-		}
-		rabbitmqctl(t, "", args...)
-	}
-	return e
-}
-
-func randomPassword(t *testing.T) string {
-	b := make([]byte, 16)
-	_, err := rand.Read(b)
-	require.NoError(t, err)
-	return hex.EncodeToString(b)
-}
-
-// dial connects as user to the test's vhost.
-func (e *permEnv) dial(t *testing.T, user string) *amqp.Connection {
-	t.Helper()
-	u, err := url.Parse(testenv.AMQPURL())
-	require.NoError(t, err)
-	u.User = url.UserPassword(user, e.passwords[user])
-	u.Path = "/" + e.vhost
-	conn, err := amqp.Dial(u.String())
+	conn, err := amqp.Dial(e.URL(t, user))
 	require.NoError(t, err, "dial as %s", user)
 	t.Cleanup(func() { _ = conn.Close() })
 	return conn
@@ -265,20 +104,20 @@ func encodeStatus(t *testing.T, agentID, queue string) []byte {
 }
 
 func TestPermissions(t *testing.T) {
-	e := newPermEnv(t)
-	stateExchange, statusQueue := amqpx.StateExchange(e.prefix), amqpx.StatusQueue(e.prefix)
+	e := testenv.NewLeastPrivilege(t, permissionsDoc)
+	stateExchange, statusQueue := amqpx.StateExchange(e.Prefix), amqpx.StatusQueue(e.Prefix)
 
 	// The broadcaster creates the topology, as it does at start.
-	bconn := e.dial(t, e.broadcaster)
+	bconn := dialAs(t, e, e.Broadcaster)
 	bch := channel(t, bconn)
-	require.NoError(t, amqpx.DeclareStateExchange(bch, e.prefix))
-	require.NoError(t, amqpx.DeclareStatusQueue(bconn, e.prefix))
+	require.NoError(t, amqpx.DeclareStateExchange(bch, e.Prefix))
+	require.NoError(t, amqpx.DeclareStatusQueue(bconn, e.Prefix))
 	statuses, err := bch.Consume(statusQueue, "", true, false, false, false, nil)
 	require.NoError(t, err)
 
 	// An agent checks the exchange is there, then declares, binds and
 	// consumes its own queue.
-	aconn := e.dial(t, e.agent)
+	aconn := dialAs(t, e, e.Agent)
 	ach := channel(t, aconn)
 	require.NoError(t, ach.ExchangeDeclarePassive(stateExchange, amqp.ExchangeFanout, true, false, false, false, nil),
 		"a passive declare needs no permission")
@@ -307,16 +146,16 @@ func TestPermissions(t *testing.T) {
 
 	t.Run("agent publishes statuses with its validated user_id", func(t *testing.T) {
 		body := encodeStatus(t, "a1", q.Name)
-		publishConfirmed(t, aconn, "", statusQueue, amqp.Publishing{Body: body, UserId: e.agent})
+		publishConfirmed(t, aconn, "", statusQueue, amqp.Publishing{Body: body, UserId: e.Agent})
 		d := receive(t, statuses)
 		require.Equal(t, body, d.Body)
-		require.Equal(t, e.agent, d.UserId)
+		require.Equal(t, e.Agent, d.UserId)
 	})
 
 	t.Run("broker refuses a user_id that is not the agent's", func(t *testing.T) {
 		requireClosedWith(t, aconn, amqp.PreconditionFailed, func(ch *amqp.Channel) error {
 			return ch.PublishWithContext(context.Background(), "", statusQueue, false, false,
-				amqp.Publishing{Body: encodeStatus(t, "a1", q.Name), UserId: e.broadcaster})
+				amqp.Publishing{Body: encodeStatus(t, "a1", q.Name), UserId: e.Broadcaster})
 		})
 	})
 
@@ -340,7 +179,7 @@ func TestPermissions(t *testing.T) {
 				return nil
 			}},
 			{"declare the state exchange", amqp.AccessRefused, func(ch *amqp.Channel) error {
-				return amqpx.DeclareStateExchange(ch, e.prefix)
+				return amqpx.DeclareStateExchange(ch, e.Prefix)
 			}},
 			{"delete the state exchange", amqp.AccessRefused, func(ch *amqp.Channel) error {
 				return ch.ExchangeDelete(stateExchange, false, false)
@@ -358,7 +197,7 @@ func TestPermissions(t *testing.T) {
 				return err
 			}},
 			{"declare a queue it names", amqp.AccessRefused, func(ch *amqp.Channel) error {
-				_, err := ch.QueueDeclare(e.prefix+".tap", false, true, true, false, nil)
+				_, err := ch.QueueDeclare(e.Prefix+".tap", false, true, true, false, nil)
 				return err
 			}},
 			{"declare a queue named like the broker's", amqp.AccessRefused, func(ch *amqp.Channel) error {
@@ -374,7 +213,7 @@ func TestPermissions(t *testing.T) {
 	})
 
 	t.Run("agent cannot read another agent's queue", func(t *testing.T) {
-		other := e.dial(t, e.agent)
+		other := dialAs(t, e, e.Agent)
 		requireClosedWith(t, other, amqp.ResourceLocked, func(ch *amqp.Channel) error {
 			_, err := ch.Consume(q.Name, "", true, false, false, false, nil)
 			return err

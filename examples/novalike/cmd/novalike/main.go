@@ -1,7 +1,10 @@
 // Command novalike runs one instance of the example service: an agent and
 // N workers reading and writing the instances table. On SIGTERM or SIGINT
 // it stops, prints one JSON line {"service", "queries", "failed", "epoch",
-// …} and exits 0.
+// …} and exits 0. With --state-pub and --status-mac (files from
+// 'phasecast keys generate', or $PHASECAST_STATE_PUB and
+// $PHASECAST_STATUS_MAC) its agent accepts only states and grants signed by
+// the broadcaster and authenticates its statuses.
 package main
 
 import (
@@ -19,6 +22,7 @@ import (
 	"github.com/phasecast/phasecast/agent"
 	"github.com/phasecast/phasecast/examples/novalike"
 	"github.com/phasecast/phasecast/internal/config"
+	"github.com/phasecast/phasecast/internal/keys"
 )
 
 func main() {
@@ -31,10 +35,20 @@ func main() {
 	schemaName := flag.String("schema", config.Env(config.EnvSchema, config.DefaultSchema), "phasecast's schema ($"+config.EnvSchema+")")
 	prefix := flag.String("exchange-prefix", config.Env(config.EnvExchangePrefix, config.DefaultExchangePrefix), "AMQP name prefix ($"+config.EnvExchangePrefix+")")
 	releases := flag.String("releases", "L", "comma-separated releases this build knows")
+	var keyOpts keys.LoadOptions
+	flag.StringVar(&keyOpts.StatePubFile, "state-pub", "", "Ed25519 public key file that checks state and grants ($"+keys.EnvStatePub+" holds the key itself)")
+	flag.StringVar(&keyOpts.StatusMACFile, "status-mac", "", "HMAC key file for status messages ($"+keys.EnvStatusMAC+")")
 	flag.Parse()
 
+	// Only the public key and the MAC key reach the agent: it checks
+	// states and grants, and authenticates its statuses.
+	k, err := keys.Load(keyOpts)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "novalike:", err)
+		os.Exit(1)
+	}
 	cfg.Releases = splitComma(*releases)
-	cfg.Agent = agent.Config{AMQPURL: *amqpURL, Schema: *schemaName, ExchangePrefix: *prefix}
+	cfg.Agent = agent.Config{AMQPURL: *amqpURL, Schema: *schemaName, ExchangePrefix: *prefix, StateKey: k.StatePublic, StatusMACKey: k.StatusMAC}
 	cfg.Logger = zerolog.New(zerolog.ConsoleWriter{Out: os.Stderr}).With().Timestamp().Str("service", cfg.Service).Logger()
 
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, os.Interrupt)
