@@ -133,14 +133,18 @@ func (g *globals) openStore(ctx context.Context) (*schema.Store, error) {
 	return schema.Open(ctx, g.databaseURL, g.schema)
 }
 
+// Millisecond timestamps: the interesting intervals are milliseconds. Set
+// once, before anything logs: zerolog reads this global on every event, so
+// assigning it per command raced when commands run concurrently in one
+// process (as the tests run them).
+func init() { zerolog.TimeFieldFormat = "2006-01-02T15:04:05.000Z07:00" }
+
 // logger builds the zerolog logger the flags ask for, writing to stderr.
 func (g *globals) logger() (zerolog.Logger, error) {
 	level, err := zerolog.ParseLevel(g.logLevel)
 	if err != nil {
 		return zerolog.Nop(), fmt.Errorf("--log-level: %w", err)
 	}
-	// Millisecond timestamps: the interesting intervals are milliseconds.
-	zerolog.TimeFieldFormat = "2006-01-02T15:04:05.000Z07:00"
 	var w io.Writer
 	switch g.logFormat {
 	case "json":
