@@ -11,6 +11,7 @@ import (
 	amqp "github.com/rabbitmq/amqp091-go"
 
 	"github.com/phasecast/phasecast/internal/amqpx"
+	"github.com/phasecast/phasecast/internal/retry"
 	"github.com/phasecast/phasecast/internal/wire"
 )
 
@@ -36,8 +37,8 @@ func (a *Agent) setSession(s *session) {
 func (a *Agent) connName() string { return "phasecast-agent " + a.cfg.ID }
 
 // reconnectBackoff paces reconnects: capped exponential with full jitter.
-func reconnectBackoff() amqpx.Backoff {
-	return amqpx.Backoff{Min: 100 * time.Millisecond, Max: 5 * time.Second}
+func reconnectBackoff() retry.Backoff {
+	return retry.Backoff{Min: 100 * time.Millisecond, Max: 5 * time.Second}
 }
 
 // dialBroker is Start's synchronous first attempt, so that Start can tell
@@ -71,7 +72,7 @@ func (a *Agent) amqpLoop(r *runState, first *amqp.Connection) {
 		}
 		delay := backoff.Next()
 		a.log.Warn().Err(err).Dur("retry_in", delay).Msg("amqp connection lost; reconnecting")
-		if amqpx.Sleep(r.ctx, delay) != nil {
+		if retry.Sleep(r.ctx, delay) != nil {
 			return
 		}
 	}
@@ -107,7 +108,7 @@ func (a *Agent) sharedLoop(r *runState) {
 		}
 		delay := backoff.Next()
 		a.log.Warn().Err(err).Dur("retry_in", delay).Msg("amqp session ended; opening it again")
-		if amqpx.Sleep(r.ctx, delay) != nil {
+		if retry.Sleep(r.ctx, delay) != nil {
 			return
 		}
 	}

@@ -13,6 +13,7 @@ import (
 
 	"github.com/phasecast/phasecast/internal/amqpx"
 	"github.com/phasecast/phasecast/internal/config"
+	"github.com/phasecast/phasecast/internal/retry"
 )
 
 // ErrConnectionClosed is returned while waiting on a SharedConnection that
@@ -160,7 +161,7 @@ func (c *SharedConnection) loop() {
 		}
 		delay := backoff.Next()
 		c.log.Warn().Err(err).Dur("retry_in", delay).Msg("shared amqp connection lost; reconnecting")
-		if amqpx.Sleep(c.ctx, delay) != nil {
+		if retry.Sleep(c.ctx, delay) != nil {
 			return
 		}
 	}

@@ -15,6 +15,7 @@ import (
 
 	"github.com/phasecast/phasecast/internal/amqpx"
 	"github.com/phasecast/phasecast/internal/config"
+	"github.com/phasecast/phasecast/internal/retry"
 	"github.com/phasecast/phasecast/internal/wire"
 )
 
@@ -38,7 +39,7 @@ const (
 
 // reconnectBackoff paces every AMQP reconnect and every retry after a
 // database error.
-var reconnectBackoff = amqpx.Backoff{Min: 100 * time.Millisecond, Max: 5 * time.Second}
+var reconnectBackoff = retry.Backoff{Min: 100 * time.Millisecond, Max: 5 * time.Second}
 
 // Broadcaster relays the store's state to agents and records their
 // statuses. Create one with New; its methods are safe for concurrent use.

@@ -10,6 +10,7 @@ import (
 	amqp "github.com/rabbitmq/amqp091-go"
 
 	"github.com/phasecast/phasecast/internal/amqpx"
+	"github.com/phasecast/phasecast/internal/retry"
 	"github.com/phasecast/phasecast/internal/wire"
 )
 
@@ -132,7 +133,7 @@ type pending struct {
 // transaction, grants leases and acks. A database failure nacks the batch
 // back to the queue and backs off; it never ends the consumer. The
 // returned error is the channel's.
-func (l *leader) handleBatch(ctx context.Context, ch *amqp.Channel, batch []amqp.Delivery, backoff *amqpx.Backoff, dbLog *failureLog) error {
+func (l *leader) handleBatch(ctx context.Context, ch *amqp.Channel, batch []amqp.Delivery, backoff *retry.Backoff, dbLog *failureLog) error {
 	valid := make([]pending, 0, len(batch))
 	for _, d := range batch {
 		st, reason, err := l.b.decodeStatus(d)
@@ -163,7 +164,7 @@ func (l *leader) handleBatch(ctx context.Context, ch *amqp.Channel, batch []amqp
 		if err := ch.Nack(last, true, true); err != nil {
 			return err
 		}
-		return amqpx.Sleep(ctx, backoff.Next())
+		return retry.Sleep(ctx, backoff.Next())
 	}
 	dbLog.report(l.log, nil)
 	backoff.Reset()

@@ -5,7 +5,6 @@ import (
 	"database/sql/driver"
 	"errors"
 	"fmt"
-	"math/rand/v2"
 	"sort"
 	"strings"
 	"time"
@@ -17,6 +16,7 @@ import (
 	"github.com/rs/zerolog"
 
 	"github.com/phasecast/phasecast/internal/phase"
+	"github.com/phasecast/phasecast/internal/retry"
 )
 
 // Contract runner errors callers branch on.
@@ -444,7 +444,7 @@ func (s *Store) leaderAlive(ctx context.Context, opts ContractOptions) (bool, er
 		if err != nil || !standby || !time.Now().Before(deadline) {
 			return false, notMigrated(err)
 		}
-		if err := sleepCtx(ctx, min(opts.PollInterval, time.Until(deadline))); err != nil {
+		if err := retry.Sleep(ctx, min(opts.PollInterval, time.Until(deadline))); err != nil {
 			return false, err
 		}
 	}
@@ -506,7 +506,7 @@ func (s *Store) waitForAcks(ctx context.Context, conn *sqlx.Conn, res *ContractR
 		}
 		log.Debug().Int("live", len(agents)).Int("acked", len(res.Acked)).Int("missing", len(res.Missing)).
 			Int("old_code", len(res.OldCode)).Msg("waiting for acknowledgements")
-		if err := sleepCtx(ctx, min(opts.PollInterval, deadline.Sub(now))); err != nil {
+		if err := retry.Sleep(ctx, min(opts.PollInterval, deadline.Sub(now))); err != nil {
 			return nil, err
 		}
 	}
@@ -680,7 +680,7 @@ func (s *Store) runDDL(ctx context.Context, conn *sqlx.Conn, res *ContractResult
 	defer func() { res.DDLEnd = time.Now() }()
 	for i, r := range m.Removed {
 		stmt := r.DDL()
-		backoff := ddlBackoffMin
+		backoff := retry.Backoff{Min: ddlBackoffMin, Max: ddlBackoffMax}
 		for attempt := 1; ; attempt++ {
 			res.Attempts++
 			dropped, err := s.execDDL(ctx, conn, r, stmt, lockTimeout)
@@ -693,15 +693,14 @@ func (s *Store) runDDL(ctx context.Context, conn *sqlx.Conn, res *ContractResult
 			if !errors.As(err, &pqErr) || pqErr.Code != "55P03" {
 				return fmt.Errorf("removed[%d]: %s: %w", i, stmt, err)
 			}
-			// Full jitter in the upper half keeps retries from lining up
-			// with each other or with a periodic job.
-			sleep := backoff/2 + rand.N(backoff/2+1)
+			// Jitter keeps retries from lining up with each other or with
+			// a periodic job.
+			sleep := backoff.Next()
 			log.Warn().Str("ddl", stmt).Int("attempt", attempt).Dur("retry_in", sleep).
 				Msg("DDL could not take its lock within lock_timeout; retrying")
-			if err := sleepCtx(ctx, sleep); err != nil {
+			if err := retry.Sleep(ctx, sleep); err != nil {
 				return fmt.Errorf("removed[%d]: %s: %w", i, stmt, err)
 			}
-			backoff = min(backoff*2, ddlBackoffMax)
 		}
 	}
 	return nil
@@ -744,16 +743,4 @@ func (s *Store) execDDL(ctx context.Context, conn *sqlx.Conn, r Removal, stmt, l
 		dropped[i] = p
 	}
 	return dropped, nil
-}
-
-// sleepCtx sleeps for d or until ctx is done.
-func sleepCtx(ctx context.Context, d time.Duration) error {
-	t := time.NewTimer(d)
-	defer t.Stop()
-	select {
-	case <-ctx.Done():
-		return ctx.Err()
-	case <-t.C:
-		return nil
-	}
 }

@@ -17,8 +17,8 @@ import (
 	"github.com/rs/zerolog"
 
 	"github.com/phasecast/phasecast/agent"
-	"github.com/phasecast/phasecast/internal/amqpx"
 	"github.com/phasecast/phasecast/internal/config"
+	"github.com/phasecast/phasecast/internal/retry"
 	"github.com/phasecast/phasecast/schema"
 )
 
@@ -202,7 +202,7 @@ func (s *Service) work(ctx context.Context) {
 			// Fenced with no database to re-sync from: refuse the work
 			// rather than risk naming a dropped column.
 			s.refused.Add(1)
-			if amqpx.Sleep(ctx, 20*time.Millisecond) != nil {
+			if retry.Sleep(ctx, 20*time.Millisecond) != nil {
 				return
 			}
 			continue
@@ -220,7 +220,7 @@ func (s *Service) work(ctx context.Context) {
 		if err == nil {
 			s.queries.Add(1)
 		}
-		if s.cfg.Pause > 0 && amqpx.Sleep(ctx, s.cfg.Pause) != nil {
+		if s.cfg.Pause > 0 && retry.Sleep(ctx, s.cfg.Pause) != nil {
 			return
 		}
 	}

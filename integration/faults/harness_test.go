@@ -21,9 +21,9 @@ import (
 
 	"github.com/phasecast/phasecast/agent"
 	"github.com/phasecast/phasecast/broadcaster"
-	"github.com/phasecast/phasecast/internal/amqpx"
 	"github.com/phasecast/phasecast/internal/config"
 	"github.com/phasecast/phasecast/internal/phase"
+	"github.com/phasecast/phasecast/internal/retry"
 	"github.com/phasecast/phasecast/internal/testenv"
 	"github.com/phasecast/phasecast/schema"
 )
@@ -425,7 +425,7 @@ func (e *env) runTraffic(a *agent.Agent, db *sql.DB, workers int) *traffic {
 						tr.fail(err)
 					}
 					tr.refused.Add(1)
-					_ = amqpx.Sleep(ctx, 10*time.Millisecond)
+					_ = retry.Sleep(ctx, 10*time.Millisecond)
 					continue
 				}
 				snap := g.Snapshot()
@@ -457,7 +457,7 @@ func (e *env) runTraffic(a *agent.Agent, db *sql.DB, workers int) *traffic {
 				case ctx.Err() == nil:
 					tr.fail(err)
 				}
-				_ = amqpx.Sleep(ctx, 5*time.Millisecond)
+				_ = retry.Sleep(ctx, 5*time.Millisecond)
 			}
 		})
 	}

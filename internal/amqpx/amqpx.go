@@ -3,13 +3,13 @@ package amqpx
 import (
 	"context"
 	"errors"
-	"math/rand/v2"
 	"time"
 
 	amqp "github.com/rabbitmq/amqp091-go"
 	"github.com/rs/zerolog"
 
 	"github.com/phasecast/phasecast/internal/config"
+	"github.com/phasecast/phasecast/internal/retry"
 )
 
 // StateExchange is the fanout exchange that carries state to every agent.
@@ -76,37 +76,6 @@ func DeclareStatusQueue(conn *amqp.Connection, prefix string) error {
 	return err
 }
 
-// Backoff yields capped exponential delays with full jitter.
-type Backoff struct {
-	Min, Max time.Duration
-	attempt  int
-}
-
-// Next returns the next delay: a random duration in [Min, min(Max, Min·2ⁿ)].
-func (b *Backoff) Next() time.Duration {
-	ceiling := b.Min << min(b.attempt, 30)
-	if ceiling > b.Max || ceiling <= 0 {
-		ceiling = b.Max
-	}
-	b.attempt++
-	return b.Min + rand.N(ceiling-b.Min+1)
-}
-
-// Reset starts the sequence again after a success.
-func (b *Backoff) Reset() { b.attempt = 0 }
-
-// Sleep waits d or until ctx is done, whichever comes first.
-func Sleep(ctx context.Context, d time.Duration) error {
-	t := time.NewTimer(d)
-	defer t.Stop()
-	select {
-	case <-ctx.Done():
-		return ctx.Err()
-	case <-t.C:
-		return nil
-	}
-}
-
 // DialTimeout bounds the TCP connect and the AMQP handshake of Dial.
 const DialTimeout = 5 * time.Second
 
@@ -139,7 +108,7 @@ type Session func(ctx context.Context, conn *amqp.Connection) error
 // RunConnected dials url and runs fn, and after fn returns, dials again,
 // until ctx is done. Each failed attempt is logged with its delay. It
 // returns ctx's error.
-func RunConnected(ctx context.Context, log zerolog.Logger, url, name string, backoff Backoff, fn Session) error {
+func RunConnected(ctx context.Context, log zerolog.Logger, url, name string, backoff retry.Backoff, fn Session) error {
 	for {
 		conn, err := Dial(url, name)
 		if err == nil {
@@ -152,7 +121,7 @@ func RunConnected(ctx context.Context, log zerolog.Logger, url, name string, bac
 		}
 		delay := backoff.Next()
 		log.Warn().Err(err).Str("amqp_url", config.Redact(url)).Dur("retry_in", delay).Msg("amqp connection lost; reconnecting")
-		if err := Sleep(ctx, delay); err != nil {
+		if err := retry.Sleep(ctx, delay); err != nil {
 			return err
 		}
 	}

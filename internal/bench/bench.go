@@ -19,7 +19,9 @@ import (
 	"github.com/phasecast/phasecast/broadcaster"
 	"github.com/phasecast/phasecast/internal/amqpx"
 	"github.com/phasecast/phasecast/internal/config"
+	"github.com/phasecast/phasecast/internal/fleet"
 	"github.com/phasecast/phasecast/internal/phase"
+	"github.com/phasecast/phasecast/internal/retry"
 	"github.com/phasecast/phasecast/schema"
 )
 
@@ -373,7 +375,7 @@ func Run(ctx context.Context, opts Options) (rep *Report, err error) {
 		return nil, err
 	}
 	cleanups = append(cleanups, func() { _ = e.bc.Stop(context.Background()) })
-	if err := waitFor(ctx, 10*time.Second, e.bc.IsLeader); err != nil {
+	if err := fleet.WaitFor(ctx, 10*time.Second, e.bc.IsLeader); err != nil {
 		return nil, fmt.Errorf("the broadcaster did not take the lead: %w", err)
 	}
 	if rep.Setup.StateBytes, rep.Setup.StatusBytes, err = e.messageSizes(ctx); err != nil {
@@ -453,7 +455,7 @@ func (e *env) flip(ctx context.Context) (time.Time, error) {
 // pause waits Options.Pause plus up to as much again, at random, between
 // flips.
 func (e *env) pause(ctx context.Context) error {
-	return amqpx.Sleep(ctx, e.opts.Pause+time.Duration(randN(int64(e.opts.Pause))))
+	return retry.Sleep(ctx, e.opts.Pause+time.Duration(randN(int64(e.opts.Pause))))
 }
 
 func (e *env) deleteAMQP() {
@@ -512,20 +514,6 @@ func (m Machine) summary() string {
 // progress prints one line, with the time since Run began.
 func progress(o Options, format string, args ...any) {
 	fmt.Fprintf(o.Progress, "%6.1fs "+format+"\n", append([]any{time.Since(o.started).Seconds()}, args...)...)
-}
-
-// waitFor polls cond every 10ms until it holds, limit passes or ctx ends.
-func waitFor(ctx context.Context, limit time.Duration, cond func() bool) error {
-	deadline := time.Now().Add(limit)
-	for !cond() {
-		if time.Now().After(deadline) {
-			return fmt.Errorf("condition not met within %s", limit)
-		}
-		if err := amqpx.Sleep(ctx, 10*time.Millisecond); err != nil {
-			return err
-		}
-	}
-	return nil
 }
 
 func ms(d time.Duration) float64 { return float64(d.Nanoseconds()) / 1e6 }

@@ -10,6 +10,7 @@ import (
 	amqp "github.com/rabbitmq/amqp091-go"
 
 	"github.com/phasecast/phasecast/internal/amqpx"
+	"github.com/phasecast/phasecast/internal/retry"
 	"github.com/phasecast/phasecast/internal/wire"
 )
 
@@ -64,7 +65,7 @@ func (e *env) runCost(ctx context.Context) (*Cost, error) {
 		if err != nil {
 			return nil, err
 		}
-		if err := amqpx.Sleep(ctx, 500*time.Millisecond); err != nil {
+		if err := retry.Sleep(ctx, 500*time.Millisecond); err != nil {
 			fl.stop()
 			return nil, err
 		}
@@ -102,7 +103,7 @@ func (e *env) runCost(ctx context.Context) (*Cost, error) {
 
 // burst commits flips back to back for CostDuration, then times how long
 // the fleet takes to acknowledge the last one.
-func (e *env) burst(ctx context.Context, fl *fleet) (Burst, error) {
+func (e *env) burst(ctx context.Context, fl *agentFleet) (Burst, error) {
 	progress(e.opts, "bench: cost: %d agents: flips back to back, %s", len(fl.agents), e.opts.CostDuration)
 	before := e.bc.Stats()
 	var b Burst
@@ -206,11 +207,11 @@ func (e *env) statusIntake(ctx context.Context) (StatusIntake, error) {
 		}
 	})
 	half := e.opts.CostDuration / 2
-	if err := amqpx.Sleep(ctx, half); err != nil {
+	if err := retry.Sleep(ctx, half); err != nil {
 		return StatusIntake{}, err
 	}
 	s0, t0 := e.bc.Stats(), time.Now()
-	if err := amqpx.Sleep(ctx, e.opts.CostDuration-half); err != nil {
+	if err := retry.Sleep(ctx, e.opts.CostDuration-half); err != nil {
 		return StatusIntake{}, err
 	}
 	s1, elapsed := e.bc.Stats(), time.Since(t0).Seconds()

@@ -13,8 +13,8 @@ import (
 
 	"github.com/phasecast/phasecast/agent"
 	"github.com/phasecast/phasecast/broadcaster"
-	"github.com/phasecast/phasecast/internal/amqpx"
 	"github.com/phasecast/phasecast/internal/latency"
+	"github.com/phasecast/phasecast/internal/retry"
 	"github.com/phasecast/phasecast/internal/wire"
 )
 
@@ -41,7 +41,7 @@ func (e *env) runPhasecast(ctx context.Context, n int, path Path) (*Phasecast, e
 		GoroutinesPerAgent: float64(after.goroutines-before.goroutines) / float64(n),
 	}
 	// Let the start-up statuses and grants settle.
-	if err := amqpx.Sleep(ctx, 500*time.Millisecond); err != nil {
+	if err := retry.Sleep(ctx, 500*time.Millisecond); err != nil {
 		return nil, err
 	}
 	progress(e.opts, "bench: %d agents (%s): started in %.1fs; %d flips", n, path, started.Seconds(), e.opts.Flips)
@@ -77,7 +77,7 @@ func (e *env) runPhasecast(ctx context.Context, n int, path Path) (*Phasecast, e
 
 // timeFlip flips once and returns each agent's time from the commit to
 // its acknowledgement's commit, and how many never came.
-func (e *env) timeFlip(ctx context.Context, fl *fleet) ([]time.Duration, int, error) {
+func (e *env) timeFlip(ctx context.Context, fl *agentFleet) ([]time.Duration, int, error) {
 	want := e.epoch + 1
 	var w ackWaiter
 	if e.opts.AckWatch == "poll" {
@@ -207,7 +207,7 @@ func (e *env) pollAcks(ctx context.Context, epoch int64, idPrefix string, n int)
 				w.mu.Unlock()
 				seen = count
 			}
-			_ = amqpx.Sleep(pctx, time.Millisecond)
+			_ = retry.Sleep(pctx, time.Millisecond)
 		}
 	}()
 	return w
@@ -231,7 +231,7 @@ func (w *pollWait) wait(ctx context.Context, limit time.Duration) []time.Time {
 func (w *pollWait) cancel() { w.stop(); <-w.done }
 
 // fleet is n running agents on shared connections.
-type fleet struct {
+type agentFleet struct {
 	agents    []*agent.Agent
 	conns     []*agent.SharedConnection
 	ids       map[string]bool
@@ -242,8 +242,8 @@ type fleet struct {
 // startFleet starts n agents on path, AgentsPerConn to a connection. With
 // spread, agent i starts i/n of a heartbeat after the first, so the
 // heartbeats are spread as in a real fleet rather than all in step.
-func (e *env) startFleet(ctx context.Context, n int, path Path, idPrefix string, heartbeat time.Duration, spread bool) (*fleet, error) {
-	fl := &fleet{ids: make(map[string]bool, n), idPrefix: idPrefix}
+func (e *env) startFleet(ctx context.Context, n int, path Path, idPrefix string, heartbeat time.Duration, spread bool) (*agentFleet, error) {
+	fl := &agentFleet{ids: make(map[string]bool, n), idPrefix: idPrefix}
 	for i := 0; i < n; i += e.opts.AgentsPerConn {
 		c, err := agent.NewSharedConnection(e.opts.AMQPURL, fmt.Sprintf("phasecast bench %s %d", idPrefix, len(fl.conns)), e.opts.Logger)
 		if err != nil {
@@ -281,7 +281,7 @@ func (e *env) startFleet(ctx context.Context, n int, path Path, idPrefix string,
 	for i, a := range fl.agents {
 		wg.Go(func() {
 			if spread && n > 1 {
-				if errs[i] = amqpx.Sleep(startCtx, time.Duration(int64(heartbeat)*int64(i)/int64(n))); errs[i] != nil {
+				if errs[i] = retry.Sleep(startCtx, time.Duration(int64(heartbeat)*int64(i)/int64(n))); errs[i] != nil {
 					return
 				}
 			}
@@ -297,7 +297,7 @@ func (e *env) startFleet(ctx context.Context, n int, path Path, idPrefix string,
 }
 
 // stop stops every agent, then closes the connections.
-func (fl *fleet) stop() {
+func (fl *agentFleet) stop() {
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	var wg sync.WaitGroup

@@ -7,7 +7,7 @@ import (
 	"sync/atomic"
 	"time"
 
-	"github.com/phasecast/phasecast/internal/amqpx"
+	"github.com/phasecast/phasecast/internal/retry"
 	"github.com/phasecast/phasecast/schema"
 )
 
@@ -34,7 +34,7 @@ func (e *env) runPolling(ctx context.Context, n int) (Polling, error) {
 	first := time.Now()
 	for i := range n {
 		wg.Go(func() {
-			if amqpx.Sleep(pctx, time.Duration(int64(interval)*int64(i)/int64(n))) != nil {
+			if retry.Sleep(pctx, time.Duration(int64(interval)*int64(i)/int64(n))) != nil {
 				return
 			}
 			t := time.NewTicker(interval)
@@ -61,7 +61,7 @@ func (e *env) runPolling(ctx context.Context, n int) (Polling, error) {
 		})
 	}
 	// Every poller has polled once when one interval has passed.
-	if err := amqpx.Sleep(ctx, time.Until(first.Add(interval+interval/10))); err != nil {
+	if err := retry.Sleep(ctx, time.Until(first.Add(interval+interval/10))); err != nil {
 		return Polling{}, err
 	}
 
@@ -78,7 +78,7 @@ func (e *env) runPolling(ctx context.Context, n int) (Polling, error) {
 	var flips [][]time.Duration
 	missing := 0
 	for range e.opts.Flips {
-		if err := amqpx.Sleep(ctx, time.Duration(randN(int64(interval)))); err != nil {
+		if err := retry.Sleep(ctx, time.Duration(randN(int64(interval)))); err != nil {
 			return Polling{}, err
 		}
 		done := sightings.arm(uint64(e.epoch + 1))

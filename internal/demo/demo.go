@@ -17,10 +17,10 @@ import (
 	"github.com/rs/zerolog"
 
 	"github.com/phasecast/phasecast/examples/novalike"
-	"github.com/phasecast/phasecast/internal/amqpx"
 	"github.com/phasecast/phasecast/internal/fleet"
 	"github.com/phasecast/phasecast/internal/latency"
 	"github.com/phasecast/phasecast/internal/phase"
+	"github.com/phasecast/phasecast/internal/retry"
 	"github.com/phasecast/phasecast/schema"
 )
 
@@ -296,7 +296,7 @@ func (w *ackWatch) run(ctx context.Context, epoch int64, want int) {
 				return
 			}
 		}
-		_ = amqpx.Sleep(ctx, 2*time.Millisecond)
+		_ = retry.Sleep(ctx, 2*time.Millisecond)
 	}
 }
 

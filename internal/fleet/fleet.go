@@ -13,6 +13,7 @@ import (
 	"github.com/phasecast/phasecast/broadcaster"
 	"github.com/phasecast/phasecast/examples/novalike"
 	"github.com/phasecast/phasecast/internal/amqpx"
+	"github.com/phasecast/phasecast/internal/retry"
 	"github.com/phasecast/phasecast/schema"
 )
 
@@ -142,7 +143,7 @@ func WaitFor(ctx context.Context, limit time.Duration, cond func() bool) error {
 		if time.Now().After(deadline) {
 			return fmt.Errorf("condition not met within %s", limit)
 		}
-		if err := amqpx.Sleep(ctx, 10*time.Millisecond); err != nil {
+		if err := retry.Sleep(ctx, 10*time.Millisecond); err != nil {
 			return err
 		}
 	}
