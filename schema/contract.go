@@ -439,10 +439,9 @@ func (s *Store) leaderAlive(ctx context.Context, opts ContractOptions) (bool, er
 		if err != nil || alive {
 			return alive, err
 		}
-		var standby bool
-		err = s.db.GetContext(ctx, &standby, s.sql(`SELECT EXISTS (SELECT 1 FROM @schema.broadcasters WHERE last_seen > now() - $1 * interval '1 millisecond')`), opts.LeaderWithin.Milliseconds())
+		standby, err := s.broadcasterAliveWithin(ctx, opts.LeaderWithin, false)
 		if err != nil || !standby || !time.Now().Before(deadline) {
-			return false, notMigrated(err)
+			return false, err
 		}
 		if err := retry.Sleep(ctx, min(opts.PollInterval, time.Until(deadline))); err != nil {
 			return false, err
@@ -521,10 +520,10 @@ func classifyAgents(agents []Agent, release string, epoch int64) (acked, missing
 		switch {
 		case !a.Knows(release):
 			oldCode = append(oldCode, a)
-		case a.DrainedEpoch < epoch:
-			missing = append(missing, a)
-		default:
+		case a.Acked(release, epoch):
 			acked = append(acked, a)
+		default:
+			missing = append(missing, a)
 		}
 	}
 	return acked, missing, oldCode
@@ -543,7 +542,7 @@ func (s *Store) enterContracting(ctx context.Context, release string, opts Contr
 		Actor: opts.Actor,
 		Note:  "contract runner: all live agents acknowledged",
 		Check: func(ctx context.Context, tx *sqlx.Tx, rel *ReleaseRow) error {
-			if _, err := tx.ExecContext(ctx, s.sql(`SELECT value FROM @schema.epoch FOR UPDATE`)); err != nil {
+			if _, err := tx.ExecContext(ctx, s.sql(epochQuery+` FOR UPDATE`)); err != nil {
 				return err
 			}
 			m, err := rel.LoadManifest()

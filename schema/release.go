@@ -192,19 +192,25 @@ func (s *Store) Rollback(ctx context.Context, release string, opts FlipOptions) 
 	return s.Flip(ctx, release, phase.Migrate, opts)
 }
 
+// releaseColumns are the columns of a ReleaseRow.
+const releaseColumns = `name, description, phase, phase_epoch, contract_epoch, manifest`
+
 // Release returns one release.
 func (s *Store) Release(ctx context.Context, name string) (*ReleaseRow, error) {
-	var r ReleaseRow
-	err := s.db.GetContext(ctx, &r, s.sql(`SELECT name, description, phase, phase_epoch, contract_epoch, manifest FROM @schema.releases WHERE name = $1`), name)
-	if errors.Is(err, sql.ErrNoRows) {
-		return nil, &UnknownReleaseError{Release: name}
-	}
-	return &r, notMigrated(err)
+	r, err := s.getRelease(ctx, s.db, name, "")
+	return r, notMigrated(err)
 }
 
+// lockRelease reads one release and holds its row until tx ends.
 func (s *Store) lockRelease(ctx context.Context, tx *sqlx.Tx, name string) (*ReleaseRow, error) {
+	return s.getRelease(ctx, tx, name, " FOR UPDATE")
+}
+
+// getRelease reads one release, with suffix (a locking clause, or "")
+// appended to the query.
+func (s *Store) getRelease(ctx context.Context, q sqlx.QueryerContext, name, suffix string) (*ReleaseRow, error) {
 	var r ReleaseRow
-	err := tx.GetContext(ctx, &r, s.sql(`SELECT name, description, phase, phase_epoch, contract_epoch, manifest FROM @schema.releases WHERE name = $1 FOR UPDATE`), name)
+	err := sqlx.GetContext(ctx, q, &r, s.sql(`SELECT `+releaseColumns+` FROM @schema.releases WHERE name = $1`+suffix), name)
 	if errors.Is(err, sql.ErrNoRows) {
 		return nil, &UnknownReleaseError{Release: name}
 	}

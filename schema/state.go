@@ -86,6 +86,9 @@ func release(name, ph string, removals []byte) (wire.Release, error) {
 	return r, nil
 }
 
+// epochQuery reads the global epoch.
+const epochQuery = `SELECT value FROM @schema.epoch`
+
 // lockedEpoch reads the epoch and holds its row FOR SHARE until the
 // transaction ends: no change can commit meanwhile, and a change that
 // commits afterwards is ordered after this transaction's writes.
@@ -96,7 +99,7 @@ func release(name, ph string, removals []byte) (wire.Release, error) {
 // transaction's own idle_in_transaction_session_timeout (set in the same
 // statement, to cost no round trip) ends such a session, and its lock,
 // after 10 s of silence; these transactions take milliseconds.
-const lockedEpoch = `SELECT value FROM @schema.epoch
+const lockedEpoch = epochQuery + `
 	WHERE set_config('idle_in_transaction_session_timeout', '` + lockHoldLimitMS + `', true) IS NOT NULL
 	FOR SHARE`
 
@@ -104,10 +107,11 @@ const lockedEpoch = `SELECT value FROM @schema.epoch
 // epoch row may sit idle before the server ends its session.
 const lockHoldLimitMS = "10000"
 
-// readState reads the epoch with epochQuery, then the releases.
-func (s *Store) readState(ctx context.Context, tx *sqlx.Tx, epochQuery string) (wire.State, error) {
+// readState reads the epoch, holding its row FOR SHARE (lockedEpoch), then
+// the releases.
+func (s *Store) readState(ctx context.Context, tx *sqlx.Tx) (wire.State, error) {
 	st := wire.State{V: wire.Version, Kind: wire.KindState, Releases: []wire.Release{}}
-	if err := tx.GetContext(ctx, &st.Epoch, s.sql(epochQuery)); err != nil {
+	if err := tx.GetContext(ctx, &st.Epoch, s.sql(lockedEpoch)); err != nil {
 		return st, err
 	}
 	rows, err := tx.QueryContext(ctx, s.sql(stateQuery))
@@ -116,21 +120,14 @@ func (s *Store) readState(ctx context.Context, tx *sqlx.Tx, epochQuery string) (
 	}
 	defer rows.Close()
 	for rows.Next() {
-		var r wire.Release
+		var name, ph string
 		var removals []byte
-		if err := rows.Scan(&r.Name, &r.Phase, &removals); err != nil {
+		if err := rows.Scan(&name, &ph, &removals); err != nil {
 			return st, err
 		}
-		if err := json.Unmarshal(removals, &r.Removals); err != nil {
+		r, err := release(name, ph, removals)
+		if err != nil {
 			return st, err
-		}
-		for i := range r.Removals {
-			if len(r.Removals[i].Columns) == 0 {
-				r.Removals[i].Columns = nil
-			}
-		}
-		if len(r.Removals) == 0 {
-			r.Removals = nil
 		}
 		st.Releases = append(st.Releases, r)
 	}
@@ -140,7 +137,7 @@ func (s *Store) readState(ctx context.Context, tx *sqlx.Tx, epochQuery string) (
 // Epoch returns the current epoch.
 func (s *Store) Epoch(ctx context.Context) (int64, error) {
 	var e int64
-	err := s.db.GetContext(ctx, &e, s.sql(`SELECT value FROM @schema.epoch`))
+	err := s.db.GetContext(ctx, &e, s.sql(epochQuery))
 	return e, notMigrated(err)
 }
 
@@ -215,7 +212,7 @@ func (s *Store) SyncAgent(ctx context.Context, st wire.Status, lease time.Durati
 	}
 	err = s.inTx(ctx, func(tx *sqlx.Tx) error {
 		var err error
-		if state, err = s.readState(ctx, tx, lockedEpoch); err != nil {
+		if state, err = s.readState(ctx, tx); err != nil {
 			return err
 		}
 		var recorded []string
@@ -234,11 +231,15 @@ type Event struct {
 	Published sql.NullTime `db:"published_at" json:"-"`
 }
 
+// unpublishedQuery reads the highest epoch in the outbox not yet marked
+// published, NULL when everything is published.
+const unpublishedQuery = `SELECT max(epoch) FROM @schema.events WHERE published_at IS NULL`
+
 // UnpublishedEpoch returns the highest epoch in the outbox not yet marked
 // published, or 0 when everything is published.
 func (s *Store) UnpublishedEpoch(ctx context.Context) (int64, error) {
 	var e sql.NullInt64
-	err := s.db.GetContext(ctx, &e, s.sql(`SELECT max(epoch) FROM @schema.events WHERE published_at IS NULL`))
+	err := s.db.GetContext(ctx, &e, s.sql(unpublishedQuery))
 	return e.Int64, notMigrated(err)
 }
 
@@ -277,7 +278,17 @@ func (s *Store) RemoveBroadcaster(ctx context.Context, id string) error {
 // LeaderAliveWithin reports whether a leading broadcaster wrote its
 // liveness within d, on the database clock.
 func (s *Store) LeaderAliveWithin(ctx context.Context, d time.Duration) (bool, error) {
+	return s.broadcasterAliveWithin(ctx, d, true)
+}
+
+// broadcasterAliveWithin reports whether a broadcaster (a leading one, if
+// leaderOnly) wrote its liveness within d, on the database clock.
+func (s *Store) broadcasterAliveWithin(ctx context.Context, d time.Duration, leaderOnly bool) (bool, error) {
+	where := `last_seen > now() - $1 * interval '1 millisecond'`
+	if leaderOnly {
+		where = `leader AND ` + where
+	}
 	var ok bool
-	err := s.db.GetContext(ctx, &ok, s.sql(`SELECT EXISTS (SELECT 1 FROM @schema.broadcasters WHERE leader AND last_seen > now() - $1 * interval '1 millisecond')`), d.Milliseconds())
+	err := s.db.GetContext(ctx, &ok, s.sql(`SELECT EXISTS (SELECT 1 FROM @schema.broadcasters WHERE `+where+`)`), d.Milliseconds())
 	return ok, notMigrated(err)
 }

@@ -41,6 +41,13 @@ func (a *Agent) Knows(release string) bool {
 	return false
 }
 
+// Acked reports whether the agent has acknowledged a release's flip to
+// contract at contractEpoch: its code knows the release and it has drained
+// that epoch. Code that predates the release never acknowledges.
+func (a *Agent) Acked(release string, contractEpoch int64) bool {
+	return a.Knows(release) && a.DrainedEpoch >= contractEpoch
+}
+
 const agentColumns = `id, service, host, pid, version, releases, app_name, seq, applied_epoch, drained_epoch,
 	inflight, last_seen, lease_expires_at,
 	(extract(epoch FROM lease_expires_at - now()) * 1000)::bigint AS lease_remaining_ms`
@@ -102,11 +109,11 @@ type Report struct {
 func (s *Store) Report(ctx context.Context, recentFlips int) (*Report, error) {
 	rep := &Report{Schema: s.schema}
 	err := s.inTxOpts(ctx, readOnlySnapshot, func(tx *sqlx.Tx) error {
-		if err := tx.GetContext(ctx, &rep.Epoch, s.sql(`SELECT value FROM @schema.epoch`)); err != nil {
+		if err := tx.GetContext(ctx, &rep.Epoch, s.sql(epochQuery)); err != nil {
 			return err
 		}
 		var unpublished *int64
-		if err := tx.GetContext(ctx, &unpublished, s.sql(`SELECT max(epoch) FROM @schema.events WHERE published_at IS NULL`)); err != nil {
+		if err := tx.GetContext(ctx, &unpublished, s.sql(unpublishedQuery)); err != nil {
 			return err
 		}
 		if unpublished != nil {
@@ -116,7 +123,7 @@ func (s *Store) Report(ctx context.Context, recentFlips int) (*Report, error) {
 			ReleaseRow
 			UpdatedAt time.Time `db:"updated_at"`
 		}
-		if err := tx.SelectContext(ctx, &rows, s.sql(`SELECT name, description, phase, phase_epoch, contract_epoch, manifest, updated_at FROM @schema.releases ORDER BY created_at, name`)); err != nil {
+		if err := tx.SelectContext(ctx, &rows, s.sql(`SELECT `+releaseColumns+`, updated_at FROM @schema.releases ORDER BY created_at, name`)); err != nil {
 			return err
 		}
 		for _, r := range rows {

@@ -296,7 +296,7 @@ func ackedContracts(a schema.Agent, releases []schema.ReleaseStatus) string {
 		switch {
 		case !a.Knows(r.Name):
 			parts = append(parts, r.Name+":old code")
-		case a.DrainedEpoch >= *r.ContractEpoch:
+		case a.Acked(r.Name, *r.ContractEpoch):
 			parts = append(parts, r.Name+":yes")
 		default:
 			parts = append(parts, r.Name+":no")

@@ -59,6 +59,6 @@ and answers each with a lease grant. Run several for availability: one leads
 	f.DurationVar(&cfg.PollInterval, "poll-interval", time.Second, "outbox poll, a safety net under LISTEN/NOTIFY")
 	f.DurationVar(&cfg.LeaseDuration, "lease", 10*time.Second, "lease granted to agents with each recorded status")
 	f.DurationVar(&cfg.LivenessInterval, "liveness-interval", time.Second, "how often liveness is written and standbys try to lead")
-	keyFlags.register(cmd, true)
+	keyFlags.register(cmd)
 	return cmd
 }

@@ -11,16 +11,12 @@ import (
 
 func init() { extraCommands = append(extraCommands, newKeysCmd) }
 
-// keyFiles are the flags that point a command at its keys.
+// keyFiles are the flags that point the broadcaster at its keys.
 type keyFiles struct{ opts keys.LoadOptions }
 
-func (k *keyFiles) register(cmd *cobra.Command, signer bool) {
+func (k *keyFiles) register(cmd *cobra.Command) {
 	f := cmd.Flags()
-	if signer {
-		f.StringVar(&k.opts.StateKeyFile, "state-key", "", "Ed25519 private key file that signs state and grants ($PHASECAST_STATE_KEY holds the key itself)")
-	} else {
-		f.StringVar(&k.opts.StatePubFile, "state-pub", "", "Ed25519 public key file that checks state and grants ($PHASECAST_STATE_PUB)")
-	}
+	f.StringVar(&k.opts.StateKeyFile, "state-key", "", "Ed25519 private key file that signs state and grants ($PHASECAST_STATE_KEY holds the key itself)")
 	f.StringVar(&k.opts.StatusMACFile, "status-mac", "", "HMAC key file for status messages ($PHASECAST_STATUS_MAC)")
 }
 
