@@ -333,13 +333,14 @@ func waitGroup(ctx context.Context, wg *sync.WaitGroup) error {
 
 // Stats returns a point-in-time view of the agent.
 func (a *Agent) Stats() Stats {
+	seq := a.seq.Load()
 	st := Stats{
 		DrainedEpoch:   a.drained.Load(),
 		AppliedEpoch:   a.appliedEpoch(),
 		Inflight:       a.inflightOlder(),
 		Fenced:         a.fenced.Load(),
-		Seq:            a.seq.Load(),
-		StatusesSent:   a.seq.Load() - a.seqBase,
+		Seq:            seq,
+		StatusesSent:   seq - a.seqBase,
 		StaleRefusals:  a.staleRefusals.Load(),
 		IgnoredStates:  a.ignoredStates.Load(),
 		BehindGrants:   a.behindGrants.Load(),

@@ -6,7 +6,6 @@ import (
 	"errors"
 	"fmt"
 	"sync/atomic"
-	"time"
 
 	amqp "github.com/rabbitmq/amqp091-go"
 
@@ -36,11 +35,6 @@ func (a *Agent) setSession(s *session) {
 
 func (a *Agent) connName() string { return "phasecast-agent " + a.cfg.ID }
 
-// reconnectBackoff paces reconnects: capped exponential with full jitter.
-func reconnectBackoff() retry.Backoff {
-	return retry.Backoff{Min: 100 * time.Millisecond, Max: 5 * time.Second}
-}
-
 // dialBroker is Start's synchronous first attempt, so that Start can tell
 // an unreachable broker from a slow broadcaster. With Config.Connection it
 // waits for the shared connection's current attempt instead (at most
@@ -63,7 +57,7 @@ func (a *Agent) amqpLoop(r *runState, first *amqp.Connection) {
 		a.sharedLoop(r)
 		return
 	}
-	backoff := reconnectBackoff()
+	backoff := retry.Reconnect()
 	if first != nil {
 		err := a.runSession(r.ctx, r, ownLink(first))
 		_ = first.Close()
@@ -87,7 +81,7 @@ func (a *Agent) amqpLoop(r *runState, first *amqp.Connection) {
 // a backoff. A session opens channels of its own and closes them when it
 // ends, which deletes its auto-delete queue.
 func (a *Agent) sharedLoop(r *runState) {
-	backoff := reconnectBackoff()
+	backoff := retry.Reconnect()
 	var last *link
 	for {
 		l, err := a.cfg.Connection.await(r.ctx, false)

@@ -151,7 +151,7 @@ const maxApplicationName = 63
 // "<service>-<host>-<pid>-<random4hex>". A service that opens its database
 // with DefaultApplicationName(id) before creating the agent calls it, then
 // passes the same id as Config.ID.
-func NewID(service string) string { return newID(service, hostname()) }
+func NewID(service string) string { return newID(service, config.Hostname()) }
 
 func newID(service, host string) string {
 	return fmt.Sprintf("%s-%s-%d-%s", service, host, os.Getpid(), randomHex(2))
@@ -161,14 +161,6 @@ func newID(service, host string) string {
 // reports by default: "phasecast:"+id, cut to the 63 bytes PostgreSQL keeps.
 func DefaultApplicationName(id string) string {
 	return truncateUTF8("phasecast:"+id, maxApplicationName)
-}
-
-func hostname() string {
-	h, err := os.Hostname()
-	if err != nil || h == "" {
-		return "unknown"
-	}
-	return h
 }
 
 func randomHex(n int) string {
@@ -191,7 +183,7 @@ func truncateUTF8(s string, n int) string {
 // withDefaults returns a copy of c with every unset field defaulted.
 func (c Config) withDefaults() Config {
 	if c.Host == "" {
-		c.Host = hostname()
+		c.Host = config.Hostname()
 	}
 	if c.ID == "" {
 		c.ID = newID(c.Service, c.Host)

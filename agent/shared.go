@@ -144,7 +144,7 @@ func (c *SharedConnection) signalLocked() {
 
 // loop dials, watches the connection until it is lost, and dials again.
 func (c *SharedConnection) loop() {
-	backoff := reconnectBackoff()
+	backoff := retry.Reconnect()
 	for {
 		conn, err := amqpx.Dial(c.url, c.name)
 		if err == nil {

@@ -15,7 +15,6 @@ import (
 
 	"github.com/phasecast/phasecast/internal/amqpx"
 	"github.com/phasecast/phasecast/internal/config"
-	"github.com/phasecast/phasecast/internal/retry"
 	"github.com/phasecast/phasecast/internal/wire"
 )
 
@@ -36,10 +35,6 @@ const (
 	// appID marks every message the broadcaster sends.
 	appID = "phasecast-broadcaster"
 )
-
-// reconnectBackoff paces every AMQP reconnect and every retry after a
-// database error.
-var reconnectBackoff = retry.Backoff{Min: 100 * time.Millisecond, Max: 5 * time.Second}
 
 // Broadcaster relays the store's state to agents and records their
 // statuses. Create one with New; its methods are safe for concurrent use.
@@ -71,7 +66,7 @@ func New(cfg *Config) (*Broadcaster, error) {
 	return &Broadcaster{
 		cfg:     c,
 		log:     c.Logger.With().Str("component", "broadcaster").Str("broadcaster_id", c.ID).Str("schema", c.Store.Schema()).Logger(),
-		host:    hostname(),
+		host:    config.Hostname(),
 		pid:     os.Getpid(),
 		lockKey: "phasecast:" + c.Store.Schema() + ":leader",
 		stats:   newCounters(),

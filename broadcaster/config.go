@@ -224,13 +224,5 @@ func (c *Config) validate() error {
 func defaultID() string {
 	b := make([]byte, 3)
 	_, _ = rand.Read(b)
-	return fmt.Sprintf("%s-%d-%s", hostname(), os.Getpid(), hex.EncodeToString(b))
-}
-
-func hostname() string {
-	h, err := os.Hostname()
-	if err != nil || h == "" {
-		return "unknown"
-	}
-	return h
+	return fmt.Sprintf("%s-%d-%s", config.Hostname(), os.Getpid(), hex.EncodeToString(b))
 }

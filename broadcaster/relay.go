@@ -14,6 +14,7 @@ import (
 
 	"github.com/phasecast/phasecast/internal/amqpx"
 	"github.com/phasecast/phasecast/internal/config"
+	"github.com/phasecast/phasecast/internal/retry"
 	"github.com/phasecast/phasecast/internal/wire"
 	"github.com/phasecast/phasecast/schema"
 )
@@ -94,7 +95,7 @@ func (l *leader) listen(ctx context.Context) {
 
 // publish runs publishing sessions until the term ends.
 func (l *leader) publish(ctx context.Context) {
-	_ = amqpx.RunConnected(ctx, l.log, l.b.cfg.AMQPURL, l.b.connName("publish"), reconnectBackoff, l.publishSession)
+	_ = amqpx.RunConnected(ctx, l.log, l.b.cfg.AMQPURL, l.b.connName("publish"), retry.Reconnect(), l.publishSession)
 }
 
 // publishSession is one connected period of the publisher. It relays at
@@ -126,6 +127,7 @@ func (l *leader) publishSession(ctx context.Context, conn *amqp.Connection) erro
 	defer grants.Close()
 	grantsClosed := grants.NotifyClose(make(chan *amqp.Error, 1))
 
+	backoff := retry.Reconnect()
 	poll := time.NewTicker(l.b.cfg.PollInterval)
 	defer poll.Stop()
 	beacon := time.NewTimer(l.b.cfg.BeaconInterval)
@@ -133,7 +135,6 @@ func (l *leader) publishSession(ctx context.Context, conn *amqp.Connection) erro
 	retry := time.NewTimer(time.Hour)
 	retry.Stop()
 	defer retry.Stop()
-	backoff := reconnectBackoff
 	pollLog := failureLog{what: "outbox poll"}
 
 	// relay publishes and sorts out what a failure means: the session ends

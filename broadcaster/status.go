@@ -19,7 +19,7 @@ const maxBodyExcerpt = 200
 
 // consume runs consuming sessions until the term ends.
 func (l *leader) consume(ctx context.Context) {
-	_ = amqpx.RunConnected(ctx, l.log, l.b.cfg.AMQPURL, l.b.connName("consume"), reconnectBackoff, l.consumeSession)
+	_ = amqpx.RunConnected(ctx, l.log, l.b.cfg.AMQPURL, l.b.connName("consume"), retry.Reconnect(), l.consumeSession)
 }
 
 // deliverySource is everything a consuming session waits on.
@@ -58,7 +58,7 @@ func (l *leader) consumeSession(ctx context.Context, conn *amqp.Connection) erro
 		return fmt.Errorf("consume %s: %w", queue, err)
 	}
 	l.log.Info().Str("queue", queue).Msg("consuming statuses")
-	backoff := reconnectBackoff
+	backoff := retry.Reconnect()
 	dbLog := failureLog{what: "recording statuses"}
 	for {
 		batch, err := l.collect(ctx, src)
@@ -178,12 +178,7 @@ func (l *leader) handleBatch(ctx context.Context, ch *amqp.Channel, batch []amqp
 // recordedStatuses is, for Config.OnRecorded, the status the store kept
 // for each recorded agent: its newest in the batch.
 func recordedStatuses(valid []pending, recorded []string) []RecordedStatus {
-	newest := make(map[string]wire.Status, len(valid))
-	for _, p := range valid {
-		if cur, ok := newest[p.status.AgentID]; !ok || p.status.Seq > cur.Seq {
-			newest[p.status.AgentID] = p.status
-		}
-	}
+	newest := newestByAgent(valid)
 	out := make([]RecordedStatus, 0, len(recorded))
 	for _, id := range recorded {
 		if st, ok := newest[id]; ok {
@@ -191,6 +186,18 @@ func recordedStatuses(valid []pending, recorded []string) []RecordedStatus {
 		}
 	}
 	return out
+}
+
+// newestByAgent maps each agent in the batch to its status with the
+// highest seq: the one the store keeps.
+func newestByAgent(valid []pending) map[string]wire.Status {
+	newest := make(map[string]wire.Status, len(valid))
+	for _, p := range valid {
+		if cur, ok := newest[p.status.AgentID]; !ok || p.status.Seq > cur.Seq {
+			newest[p.status.AgentID] = p.status
+		}
+	}
+	return newest
 }
 
 // record writes the batch in one transaction. If the database refuses the
@@ -255,12 +262,7 @@ func (l *leader) grant(valid []pending, epoch int64, recorded []string) {
 	// Within a batch an agent's newest status supersedes its older ones
 	// (the store keeps that one only): the older ones are neither stale
 	// nor granted. Stale is a newest status the store refused.
-	newest := make(map[string]wire.Status, len(valid))
-	for _, p := range valid {
-		if cur, ok := newest[p.status.AgentID]; !ok || p.status.Seq > cur.Seq {
-			newest[p.status.AgentID] = p.status
-		}
-	}
+	newest := newestByAgent(valid)
 	l.b.stats.statusesRecorded.Add(int64(len(recorded)))
 	if stale := len(newest) - len(recorded); stale > 0 {
 		l.b.stats.reject(RejectStaleSeq, int64(stale))

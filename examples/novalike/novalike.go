@@ -70,6 +70,8 @@ type Service struct {
 	db    *sqlx.DB
 	agent *agent.Agent
 	table agent.TableRef
+	// quoted is cfg.Table quoted for SQL, once rather than per query.
+	quoted string
 
 	workers sync.WaitGroup
 	cancel  context.CancelFunc // stops the workers
@@ -129,7 +131,7 @@ func New(cfg Config) (*Service, error) {
 		db.Close()
 		return nil, err
 	}
-	return &Service{cfg: cfg, db: db, agent: a, table: a.Table(cfg.Table)}, nil
+	return &Service{cfg: cfg, db: db, agent: a, table: a.Table(cfg.Table), quoted: schema.QuoteTable(cfg.Table)}, nil
 }
 
 // Agent returns the service's embedded agent.
@@ -228,7 +230,7 @@ func (s *Service) work(ctx context.Context) {
 
 // query runs one read or write using only the snapshot's columns.
 func (s *Service) query(ctx context.Context, snap *agent.Snapshot) error {
-	table := schema.QuoteTable(s.cfg.Table)
+	table := s.quoted
 	switch rand.IntN(3) {
 	case 0:
 		cols := snap.Columns(s.table)

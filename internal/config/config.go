@@ -52,3 +52,13 @@ func WithApplicationName(dsn, name string) (string, error) {
 	}
 	return dsn + " application_name='" + strings.NewReplacer(`\`, `\\`, `'`, `\'`).Replace(name) + "'", nil
 }
+
+// Hostname is this machine's name as agents and broadcasters report it, or
+// "unknown" when the system will not say.
+func Hostname() string {
+	h, err := os.Hostname()
+	if err != nil || h == "" {
+		return "unknown"
+	}
+	return h
+}

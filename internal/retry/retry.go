@@ -22,6 +22,10 @@ func (b *Backoff) Next() time.Duration {
 	return b.Min + rand.N(ceiling-b.Min+1)
 }
 
+// Reconnect returns the pacing of every reconnect, and of every retry
+// after a database error: 100ms doubling up to 5s, with jitter.
+func Reconnect() Backoff { return Backoff{Min: 100 * time.Millisecond, Max: 5 * time.Second} }
+
 // Reset starts the sequence again after a success.
 func (b *Backoff) Reset() { b.attempt = 0 }
 
