@@ -38,10 +38,6 @@ const (
 	e2eWait = 15 * time.Second
 )
 
-// e2eLogEnv names the level at which the components log to stderr while a
-// test runs (debug, info, warn); unset, they log nothing.
-const e2eLogEnv = "PHASECAST_TEST_LOG"
-
 // e2eEnv is one test's world: a store in a schema of its own, an AMQP
 // prefix of its own and an application schema ("@app" in SQL and
 // manifests) holding the tables releases remove from.
@@ -64,20 +60,10 @@ func e2eSetup(t *testing.T) *e2eEnv {
 	t.Helper()
 	store := testenv.Store(t)
 	prefix := testenv.Prefix(t)
-	e := &e2eEnv{t: t, ctx: context.Background(), store: store, db: store.DB(), prefix: prefix, app: testenv.Name("app"), log: e2eLogger()}
+	e := &e2eEnv{t: t, ctx: context.Background(), store: store, db: store.DB(), prefix: prefix, app: testenv.Schema(t, store.DB(), "app"), log: testenv.Logger()}
 	e.table = e.app + ".instances"
-	e.exec(`CREATE SCHEMA @app`)
-	t.Cleanup(func() { testenv.DropSchema(t, e.db, e.app) })
 	e.fleet = &fleet.Env{Store: store, DatabaseURL: testenv.DatabaseURL(), AMQPURL: testenv.AMQPURL(), Prefix: prefix, Logger: e.log}
 	return e
-}
-
-func e2eLogger() zerolog.Logger {
-	level, err := zerolog.ParseLevel(os.Getenv(e2eLogEnv))
-	if err != nil || os.Getenv(e2eLogEnv) == "" {
-		return zerolog.Nop()
-	}
-	return zerolog.New(zerolog.ConsoleWriter{Out: os.Stderr, TimeFormat: "15:04:05.000"}).Level(level).With().Timestamp().Logger()
 }
 
 // sql replaces @app with the application schema.

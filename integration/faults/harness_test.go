@@ -6,7 +6,6 @@ import (
 	"database/sql"
 	"errors"
 	"fmt"
-	"os"
 	"sort"
 	"strings"
 	"sync"
@@ -41,10 +40,6 @@ const (
 	// wait bounds a wait for what normally takes milliseconds.
 	wait = 20 * time.Second
 )
-
-// envLog names the level at which components log to stderr while a test
-// runs (debug, info, warn); unset, they log nothing.
-const envLog = "PHASECAST_TEST_LOG"
 
 // releaseL replaces name and display_name of @app.instances with
 // common_name and drops the table @app.legacy_flavors: two removals, so a
@@ -83,28 +78,17 @@ func setup(t *testing.T) *env {
 	// limit is shared with every other package's tests.
 	store.DB().SetMaxOpenConns(8)
 	store.DB().SetMaxIdleConns(4)
-	e := &env{t: t, ctx: context.Background(), store: store, db: store.DB(), prefix: testenv.Prefix(t), app: testenv.Name("app"), log: testLogger()}
+	e := &env{t: t, ctx: context.Background(), store: store, db: store.DB(), prefix: testenv.Prefix(t), app: testenv.Schema(t, store.DB(), "app"), log: testenv.Logger()}
 	e.table = e.app + ".instances"
-	e.exec(`CREATE SCHEMA @app`,
-		`CREATE TABLE @app.instances (id bigserial PRIMARY KEY, name text, display_name text, host text)`,
+	e.exec(`CREATE TABLE @app.instances (id bigserial PRIMARY KEY, name text, display_name text, host text)`,
 		`INSERT INTO @app.instances (name, display_name, host) SELECT 'vm-' || i, 'VM ' || i, 'compute-' || (i % 10) FROM generate_series(1, 200) AS i`,
 		`CREATE TABLE @app.legacy_flavors (id int PRIMARY KEY, flavor text)`)
-	t.Cleanup(func() { testenv.DropSchema(t, e.db, e.app) })
 	e.installStatusLog()
 	m, err := schema.ParseManifest("L.yaml", []byte(e.sql(releaseL)))
 	require.NoError(t, err)
 	_, err = store.ApplyRelease(e.ctx, m, "faults")
 	require.NoError(t, err)
 	return e
-}
-
-func testLogger() zerolog.Logger {
-	v := os.Getenv(envLog)
-	level, err := zerolog.ParseLevel(v)
-	if err != nil || v == "" {
-		return zerolog.Nop()
-	}
-	return zerolog.New(zerolog.ConsoleWriter{Out: os.Stderr, TimeFormat: "15:04:05.000"}).Level(level).With().Timestamp().Logger()
 }
 
 func (e *env) sql(s string) string {
@@ -491,6 +475,16 @@ func totals(trs ...*traffic) (queries, failed, refused int64, failures []error) 
 		tr.mu.Unlock()
 	}
 	return
+}
+
+// requireTraffic stops every traffic and requires that queries ran and
+// none failed; it returns the totals for the figures.
+func requireTraffic(t *testing.T, trs ...*traffic) (queries, failed, refused int64) {
+	t.Helper()
+	queries, failed, refused, failures := totals(trs...)
+	require.Zero(t, failed, "queries failed: %v", failures)
+	require.Positive(t, queries)
+	return queries, failed, refused
 }
 
 // serviceDB opens a database for services' queries, with an

@@ -133,9 +133,7 @@ func TestLeaderKilledBeforePublishing(t *testing.T) {
 	r, err := e.contract(e.ctx, e.store, nil)
 	e.requireDroppedAfterAcks(runnerResult{res: r, err: err}, ids(agents))
 	time.Sleep(300 * time.Millisecond)
-	queries, failed, refused, failures := totals(trs...)
-	require.Zero(t, failed, "queries failed: %v", failures)
-	require.Positive(t, queries)
+	queries, failed, refused := requireTraffic(t, trs...)
 	for _, a := range agents {
 		require.Empty(t, a.Stats().RejectedMessages, "agent %s rejected messages of the signed broadcaster", a.ID())
 	}

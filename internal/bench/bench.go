@@ -368,16 +368,10 @@ func Run(ctx context.Context, opts Options) (rep *Report, err error) {
 	}
 	// Installed in either mode: the cost measurements time acks with it.
 	bcfg.OnRecorded = e.clock.onRecorded
-	if e.bc, err = broadcaster.New(bcfg); err != nil {
-		return nil, err
-	}
-	if err := e.bc.Start(ctx); err != nil {
+	if e.bc, err = (&fleet.Env{}).StartBroadcaster(ctx, bcfg, true); err != nil {
 		return nil, err
 	}
 	cleanups = append(cleanups, func() { _ = e.bc.Stop(context.Background()) })
-	if err := fleet.WaitFor(ctx, 10*time.Second, e.bc.IsLeader); err != nil {
-		return nil, fmt.Errorf("the broadcaster did not take the lead: %w", err)
-	}
 	if rep.Setup.StateBytes, rep.Setup.StatusBytes, err = e.messageSizes(ctx); err != nil {
 		return nil, err
 	}

@@ -328,17 +328,7 @@ func memNow() mem {
 // summarize turns each flip's latencies into the per-flip and per-member
 // distributions.
 func summarize(flips [][]time.Duration, missing int) Measured {
-	m := Measured{Missing: missing, flips: flips}
-	var last, all []time.Duration
-	for _, f := range flips {
-		if len(f) == 0 {
-			continue
-		}
-		last = append(last, slices.Max(f))
-		all = append(all, f...)
-	}
-	m.PerFlip, m.PerAgent = dist(last), dist(all)
-	return m
+	return Measured{Missing: missing, flips: flips, PerFlip: *lastOf(flips), PerAgent: dist(flat(flips))}
 }
 
 func dist(ds []time.Duration) Dist {

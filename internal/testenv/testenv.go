@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/hex"
+	"os"
 	"strings"
 	"testing"
 	"time"
@@ -11,6 +12,7 @@ import (
 	"github.com/jmoiron/sqlx"
 	_ "github.com/lib/pq" // the postgres driver
 	amqp "github.com/rabbitmq/amqp091-go"
+	"github.com/rs/zerolog"
 	"github.com/stretchr/testify/require"
 
 	"github.com/phasecast/phasecast/internal/amqpx"
@@ -60,6 +62,18 @@ func Store(t testing.TB) *schema.Store {
 	return store
 }
 
+// Schema creates an empty schema of the test's own, dropped with
+// everything in it when the test ends, and returns its name: a lower-case
+// identifier, so SQL and manifests spell it unquoted.
+func Schema(t testing.TB, db *sqlx.DB, prefix string) string {
+	t.Helper()
+	name := Name(prefix)
+	_, err := db.Exec(`CREATE SCHEMA ` + quote(name))
+	require.NoError(t, err)
+	t.Cleanup(func() { DropSchema(t, db, name) })
+	return name
+}
+
 // DropSchema drops a schema and everything in it.
 func DropSchema(t testing.TB, db *sqlx.DB, name string) {
 	t.Helper()
@@ -68,6 +82,20 @@ func DropSchema(t testing.TB, db *sqlx.DB, name string) {
 }
 
 func quote(ident string) string { return `"` + strings.ReplaceAll(ident, `"`, `""`) + `"` }
+
+// EnvLog names the level at which components log to stderr while a test
+// runs (debug, info, warn); unset, they log nothing.
+const EnvLog = "PHASECAST_TEST_LOG"
+
+// Logger is the components' logger for a test, as EnvLog sets it.
+func Logger() zerolog.Logger {
+	v := os.Getenv(EnvLog)
+	level, err := zerolog.ParseLevel(v)
+	if err != nil || v == "" {
+		return zerolog.Nop()
+	}
+	return zerolog.New(zerolog.ConsoleWriter{Out: os.Stderr, TimeFormat: "15:04:05.000"}).Level(level).With().Timestamp().Logger()
+}
 
 // AMQP dials the test broker and closes the connection when the test ends.
 func AMQP(t testing.TB) *amqp.Connection {
