@@ -48,6 +48,18 @@ func (e *TransitionError) Error() string {
 }
 func (e *TransitionError) Unwrap() error { return ErrRefused }
 
+// ExpandError names the expand statement that failed. The release's
+// transaction was rolled back, so nothing of it was applied.
+type ExpandError struct {
+	Index int
+	Err   error
+}
+
+func (e *ExpandError) Error() string {
+	return fmt.Sprintf("expand[%d] failed, nothing was applied: %v", e.Index, e.Err)
+}
+func (e *ExpandError) Unwrap() error { return e.Err }
+
 // PreconditionError names the precondition that returned a row.
 type PreconditionError struct {
 	Release string

@@ -60,7 +60,7 @@ func (s *Store) ApplyRelease(ctx context.Context, m *Manifest, actor string) (Ap
 		}
 		for i, stmt := range m.Expand {
 			if _, err := tx.ExecContext(ctx, stmt); err != nil {
-				return fmt.Errorf("expand[%d]: %w", i, err)
+				return &ExpandError{Index: i, Err: err}
 			}
 		}
 		if _, err := tx.ExecContext(ctx, s.sql(`

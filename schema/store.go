@@ -194,8 +194,13 @@ func (s *Store) inTxOpts(ctx context.Context, opts *sql.TxOptions, fn func(*sqlx
 }
 
 // notMigrated turns "relation does not exist" on our own tables into
-// ErrNotMigrated, which tells the operator what to do.
+// ErrNotMigrated, which tells the operator what to do. A manifest's own
+// statement naming a missing table is the manifest's error, not ours.
 func notMigrated(err error) error {
+	var expand *ExpandError
+	if errors.As(err, &expand) {
+		return err
+	}
 	var pqErr *pq.Error
 	if errors.As(err, &pqErr) && (pqErr.Code == "42P01" || pqErr.Code == "3F000") {
 		return fmt.Errorf("%w (%s)", ErrNotMigrated, pqErr.Message)

@@ -156,6 +156,19 @@ func TestApplyRelease(t *testing.T) {
 		require.NoError(t, store.DB().Get(&n, `SELECT count(*) FROM information_schema.columns WHERE table_schema = $1 AND column_name = 'half_written'`, store.Schema()))
 		require.Zero(t, n, "the expand statement before the failure was rolled back too")
 	})
+
+	t.Run("expand naming a missing table blames the manifest, not the store", func(t *testing.T) {
+		store, b := setupStore(t)
+		m := b.manifest(t, "L")
+		m.Expand = []string{`ALTER TABLE no_such_table ADD COLUMN c text`}
+		_, err := store.ApplyRelease(ctx, m, "tester")
+		var expand *schema.ExpandError
+		require.ErrorAs(t, err, &expand)
+		require.Equal(t, 0, expand.Index)
+		require.NotErrorIs(t, err, schema.ErrNotMigrated)
+		require.ErrorContains(t, err, `expand[0] failed, nothing was applied`)
+		require.ErrorContains(t, err, `"no_such_table" does not exist`)
+	})
 }
 
 // moveTo walks release L from expand to target along the allowed path.
