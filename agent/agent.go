@@ -84,6 +84,9 @@ type Agent struct {
 	sess   *session
 
 	confirmHint atomic.Int64
+	// candidate is the newest state message awaiting confirmation (with a
+	// DB): applied as it is if the store's digest matches it.
+	candidate atomic.Pointer[wire.State]
 
 	counters
 }
@@ -346,6 +349,7 @@ func (a *Agent) Stats() Stats {
 		BehindGrants:   a.behindGrants.Load(),
 		Resyncs:        a.resyncs.Load(),
 		ResyncFailures: a.resyncFailures.Load(),
+		DigestConfirms: a.digestConfirms.Load(),
 		Reconnects:     a.reconnects.Load(),
 		Fencings:       a.fencings.Load(),
 	}
@@ -471,7 +475,7 @@ func (a *Agent) checkDrained(ctx context.Context) {
 		a.pendingMu.Unlock()
 		if acked {
 			a.log.Debug().Int64("drained_epoch", cur.epoch).Msg("drained; acknowledging")
-			a.report(ctx, "ack")
+			a.report(ctx, reasonAck)
 		}
 		return
 	}

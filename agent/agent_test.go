@@ -357,6 +357,34 @@ func TestStateMessages(t *testing.T) {
 		require.True(t, a.Snapshot().Removed("instances", "name"))
 	})
 
+	t.Run("WithDBConfirmedByDigestOrByReading", func(t *testing.T) {
+		t.Parallel()
+		b := setup(t, fakeOptions{noBeacons: true})
+		applyRelease(t, b.store, manifestL)
+		a := startAgent(t, b.config(t, true))
+
+		// The broadcaster's message is the store's state: one digest read,
+		// and the message itself is applied.
+		before := a.Stats()
+		e := flip(t, b.store, "L", phase.Migrate)
+		b.fake.publishNow()
+		waitEpoch(t, a, e)
+		after := a.Stats()
+		require.Equal(t, before.DigestConfirms+1, after.DigestConfirms)
+		require.Equal(t, before.Resyncs, after.Resyncs)
+
+		// A message at the store's epoch that says something else: the
+		// digests differ, so the agent reads the state and applies that.
+		e2 := flip(t, b.store, "L", phase.Contract)
+		b.fake.publishRaw(forgedState(t, e2, phase.Migrate), nil)
+		waitEpoch(t, a, e2)
+		require.True(t, a.Snapshot().Removed("instances", "name"), "the store's contract, not the message's migrate")
+		require.True(t, a.Snapshot().Removed("legacy_flavors", ""), "the store's removals, not the message's")
+		final := a.Stats()
+		require.Equal(t, after.DigestConfirms, final.DigestConfirms)
+		require.Equal(t, after.Resyncs+1, final.Resyncs)
+	})
+
 	t.Run("SignaturesRequiredWithStateKey", func(t *testing.T) {
 		t.Parallel()
 		pub, priv, err := ed25519.GenerateKey(nil)
@@ -448,6 +476,40 @@ func TestMalformedMessages(t *testing.T) {
 
 func TestLeaseExpiry(t *testing.T) {
 	t.Parallel()
+
+	t.Run("AckSkipsTheGrantOnlyOnAFreshLease", func(t *testing.T) {
+		t.Parallel()
+		b := setup(t, fakeOptions{lease: 800 * time.Millisecond})
+		applyRelease(t, b.store, manifestL)
+		a := startAgent(t, b.config(t, false))
+		isAck := func(e int64) func(wire.Status) bool {
+			return func(s wire.Status) bool { return s.DrainedEpoch == e }
+		}
+
+		// Granted every heartbeat: the ack asks for no grant, and the
+		// heartbeats alone keep the lease over several lease lengths.
+		from := len(b.fake.received())
+		e := flip(t, b.store, "L", phase.Migrate)
+		b.fake.publishNow()
+		ack := b.fake.waitStatus(t, from, 5*time.Second, isAck(e))
+		require.True(t, ack.SkipGrant, "an ack on a fresh lease skips its grant")
+		hb := b.fake.waitStatus(t, from, 5*time.Second, func(s wire.Status) bool { return s.Seq > ack.Seq })
+		require.False(t, hb.SkipGrant, "a heartbeat asks for a grant")
+		time.Sleep(3 * 800 * time.Millisecond)
+		require.False(t, a.Stats().Fenced)
+		require.Zero(t, a.Stats().Fencings)
+
+		// Fenced (no grants at all now): the ack asks for a grant.
+		b.fake.answering.Store(false)
+		require.Eventually(t, func() bool { return a.Stats().Fenced }, 5*time.Second, 5*time.Millisecond)
+		from = len(b.fake.received())
+		e = flip(t, b.store, "L", phase.Contract)
+		b.fake.publishNow()
+		ack = b.fake.waitStatus(t, from, 5*time.Second, isAck(e))
+		require.False(t, ack.SkipGrant, "an ack on a spent lease asks for a grant")
+		b.fake.answering.Store(true)
+		require.Eventually(t, func() bool { return !a.Stats().Fenced }, 5*time.Second, 5*time.Millisecond)
+	})
 
 	t.Run("WithoutDB", func(t *testing.T) {
 		t.Parallel()

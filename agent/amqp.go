@@ -255,8 +255,8 @@ func (a *Agent) handle(r *runState, d amqp.Delivery) {
 }
 
 // handleState applies a state newer than the one held. With a DB the
-// message only says "look": the confirmer reads the store and applies what
-// the store says.
+// message only says "look": the confirmer applies it only if the store
+// vouches for it (see confirm).
 func (a *Agent) handleState(body []byte) {
 	st, err := wire.DecodeState(body)
 	if err != nil {
@@ -268,6 +268,7 @@ func (a *Agent) handleState(body []byte) {
 		return
 	}
 	if a.store != nil {
+		a.offerCandidate(&st)
 		a.requestConfirm(st.Epoch)
 		return
 	}

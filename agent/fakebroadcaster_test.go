@@ -19,7 +19,8 @@ import (
 
 // fakeBroadcaster plays the broadcaster in these tests, with raw amqp091
 // on the real broker and the real store: it records each status with
-// Store.RecordStatuses and answers with a grant, and publishes the store's
+// Store.RecordStatuses and answers with a grant (unless the status skips
+// it, as the broadcaster does), and publishes the store's
 // state as beacons. Tests turn each duty on and off, and publish what a
 // broadcaster never would.
 type fakeBroadcaster struct {
@@ -150,6 +151,9 @@ func (f *fakeBroadcaster) onStatus(ctx context.Context, d amqp.Delivery) {
 	}
 	if len(recorded) == 0 || st.Queue == "" {
 		return // a replayed status: no grant
+	}
+	if st.SkipGrant && st.AppliedEpoch >= epoch {
+		return // as the broadcaster: an ack on a fresh lease
 	}
 	body, err := wire.EncodeGrant(wire.Grant{AgentID: st.AgentID, Seq: st.Seq, LeaseMS: f.lease.Milliseconds(), Epoch: epoch})
 	if err != nil {

@@ -43,6 +43,15 @@ func (a *Agent) extendLease(from time.Time, lease time.Duration) bool {
 	return valid
 }
 
+// leaseFresh reports whether at least half a lease is still ahead, so a
+// status sent now needs no grant: the next heartbeat's will come long
+// before the deadline.
+func (a *Agent) leaseFresh() bool {
+	a.leaseMu.Lock()
+	defer a.leaseMu.Unlock()
+	return !a.fenced.Load() && time.Until(a.deadline) > a.leaseLength()/2
+}
+
 // leaseLength is the lease the agent asks the store for: the last one the
 // broadcaster granted, so both paths agree, or Config.InitialLease before
 // any grant.

@@ -10,6 +10,9 @@ import (
 	"github.com/phasecast/phasecast/internal/wire"
 )
 
+// reasonAck is the reason of the status sent when a drain completes.
+const reasonAck = "ack"
+
 // report sends a status: at start, after every drain (the ack), and as a
 // heartbeat. Over the broker when connected; through the store (which also
 // re-reads the state and renews the lease there) when there is a DB and
@@ -30,7 +33,8 @@ func (a *Agent) report(ctx context.Context, reason string) {
 	}
 }
 
-// statusLocked numbers and fills the next status.
+// statusLocked numbers and fills the next status. SkipGrant is left to
+// the caller.
 func (a *Agent) statusLocked(queue string) wire.Status {
 	seq := a.seq.Add(1)
 	// drained before applied: drained never passes the applied epoch read
@@ -61,6 +65,9 @@ func (a *Agent) statusLocked(queue string) wire.Status {
 // broadcaster records it.
 func (a *Agent) publishLocked(ctx context.Context, sess *session, reason string) {
 	st := a.statusLocked(sess.queue)
+	// An ack renews nothing the heartbeats do not: while the lease is
+	// fresh it asks for no grant, which halves a flip's messages back.
+	st.SkipGrant = reason == reasonAck && a.leaseFresh()
 	body, err := wire.EncodeStatus(st)
 	if err != nil {
 		a.log.Error().Err(err).Msg("encoding status")
@@ -118,14 +125,28 @@ func (a *Agent) syncLocked(ctx context.Context, reason string) error {
 	return nil
 }
 
-// confirm reads the true state from the store and applies it, after a
-// state message claimed a newer epoch. It only reads (one read-only
-// snapshot, no WAL, no commit flush), so a flip reaches the agent without
-// waiting on the disk, and it leaves the lease alone: leases come from
-// grants and from syncLocked, which also writes the agent's row.
+// confirm brings the agent to the store's state after a message claimed a
+// newer epoch. If the newest state message is the store's current state
+// (its digest is the one the store wrote with its last change: one row
+// read), that message is applied; otherwise (the store moved on, the
+// message is forged, or the store has no digest yet) the whole state is
+// read from the store and applied. Either way only what the store vouches
+// for is applied, so a forged state changes nothing. It only reads (no
+// WAL, no commit flush), so a flip reaches the agent without waiting on
+// the disk, and it leaves the lease alone: leases come from grants and
+// from syncLocked, which also writes the agent's row.
 func (a *Agent) confirm(ctx context.Context) error {
 	ctx, cancel := context.WithTimeout(ctx, syncTimeout)
 	defer cancel()
+	if msg := a.candidate.Swap(nil); msg != nil && msg.Epoch > a.appliedEpoch() {
+		digest, err := a.store.StateDigest(ctx)
+		if err == nil && digest == msg.Digest() {
+			a.digestConfirms.Add(1)
+			a.apply(msg)
+			a.log.Debug().Int64("epoch", msg.Epoch).Msg("state message confirmed by the store's digest")
+			return nil
+		}
+	}
 	state, err := a.store.State(ctx)
 	if err != nil {
 		a.resyncFailures.Add(1)
@@ -136,6 +157,20 @@ func (a *Agent) confirm(ctx context.Context) error {
 	a.apply(&state)
 	a.log.Debug().Int64("epoch", state.Epoch).Msg("state confirmed from the store")
 	return nil
+}
+
+// offerCandidate keeps st for the confirmer if it is newer than the
+// candidate already waiting.
+func (a *Agent) offerCandidate(st *wire.State) {
+	for {
+		cur := a.candidate.Load()
+		if cur != nil && cur.Epoch >= st.Epoch {
+			return
+		}
+		if a.candidate.CompareAndSwap(cur, st) {
+			return
+		}
+	}
 }
 
 func (a *Agent) recordSent(seq uint64, at time.Time) {

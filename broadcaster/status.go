@@ -268,10 +268,19 @@ func (l *leader) grant(valid []pending, epoch int64, recorded []string) {
 		l.b.stats.reject(RejectStaleSeq, int64(stale))
 		l.log.Debug().Int("stale", stale).Msg("statuses not newer than the recorded ones were acked without a grant")
 	}
+	// An agent whose statuses in the batch all skip the grant (acks sent
+	// on a fresh lease) gets none, unless it is behind the epoch, which
+	// the grant would tell it.
+	wanted := make(map[string]bool, len(newest))
+	for _, p := range valid {
+		if !p.status.SkipGrant || p.status.AppliedEpoch < epoch {
+			wanted[p.status.AgentID] = true
+		}
+	}
 	grants := make([]outgoing, 0, len(recorded))
 	for _, id := range recorded {
 		st, ok := newest[id]
-		if !ok || st.Queue == "" {
+		if !ok || st.Queue == "" || !wanted[id] {
 			continue
 		}
 		delete(newest, id) // one grant per agent, even if recorded twice

@@ -97,6 +97,51 @@ func TestStatus(t *testing.T) {
 		require.Zero(t, b.Stats().GrantsSent)
 	})
 
+	t.Run("AcksOnAFreshLeaseAreNotGranted", func(t *testing.T) {
+		t.Parallel()
+		bundle := setup(t)
+		epoch := applyRelease(t, bundle.store, "L")
+		cfg := bundle.config(t)
+		// Wide batches, so the heartbeat and the ack below share one.
+		cfg.StatusBatchWait, cfg.StatusBatchGap = 2*time.Second, time.Second
+		b := start(t, cfg)
+		reply, grants := bundle.replyQueue(t)
+
+		// Current and asking for no grant: recorded, lease renewed in the
+		// store, no grant.
+		st := status("agent-acked", 1, reply)
+		st.AppliedEpoch, st.DrainedEpoch, st.SkipGrant = epoch, epoch, true
+		bundle.sendStatus(t, st, nil)
+		require.Eventually(t, func() bool { return b.Stats().StatusesRecorded == 1 }, 10*time.Second, 10*time.Millisecond)
+		requireNoDelivery(t, grants, 300*time.Millisecond)
+		agents, err := bundle.store.Agents(ctx)
+		require.NoError(t, err)
+		require.Len(t, agents, 1)
+		require.Equal(t, epoch, agents[0].DrainedEpoch)
+		require.True(t, agents[0].Live())
+
+		// Behind the epoch: granted anyway, so the agent learns it.
+		behind := status("agent-behind", 1, reply)
+		behind.SkipGrant = true
+		bundle.sendStatus(t, behind, nil)
+		g := waitGrant(t, grants, nil, 10*time.Second)
+		require.Equal(t, "agent-behind", g.AgentID)
+		require.Equal(t, epoch, g.Epoch)
+
+		// A heartbeat then an ack in one batch: the newest seq is granted,
+		// because the heartbeat asked.
+		hb := status("agent-acked", 2, reply)
+		hb.AppliedEpoch, hb.DrainedEpoch = epoch, epoch
+		ack := hb
+		ack.Seq, ack.SkipGrant = 3, true
+		bundle.sendStatus(t, hb, nil)
+		bundle.sendStatus(t, ack, nil)
+		g = waitGrant(t, grants, nil, 10*time.Second)
+		require.Equal(t, "agent-acked", g.AgentID)
+		require.Equal(t, uint64(3), g.Seq)
+		require.Equal(t, int64(2), b.Stats().GrantsSent)
+	})
+
 	t.Run("Batches", func(t *testing.T) {
 		t.Parallel()
 		bundle := setup(t)

@@ -260,8 +260,9 @@ func (s *Store) bumpEpoch(ctx context.Context, tx *sqlx.Tx) (int64, error) {
 	return epoch, err
 }
 
-// recordChange writes the outbox and audit rows of a change and sends
-// NOTIFY; the notification is delivered only if the transaction commits.
+// recordChange writes the outbox and audit rows of a change and the
+// digest of the state it leaves, and sends NOTIFY; the notification is
+// delivered only if the transaction commits. Every change ends with it.
 func (s *Store) recordChange(ctx context.Context, tx *sqlx.Tx, release string, from *phase.Phase, to phase.Phase, epoch int64, actor, note string) error {
 	if actor == "" {
 		actor = "unknown"
@@ -270,6 +271,9 @@ func (s *Store) recordChange(ctx context.Context, tx *sqlx.Tx, release string, f
 		return err
 	}
 	if _, err := tx.ExecContext(ctx, s.sql(`INSERT INTO @schema.audit (release, from_phase, to_phase, epoch, actor, note) VALUES ($1, $2, $3, $4, $5, $6)`), release, from, to, epoch, actor, note); err != nil {
+		return err
+	}
+	if err := s.sealState(ctx, tx); err != nil {
 		return err
 	}
 	_, err := tx.ExecContext(ctx, `SELECT pg_notify($1, $2)`, s.NotifyChannel(), fmt.Sprint(epoch))

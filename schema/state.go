@@ -45,8 +45,14 @@ ORDER BY r.name`
 // transaction gave the same snapshot in four round trips, and each agent
 // confirms every flip with this read.)
 func (s *Store) State(ctx context.Context) (wire.State, error) {
+	return s.state(ctx, s.db)
+}
+
+// state reads the whole state through q: the pool, or a transaction that
+// wants to see its own writes.
+func (s *Store) state(ctx context.Context, q sqlx.QueryerContext) (wire.State, error) {
 	st := wire.State{V: wire.Version, Kind: wire.KindState, Releases: []wire.Release{}}
-	rows, err := s.db.QueryContext(ctx, s.sql(stateSnapshotQuery))
+	rows, err := q.QueryContext(ctx, s.sql(stateSnapshotQuery))
 	if err != nil {
 		return st, notMigrated(err)
 	}
@@ -132,6 +138,28 @@ func (s *Store) readState(ctx context.Context, tx *sqlx.Tx) (wire.State, error) 
 		st.Releases = append(st.Releases, r)
 	}
 	return st, rows.Err()
+}
+
+// StateDigest returns the digest of the current state
+// (wire.State.Digest), as the last change wrote it: one primary-key read.
+// It is empty when no change has written one yet. The digest covers the
+// epoch, so a digest written before a change made without one matches no
+// state message.
+func (s *Store) StateDigest(ctx context.Context) (string, error) {
+	var d sql.NullString
+	err := s.db.GetContext(ctx, &d, s.sql(`SELECT state_digest FROM @schema.epoch`))
+	return d.String, notMigrated(err)
+}
+
+// sealState writes the digest of the state as tx sees it, after the
+// change's own writes: the last write of every change.
+func (s *Store) sealState(ctx context.Context, tx *sqlx.Tx) error {
+	st, err := s.state(ctx, tx)
+	if err != nil {
+		return err
+	}
+	_, err = tx.ExecContext(ctx, s.sql(`UPDATE @schema.epoch SET state_digest = $1`), st.Digest())
+	return err
 }
 
 // Epoch returns the current epoch.

@@ -168,13 +168,19 @@ func (s *Store) Migrate(ctx context.Context) (MigrationResult, error) {
 			res.Applied = append(res.Applied, m.version)
 			res.Current = m.version
 		}
-		return nil
+		if len(res.Applied) == 0 {
+			return nil
+		}
+		// A store upgraded to the digest column gets the digest of the
+		// state it already holds, so agents confirm cheaply at once.
+		return s.sealState(ctx, tx)
 	})
 	return res, err
 }
 
-// ErrNotMigrated means the store's tables do not exist yet.
-var ErrNotMigrated = errors.New("the phasecast schema is not set up: run 'phasecast migrate' first")
+// ErrNotMigrated means the store's tables do not exist yet, or predate
+// this binary.
+var ErrNotMigrated = errors.New("the phasecast schema is not set up, or is older than this binary: run 'phasecast migrate' first")
 
 // inTx runs fn in a transaction, committing if it returns nil.
 func (s *Store) inTx(ctx context.Context, fn func(*sqlx.Tx) error) error {
@@ -193,7 +199,7 @@ func (s *Store) inTxOpts(ctx context.Context, opts *sql.TxOptions, fn func(*sqlx
 	return notMigrated(tx.Commit())
 }
 
-// notMigrated turns "relation does not exist" on our own tables into
+// notMigrated turns "relation (or column) does not exist" on our own tables into
 // ErrNotMigrated, which tells the operator what to do. A manifest's own
 // statement naming a missing table is the manifest's error, not ours.
 func notMigrated(err error) error {
@@ -202,7 +208,9 @@ func notMigrated(err error) error {
 		return err
 	}
 	var pqErr *pq.Error
-	if errors.As(err, &pqErr) && (pqErr.Code == "42P01" || pqErr.Code == "3F000") {
+	// 42P01 undefined table, 3F000 undefined schema, 42703 undefined
+	// column: a store migrated by an older binary.
+	if errors.As(err, &pqErr) && (pqErr.Code == "42P01" || pqErr.Code == "3F000" || pqErr.Code == "42703") {
 		return fmt.Errorf("%w (%s)", ErrNotMigrated, pqErr.Message)
 	}
 	return err

@@ -77,13 +77,15 @@ func TestMigrateIsIdempotentAndConcurrent(t *testing.T) {
 		wg.Go(func() { results[i], errs[i] = store.Migrate(context.Background()) })
 	}
 	wg.Wait()
-	applied := 0
+	var applied [][]int
 	for i := range results {
 		require.NoError(t, errs[i])
-		applied += len(results[i].Applied)
-		require.Equal(t, 1, results[i].Current)
+		if len(results[i].Applied) > 0 {
+			applied = append(applied, results[i].Applied)
+		}
+		require.Equal(t, 2, results[i].Current)
 	}
-	require.Equal(t, 1, applied, "exactly one concurrent run applies the migration")
+	require.Equal(t, [][]int{{1, 2}}, applied, "exactly one concurrent run applies the migrations")
 
 	again, err := store.Migrate(context.Background())
 	require.NoError(t, err)
@@ -383,4 +385,72 @@ func TestStateAndRegistry(t *testing.T) {
 	require.Equal(t, phase.Contract, st.Releases[0].Phase)
 	require.Equal(t, b.table, st.Releases[0].Removals[0].Table)
 	require.Equal(t, []string{"name"}, st.Releases[0].Removals[0].Columns)
+}
+
+// requireSealed checks the stored digest is the digest of the state.
+func requireSealed(t *testing.T, store *schema.Store) {
+	t.Helper()
+	ctx := context.Background()
+	st, err := store.State(ctx)
+	require.NoError(t, err)
+	digest, err := store.StateDigest(ctx)
+	require.NoError(t, err)
+	require.Equal(t, st.Digest(), digest, "the stored digest is the state's, at epoch %d", st.Epoch)
+}
+
+func TestStateDigest(t *testing.T) {
+	ctx := context.Background()
+
+	t.Run("every change writes the digest of the state it leaves", func(t *testing.T) {
+		store, b := setupStore(t)
+		requireSealed(t, store) // written by Migrate, for the empty state
+		_, err := store.ApplyRelease(ctx, b.manifest(t, "L"), "tester")
+		require.NoError(t, err)
+		requireSealed(t, store)
+		for _, p := range []phase.Phase{phase.Migrate, phase.Contract} {
+			_, err := store.Flip(ctx, "L", p, schema.FlipOptions{})
+			require.NoError(t, err)
+			requireSealed(t, store)
+		}
+		_, err = store.Rollback(ctx, "L", schema.FlipOptions{})
+		require.NoError(t, err)
+		requireSealed(t, store)
+	})
+
+	t.Run("a change that writes no digest leaves one that matches no state", func(t *testing.T) {
+		store, b := setupStore(t)
+		_, err := store.ApplyRelease(ctx, b.manifest(t, "L"), "tester")
+		require.NoError(t, err)
+		// What a binary from before the digest does to the epoch row.
+		_, err = store.DB().Exec(`UPDATE "` + store.Schema() + `".epoch SET value = value + 1`)
+		require.NoError(t, err)
+		st, err := store.State(ctx)
+		require.NoError(t, err)
+		digest, err := store.StateDigest(ctx)
+		require.NoError(t, err)
+		require.NotEqual(t, st.Digest(), digest)
+	})
+
+	t.Run("a store from before the digest says to migrate, and migrating seals it", func(t *testing.T) {
+		store, b := setupStore(t)
+		_, err := store.ApplyRelease(ctx, b.manifest(t, "L"), "tester")
+		require.NoError(t, err)
+		q := `"` + store.Schema() + `"`
+		_, err = store.DB().Exec(`ALTER TABLE ` + q + `.epoch DROP COLUMN state_digest; DELETE FROM ` + q + `.schema_migrations WHERE version = 2`)
+		require.NoError(t, err)
+
+		before := snapshotTables(t, store)
+		_, err = store.Flip(ctx, "L", phase.Migrate, schema.FlipOptions{})
+		require.ErrorIs(t, err, schema.ErrNotMigrated)
+		require.ErrorContains(t, err, "phasecast migrate")
+		require.Equal(t, before, snapshotTables(t, store), "the refused flip wrote nothing")
+
+		res, err := store.Migrate(ctx)
+		require.NoError(t, err)
+		require.Equal(t, []int{2}, res.Applied)
+		requireSealed(t, store)
+		_, err = store.Flip(ctx, "L", phase.Migrate, schema.FlipOptions{})
+		require.NoError(t, err)
+		requireSealed(t, store)
+	})
 }

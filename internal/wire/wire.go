@@ -83,6 +83,11 @@ type Status struct {
 	// so the contract runner can tell them from sessions nobody vouches for.
 	AppName string    `json:"app_name,omitempty"`
 	SentAt  time.Time `json:"sent_at"`
+	// SkipGrant asks the broadcaster to record the status without a
+	// grant: the agent's lease is still fresh. Acks set it, so a flip
+	// costs each agent one message back, not a status and a grant. A
+	// status without it (older agents) is granted as before.
+	SkipGrant bool `json:"skip_grant,omitempty"`
 }
 
 // Grant answers one recorded status: the agent's lease is extended, and
