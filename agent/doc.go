@@ -44,9 +44,12 @@
 // # Trust
 //
 // The store is the truth; the broker only says "look". With Config.DB the
-// agent never applies a state message's content: a higher epoch makes it
-// read the store (Store.SyncAgent, at most once per ConfirmInterval) and
-// apply what the store says, so a forged state changes nothing. With
+// agent applies a state message only if the store vouches for it: a higher
+// epoch makes it read, at most once per ConfirmInterval, the digest the
+// store wrote with its last change (Store.StateDigest, one row). If that
+// is the message's digest (wire.State.Digest) the message is applied;
+// otherwise the agent reads the whole state (Store.State) and applies
+// that. So a forged state changes nothing. With
 // Config.StateKey, state and grant messages must carry a valid Ed25519
 // signature; with Config.StatusMACKey, statuses carry an HMAC. Set StateKey
 // in production: a DB protects the state, but without a key a grant (and
@@ -55,9 +58,12 @@
 //
 // # Lease and fencing
 //
-// Every status the agent sends is answered by the broadcaster with a
-// grant, which extends the agent's lease to (time the status was sent) +
-// lease − Config.LeaseMargin on the agent's own monotonic clock. The store
+// The broadcaster answers the agent's statuses with grants, each of which
+// extends the agent's lease to (time the status was sent) + lease −
+// Config.LeaseMargin on the agent's own monotonic clock. Heartbeats always
+// ask for one; an ack sent while at least half the lease is left does
+// not (wire.Status.SkipGrant), since the heartbeats renew the lease anyway
+// and a grant per ack doubled a flip's messages back. The store
 // records the lease on the database clock when it writes the status, which
 // is later, so the agent's lease always runs out first. When it runs out
 // the agent is fenced: Enter re-reads the state from the store and renews

@@ -19,9 +19,11 @@
 //     message is logged, counted in Stats by reason and dropped, and never
 //     changes anything. Good ones are recorded in batches, one transaction
 //     per batch (StatusBatchMax, StatusBatchWait), each extending the
-//     agent's lease on the database clock. Each recorded status is answered
+//     agent's lease on the database clock. A recorded status is answered
 //     with a grant on the agent's own queue, carrying its seq, the lease
-//     and the epoch current when it was recorded. Deliveries are acked only
+//     and the epoch current when it was recorded, unless the agent asked
+//     for none (an ack on a fresh lease, wire.Status.SkipGrant) and is not
+//     behind that epoch. Deliveries are acked only
 //     after the transaction committed; if the database write fails they go
 //     back to the queue and the consumer backs off. A replayed status (its
 //     seq not newer than the recorded one) is acked without a grant.

@@ -1,6 +1,7 @@
 package faults
 
 import (
+	"database/sql"
 	"fmt"
 	"testing"
 	"time"
@@ -35,40 +36,112 @@ func (e *env) idleInTransaction(appName string) (pid int, xactStart string, ok b
 	return rows[0].PID, rows[0].Start, true
 }
 
-// TestFrozenClientReleasesEpochLock: the broadcaster's link to the
-// database freezes in the middle of recording statuses, while its
-// transaction holds the epoch row that every flip waits for (what a
-// SIGSTOP, a debugger or a paused VM does to a broadcaster or a service).
-// The server ends that idle transaction after 10 s, so a flip waits at most
-// that long; once the link is back, the broadcaster recovers, publishes the
-// flip, and the agents acknowledge it.
+// TestFrozenClientReleasesEpochLock: a client's link to the database
+// freezes while its transaction holds the epoch row FOR SHARE, which every
+// flip waits for (what a SIGSTOP, a debugger or a paused VM does to a
+// service). Only an agent's sync through the store (Store.SyncAgent) is
+// such a transaction: it must read the state under the lock, so it is
+// several statements. The server ends that idle transaction after 10 s,
+// so a flip waits at most that long; once the link is back the agent
+// recovers and acknowledges through the store. The broadcaster records
+// statuses in one statement, so freezing it holds nothing: a flip goes
+// straight through.
 func TestFrozenClientReleasesEpochLock(t *testing.T) {
 	t.Parallel()
-	e := setup(t)
-	pgHost, err := faultproxy.HostPort(testenv.DatabaseURL())
-	require.NoError(t, err)
-	p := faultproxy.Start(t, pgHost)
-	app := testenv.Name("faults_frozen")
-	dsn, err := config.WithApplicationName(p.URL(testenv.DatabaseURL()), app)
-	require.NoError(t, err)
-	bstore, err := schema.Open(e.ctx, dsn, e.store.Schema())
-	require.NoError(t, err)
-	t.Cleanup(func() { bstore.Close() })
-	e.startBroadcaster(func(c *broadcaster.Config) { c.Store, c.DatabaseURL = bstore, dsn })
-	// Many frequent heartbeats: a status batch is being recorded most of
-	// the time.
-	var cfgs []agent.Config
-	for i := range 12 {
-		cfg := e.agentConfig(fmt.Sprintf("frozen-%d", i), nil)
-		cfg.HeartbeatInterval = 50 * time.Millisecond
-		cfgs = append(cfgs, cfg)
-	}
-	agents := e.startAgents(cfgs)
-	e.waitDrained(e.flip(phase.Migrate), ids(agents)...)
 
-	// Freeze the link at a moment the broadcaster's transaction is open.
+	t.Run("agent frozen in its store sync", func(t *testing.T) {
+		t.Parallel()
+		e := setup(t)
+		p, dsn, app := e.frozenLink()
+		db, err := sql.Open("postgres", dsn)
+		require.NoError(t, err)
+		t.Cleanup(func() { db.Close() })
+		// No broker: every heartbeat goes through the store, so a sync
+		// transaction is open much of the time.
+		var cfgs []agent.Config
+		for i := range 12 {
+			cfg := e.agentConfig(fmt.Sprintf("frozen-%d", i), db)
+			cfg.AMQPURL = "amqp://guest:guest@127.0.0.1:1/"
+			cfg.HeartbeatInterval = 20 * time.Millisecond
+			cfgs = append(cfgs, cfg)
+		}
+		agents := e.startAgents(cfgs)
+		e.waitDrained(e.flip(phase.Migrate), ids(agents)...)
+
+		frozenPID := e.freezeInsideTransaction(p, app)
+		frozen := time.Now()
+		epoch := e.flip(phase.Contract) // waits for the frozen transaction's lock
+		blocked := time.Since(frozen)
+		require.Greater(t, blocked, 5*time.Second, "the flip did wait for the frozen transaction")
+		require.Less(t, blocked, 15*time.Second, "the server ended the frozen transaction after 10 s")
+		var gone bool
+		require.NoError(t, e.db.GetContext(e.ctx, &gone, `SELECT NOT EXISTS (SELECT 1 FROM pg_stat_activity WHERE pid = $1)`, frozenPID))
+		require.True(t, gone, "the frozen session was ended")
+
+		p.Blackhole(false)
+		healed := time.Now()
+		e.waitDrained(epoch, ids(agents)...)
+		figure(t, "flip_blocked_for", blocked)
+		figure(t, "acked_after_heal", time.Since(healed))
+	})
+
+	t.Run("broadcaster frozen while recording", func(t *testing.T) {
+		t.Parallel()
+		e := setup(t)
+		p, dsn, app := e.frozenLink()
+		bstore, err := schema.Open(e.ctx, dsn, e.store.Schema())
+		require.NoError(t, err)
+		t.Cleanup(func() { bstore.Close() })
+		e.startBroadcaster(func(c *broadcaster.Config) { c.Store, c.DatabaseURL = bstore, dsn })
+		// Many frequent heartbeats: a status batch is being recorded most
+		// of the time.
+		var cfgs []agent.Config
+		for i := range 12 {
+			cfg := e.agentConfig(fmt.Sprintf("frozen-%d", i), nil)
+			cfg.HeartbeatInterval = 50 * time.Millisecond
+			cfgs = append(cfgs, cfg)
+		}
+		agents := e.startAgents(cfgs)
+		e.waitDrained(e.flip(phase.Migrate), ids(agents)...)
+
+		// Freeze it with a recording in flight, then flip.
+		waitFor(t, 30*time.Second, "the broadcaster to be recording statuses", func() bool {
+			return e.sessionActive(app)
+		})
+		p.Blackhole(true)
+		frozen := time.Now()
+		epoch := e.flip(phase.Contract)
+		blocked := time.Since(frozen)
+		require.Less(t, blocked, 2*time.Second, "nothing the frozen broadcaster had open held the flip")
+
+		p.Blackhole(false)
+		healed := time.Now()
+		e.waitDrained(epoch, ids(agents)...)
+		figure(t, "flip_blocked_for", blocked)
+		figure(t, "acked_after_heal", time.Since(healed))
+	})
+}
+
+// frozenLink is a database link through a fault proxy, and its
+// application_name, for a client the test will freeze.
+func (e *env) frozenLink() (p *faultproxy.Proxy, dsn, app string) {
+	e.t.Helper()
+	pgHost, err := faultproxy.HostPort(testenv.DatabaseURL())
+	require.NoError(e.t, err)
+	p = faultproxy.Start(e.t, pgHost)
+	app = testenv.Name("faults_frozen")
+	dsn, err = config.WithApplicationName(p.URL(testenv.DatabaseURL()), app)
+	require.NoError(e.t, err)
+	return p, dsn, app
+}
+
+// freezeInsideTransaction black-holes p at a moment a session with app
+// sits idle inside a transaction holding the epoch row, and returns its
+// pid.
+func (e *env) freezeInsideTransaction(p *faultproxy.Proxy, app string) int {
+	e.t.Helper()
 	var frozenPID int
-	waitFor(t, 30*time.Second, "the broadcaster to be caught inside a transaction", func() bool {
+	waitFor(e.t, 30*time.Second, "a client to be caught inside a transaction", func() bool {
 		if _, _, ok := e.idleInTransaction(app); !ok {
 			return false
 		}
@@ -84,18 +157,14 @@ func TestFrozenClientReleasesEpochLock(t *testing.T) {
 		p.Blackhole(false)
 		return false
 	})
-	frozen := time.Now()
-	epoch := e.flip(phase.Contract) // waits for the frozen transaction's lock
-	blocked := time.Since(frozen)
-	require.Greater(t, blocked, 5*time.Second, "the flip did wait for the frozen transaction")
-	require.Less(t, blocked, 15*time.Second, "the server ended the frozen transaction after 10 s")
-	var gone bool
-	require.NoError(t, e.db.GetContext(e.ctx, &gone, `SELECT NOT EXISTS (SELECT 1 FROM pg_stat_activity WHERE pid = $1)`, frozenPID))
-	require.True(t, gone, "the frozen session was ended")
+	return frozenPID
+}
 
-	p.Blackhole(false)
-	healed := time.Now()
-	e.waitDrained(epoch, ids(agents)...)
-	figure(t, "flip_blocked_for", blocked)
-	figure(t, "acked_after_heal", time.Since(healed))
+// sessionActive reports whether a session with appName is running a
+// statement now.
+func (e *env) sessionActive(appName string) bool {
+	e.t.Helper()
+	var n int
+	require.NoError(e.t, e.db.GetContext(e.ctx, &n, `SELECT count(*) FROM pg_stat_activity WHERE application_name = $1 AND state = 'active'`, appName))
+	return n > 0
 }
