@@ -291,7 +291,7 @@ type env struct {
 	store  *schema.Store
 	prefix string
 	bc     *broadcaster.Broadcaster
-	clock  *ackClock
+	clock  *fleet.AckClock
 	phase  phase.Phase // release L's phase
 	epoch  int64       // the store's epoch
 	agents *sqlx.DB    // the agents' (and pollers') pool
@@ -310,7 +310,7 @@ func Run(ctx context.Context, opts Options) (rep *Report, err error) {
 	}
 	opts.started = time.Now()
 	name := "phasecast_bench_" + opts.Name
-	e := &env{opts: opts, prefix: name, clock: newAckClock(), appName: "phasecast-bench-" + opts.Name}
+	e := &env{opts: opts, prefix: name, clock: &fleet.AckClock{}, appName: "phasecast-bench-" + opts.Name}
 	// Every session of the run carries appName, unless the URL names an
 	// application_name of its own (the PostgreSQL CPU figures are then 0).
 	dsn, err := config.WithApplicationName(opts.DatabaseURL, e.appName)
@@ -367,7 +367,7 @@ func Run(ctx context.Context, opts Options) (rep *Report, err error) {
 		Logger:         opts.Logger.With().Str("component", "broadcaster").Logger(),
 	}
 	// Installed in either mode: the cost measurements time acks with it.
-	bcfg.OnRecorded = e.clock.onRecorded
+	bcfg.OnRecorded = e.clock.OnRecorded
 	if e.bc, err = (&fleet.Env{}).StartBroadcaster(ctx, bcfg, true); err != nil {
 		return nil, err
 	}

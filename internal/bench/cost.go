@@ -112,19 +112,19 @@ func (e *env) burst(ctx context.Context, fl *agentFleet) (Burst, error) {
 	var last time.Time
 	for time.Since(start) < e.opts.CostDuration {
 		if w != nil {
-			w.cancel()
+			w.Cancel()
 		}
-		w = e.clock.expect(e.epoch+1, fl.ids)
+		w = e.clock.Expect(e.epoch+1, fl.ids)
 		at, err := e.flip(ctx)
 		if err != nil {
-			w.cancel()
+			w.Cancel()
 			return b, err
 		}
 		last = at
 		b.Flips++
 	}
 	elapsed := time.Since(start).Seconds()
-	times := w.wait(ctx, ackTimeout)
+	times := w.Wait(ctx, ackTimeout)
 	if len(times) < len(fl.ids) {
 		return b, fmt.Errorf("after the burst, %d of %d agents acknowledged the last flip", len(times), len(fl.ids))
 	}

@@ -11,6 +11,7 @@ import (
 	amqp "github.com/rabbitmq/amqp091-go"
 
 	"github.com/phasecast/phasecast/internal/amqpx"
+	"github.com/phasecast/phasecast/internal/latency"
 )
 
 // The floor's own topology: a fanout exchange like the state exchange, and
@@ -147,7 +148,7 @@ func (e *env) runFloor(ctx context.Context, n, stateBytes, statusBytes int) (Mea
 			lat = append(lat, at.Sub(start))
 		}
 		flips = append(flips, lat)
-		deliveries = append(deliveries, since(delivered.take(), start))
+		deliveries = append(deliveries, latency.Since(delivered.take(), start))
 		missing += n - len(lat)
 	}
 	cpu := mark.per(ctx, e.opts.Flips)

@@ -12,7 +12,7 @@ import (
 	"github.com/lib/pq"
 
 	"github.com/phasecast/phasecast/agent"
-	"github.com/phasecast/phasecast/broadcaster"
+	"github.com/phasecast/phasecast/internal/fleet"
 	"github.com/phasecast/phasecast/internal/latency"
 	"github.com/phasecast/phasecast/internal/retry"
 	"github.com/phasecast/phasecast/internal/wire"
@@ -63,7 +63,7 @@ func (e *env) runPhasecast(ctx context.Context, n int, path Path) (*Phasecast, e
 			return nil, err
 		}
 		flips = append(flips, lat)
-		applied = append(applied, since(e.applied.take(), fl.committed))
+		applied = append(applied, latency.Since(e.applied.take(), fl.committed))
 		missing += miss
 	}
 	cpu := mark.per(ctx, e.opts.Flips)
@@ -83,15 +83,15 @@ func (e *env) timeFlip(ctx context.Context, fl *agentFleet) ([]time.Duration, in
 	if e.opts.AckWatch == "poll" {
 		w = e.pollAcks(ctx, want, fl.idPrefix, len(fl.ids))
 	} else {
-		w = e.clock.expect(want, fl.ids)
+		w = e.clock.Expect(want, fl.ids)
 	}
 	committed, err := e.flip(ctx)
 	if err != nil {
-		w.cancel()
+		w.Cancel()
 		return nil, 0, err
 	}
 	fl.committed = committed
-	times := w.wait(ctx, ackTimeout)
+	times := w.Wait(ctx, ackTimeout)
 	if ctx.Err() != nil {
 		return nil, 0, ctx.Err()
 	}
@@ -102,82 +102,13 @@ func (e *env) timeFlip(ctx context.Context, fl *agentFleet) ([]time.Duration, in
 	return lat, len(fl.ids) - len(lat), nil
 }
 
-// ackWaiter waits for one epoch's acknowledgements.
+// ackWaiter waits for one epoch's acknowledgements: a fleet.AckWait, or
+// a pollWait.
 type ackWaiter interface {
-	// wait returns the time of each acknowledgement seen within limit.
-	wait(ctx context.Context, limit time.Duration) []time.Time
-	cancel()
+	// Wait returns the time of each acknowledgement seen within limit.
+	Wait(ctx context.Context, limit time.Duration) []time.Time
+	Cancel()
 }
-
-// ackClock times acknowledgements from the broadcaster's OnRecorded hook:
-// the first recorded status of each awaited agent whose drained epoch
-// reaches the awaited one.
-type ackClock struct {
-	mu    sync.Mutex
-	epoch int64
-	want  map[string]bool
-	seen  map[string]time.Time
-	done  chan struct{} // closed when every awaited agent is seen; nil when not armed
-}
-
-func newAckClock() *ackClock { return &ackClock{} }
-
-// expect arms the clock for epoch and the agents in ids. Call it before
-// the flip.
-func (c *ackClock) expect(epoch int64, ids map[string]bool) ackWaiter {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	c.epoch, c.want, c.seen, c.done = epoch, ids, make(map[string]time.Time, len(ids)), make(chan struct{})
-	return &clockWait{c: c, done: c.done}
-}
-
-// onRecorded is the broadcaster's Config.OnRecorded.
-func (c *ackClock) onRecorded(at time.Time, recorded []broadcaster.RecordedStatus) {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	if c.done == nil {
-		return
-	}
-	for _, r := range recorded {
-		if r.DrainedEpoch < c.epoch || !c.want[r.AgentID] {
-			continue
-		}
-		if _, ok := c.seen[r.AgentID]; !ok {
-			c.seen[r.AgentID] = at
-		}
-	}
-	if len(c.seen) == len(c.want) {
-		close(c.done)
-		c.done = nil
-	}
-}
-
-type clockWait struct {
-	c    *ackClock
-	done chan struct{}
-}
-
-func (w *clockWait) wait(ctx context.Context, limit time.Duration) []time.Time {
-	t := time.NewTimer(limit)
-	defer t.Stop()
-	select {
-	case <-w.done:
-	case <-t.C:
-	case <-ctx.Done():
-	}
-	w.c.mu.Lock()
-	defer w.c.mu.Unlock()
-	if w.c.done == w.done {
-		w.c.done = nil // disarm: time ran out
-	}
-	out := make([]time.Time, 0, len(w.c.seen))
-	for _, t := range w.c.seen {
-		out = append(out, t)
-	}
-	return out
-}
-
-func (w *clockWait) cancel() { w.wait(context.Background(), 0) }
 
 // pollWait counts acknowledgements in the store with one query per
 // millisecond, as an outside observer would: each poll that finds k more
@@ -213,14 +144,8 @@ func (e *env) pollAcks(ctx context.Context, epoch int64, idPrefix string, n int)
 	return w
 }
 
-func (w *pollWait) wait(ctx context.Context, limit time.Duration) []time.Time {
-	t := time.NewTimer(limit)
-	defer t.Stop()
-	select {
-	case <-w.done:
-	case <-t.C:
-	case <-ctx.Done():
-	}
+func (w *pollWait) Wait(ctx context.Context, limit time.Duration) []time.Time {
+	fleet.Await(ctx, w.done, limit)
 	w.stop()
 	<-w.done
 	w.mu.Lock()
@@ -228,7 +153,7 @@ func (w *pollWait) wait(ctx context.Context, limit time.Duration) []time.Time {
 	return slices.Clone(w.times)
 }
 
-func (w *pollWait) cancel() { w.stop(); <-w.done }
+func (w *pollWait) Cancel() { w.stop(); <-w.done }
 
 // fleet is n running agents on shared connections.
 type agentFleet struct {
@@ -395,15 +320,6 @@ func (s *stamps) take() []time.Time {
 	t := s.times
 	s.key, s.times = 0, nil
 	return t
-}
-
-// since turns times into latencies after from.
-func since(times []time.Time, from time.Time) []time.Duration {
-	out := make([]time.Duration, 0, len(times))
-	for _, t := range times {
-		out = append(out, t.Sub(from))
-	}
-	return out
 }
 
 // lastOf is the distribution, over flips, of the latest latency of each.

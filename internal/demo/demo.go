@@ -7,9 +7,8 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"sort"
+	"slices"
 	"strings"
-	"sync"
 	"time"
 
 	"github.com/jmoiron/sqlx"
@@ -20,7 +19,6 @@ import (
 	"github.com/phasecast/phasecast/internal/fleet"
 	"github.com/phasecast/phasecast/internal/latency"
 	"github.com/phasecast/phasecast/internal/phase"
-	"github.com/phasecast/phasecast/internal/retry"
 	"github.com/phasecast/phasecast/schema"
 )
 
@@ -121,7 +119,10 @@ func (d *run) run(ctx context.Context) (*Report, error) {
 	d.tl.now("store migrated; %s created with 1000 rows", d.appTable)
 
 	env := &fleet.Env{Store: store, DatabaseURL: o.DatabaseURL, AMQPURL: o.AMQPURL, Prefix: d.prefix, Logger: o.Logger}
-	b, err := env.StartBroadcaster(ctx, env.BroadcasterConfig(), true)
+	var acks fleet.AckClock
+	bcfg := env.BroadcasterConfig()
+	bcfg.OnRecorded = acks.OnRecorded
+	b, err := env.StartBroadcaster(ctx, bcfg, true)
 	if err != nil {
 		return nil, err
 	}
@@ -160,25 +161,38 @@ func (d *run) run(ctx context.Context) (*Report, error) {
 	n, _ := res.RowsAffected()
 	d.tl.now("backfill: common_name set on %d rows", n)
 
-	acks := newAckWatch(d.store)
+	// Armed before the flip for the epoch it will take: the demo is the
+	// store's only writer, and the flip's epoch is checked below.
+	before, err := store.Epoch(ctx)
+	if err != nil {
+		return nil, err
+	}
+	ids := make(map[string]bool, len(services.List))
+	for _, svc := range services.List {
+		ids[svc.Agent().ID()] = true
+	}
+	ackWait := acks.Expect(before+1, ids)
 	flipped, err := store.Flip(ctx, "L", phase.Contract, schema.FlipOptions{Actor: "demo", Check: store.ContractCheck(schema.ContractCheckOptions{})})
 	committed := time.Now()
 	if err != nil {
+		ackWait.Cancel()
 		return nil, err
+	}
+	if flipped.Epoch != before+1 {
+		ackWait.Cancel()
+		return nil, fmt.Errorf("another change ran during the demo: the contract flip took epoch %d, not %d", flipped.Epoch, before+1)
 	}
 	d.tl.at(committed, "flip L contract committed, epoch %d", flipped.Epoch)
 	o.Logger.Debug().Int64("epoch", flipped.Epoch).Msg("contract flip committed")
-	watchCtx, stopWatch := context.WithCancel(ctx)
-	var ackWait sync.WaitGroup
-	ackWait.Go(func() { acks.run(watchCtx, flipped.Epoch, len(services.List)) })
 
 	contract, err := store.Contract(ctx, "L", schema.ContractOptions{Timeout: 30 * time.Second, PollInterval: 10 * time.Millisecond, Actor: "demo", LeaderWithin: 5 * time.Second})
-	stopWatch()
-	ackWait.Wait()
+	// The runner has seen every ack in the store, so every commit has
+	// been reported: Wait returns at once.
+	ackTimes := latency.Since(ackWait.Wait(ctx, time.Second), committed)
+	slices.Sort(ackTimes)
 	if err != nil {
 		return nil, err
 	}
-	ackTimes := acks.latencies(committed)
 	if len(ackTimes) > 0 {
 		d.tl.at(committed.Add(ackTimes[0]), "first acknowledgement recorded (+%s)", ms(ackTimes[0]))
 		d.tl.at(committed.Add(ackTimes[len(ackTimes)-1]), "last acknowledgement recorded (+%s): %d/%d agents", ms(ackTimes[len(ackTimes)-1]), len(ackTimes), len(services.List))
@@ -265,51 +279,6 @@ removed:
   - table: %[2]s
     columns: [name, display_name]
 `, schema.QuoteTable(table), table)
-}
-
-// ackWatch records when each agent's acknowledgement of an epoch reaches
-// the store, by polling the registry every few milliseconds.
-type ackWatch struct {
-	store *schema.Store
-	mu    sync.Mutex
-	seen  map[string]time.Time
-}
-
-func newAckWatch(store *schema.Store) *ackWatch {
-	return &ackWatch{store: store, seen: map[string]time.Time{}}
-}
-
-func (w *ackWatch) run(ctx context.Context, epoch int64, want int) {
-	for ctx.Err() == nil {
-		agents, err := w.store.LiveAgents(ctx)
-		now := time.Now()
-		if err == nil {
-			w.mu.Lock()
-			for _, a := range agents {
-				if _, ok := w.seen[a.ID]; !ok && a.DrainedEpoch >= epoch {
-					w.seen[a.ID] = now
-				}
-			}
-			done := len(w.seen) >= want
-			w.mu.Unlock()
-			if done {
-				return
-			}
-		}
-		_ = retry.Sleep(ctx, 2*time.Millisecond)
-	}
-}
-
-// latencies returns each agent's ack time after from, sorted.
-func (w *ackWatch) latencies(from time.Time) []time.Duration {
-	w.mu.Lock()
-	defer w.mu.Unlock()
-	out := make([]time.Duration, 0, len(w.seen))
-	for _, t := range w.seen {
-		out = append(out, t.Sub(from))
-	}
-	sort.Slice(out, func(i, j int) bool { return out[i] < out[j] })
-	return out
 }
 
 // randomName is a short suffix that keeps two demos, or a demo and a

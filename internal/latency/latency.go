@@ -32,3 +32,12 @@ func Percentile(sorted []time.Duration, p float64) time.Duration {
 	rank := int(p/100*float64(len(sorted))+0.999999) - 1
 	return sorted[min(max(rank, 0), len(sorted)-1)]
 }
+
+// Since turns times into latencies after from, in the same order.
+func Since(times []time.Time, from time.Time) []time.Duration {
+	out := make([]time.Duration, 0, len(times))
+	for _, t := range times {
+		out = append(out, t.Sub(from))
+	}
+	return out
+}
