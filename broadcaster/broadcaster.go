@@ -68,7 +68,7 @@ func New(cfg *Config) (*Broadcaster, error) {
 		log:     c.Logger.With().Str("component", "broadcaster").Str("broadcaster_id", c.ID).Str("schema", c.Store.Schema()).Logger(),
 		host:    config.Hostname(),
 		pid:     os.Getpid(),
-		lockKey: "phasecast:" + c.Store.Schema() + ":leader",
+		lockKey: c.Store.LockKey("leader"),
 		stats:   newCounters(),
 	}, nil
 }

@@ -555,7 +555,7 @@ func removalDependents(ctx context.Context, q sqlx.QueryerContext, r Removal) ([
 	}
 	relName := make(map[int64]string, len(rels))
 	for _, rel := range rels {
-		relName[rel.OID] = pq.QuoteIdentifier(rel.Schema) + "." + pq.QuoteIdentifier(rel.Name)
+		relName[rel.OID] = quoteQualified(rel.Schema, rel.Name)
 	}
 
 	// Whole relations found (views, other tables): objects that belong to
@@ -650,7 +650,7 @@ func ownedByRemoval(n *found, own map[int64]bool, removed map[relColumn]bool, wh
 // identify returns the object's kind, its qualified quoted name and, when
 // there is a simple one, the statement that removes it.
 func (o objectInfo) identify(isRelation bool, subID int32, relName map[int64]string) (kind, name, fix string) {
-	qualified := pq.QuoteIdentifier(o.NameSchema) + "." + pq.QuoteIdentifier(o.Name)
+	qualified := quoteQualified(o.NameSchema, o.Name)
 	owner := relName[o.Owner]
 	if owner == "" {
 		owner = "?"

@@ -262,7 +262,7 @@ func (s *Store) Contract(ctx context.Context, release string, opts ContractOptio
 	defer conn.Close()
 	if !opts.DryRun {
 		var locked bool
-		if err := conn.GetContext(ctx, &locked, `SELECT pg_try_advisory_lock(hashtext($1))`, s.lockKey("contract:"+release)); err != nil {
+		if err := conn.GetContext(ctx, &locked, `SELECT pg_try_advisory_lock(hashtext($1))`, s.LockKey("contract:"+release)); err != nil {
 			return nil, err
 		}
 		if !locked {
@@ -414,7 +414,7 @@ func (s *Store) unlockContract(conn *sqlx.Conn, release string, log zerolog.Logg
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
 	var unlocked bool
-	err := conn.GetContext(ctx, &unlocked, `SELECT pg_advisory_unlock(hashtext($1))`, s.lockKey("contract:"+release))
+	err := conn.GetContext(ctx, &unlocked, `SELECT pg_advisory_unlock(hashtext($1))`, s.LockKey("contract:"+release))
 	if err == nil && unlocked {
 		return
 	}

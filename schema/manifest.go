@@ -563,7 +563,12 @@ func QuoteTable(key string) string {
 	if !qualified {
 		return pq.QuoteIdentifier(key)
 	}
-	return pq.QuoteIdentifier(schema) + "." + pq.QuoteIdentifier(table)
+	return quoteQualified(schema, table)
+}
+
+// quoteQualified quotes schema.name, each part on its own.
+func quoteQualified(schema, name string) string {
+	return pq.QuoteIdentifier(schema) + "." + pq.QuoteIdentifier(name)
 }
 
 // DDL returns the statement that carries out the removal. IF EXISTS makes a

@@ -34,7 +34,7 @@ func (s *Store) ApplyRelease(ctx context.Context, m *Manifest, actor string) (Ap
 		return res, err
 	}
 	err = s.inTx(ctx, func(tx *sqlx.Tx) error {
-		if _, err := tx.ExecContext(ctx, `SELECT pg_advisory_xact_lock(hashtext($1))`, s.lockKey("release:"+m.Release)); err != nil {
+		if _, err := tx.ExecContext(ctx, `SELECT pg_advisory_xact_lock(hashtext($1))`, s.LockKey("release:"+m.Release)); err != nil {
 			return err
 		}
 		var cur struct {

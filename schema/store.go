@@ -84,9 +84,10 @@ func (s *Store) sql(query string) string {
 	return strings.ReplaceAll(query, "@schema", s.quoted)
 }
 
-// lockKey derives an advisory lock key from a purpose and the schema, so
-// stores in different schemas never contend.
-func (s *Store) lockKey(purpose string) string { return "phasecast:" + s.schema + ":" + purpose }
+// LockKey derives an advisory lock key (hashed with hashtext) from a
+// purpose and the schema, so stores in different schemas never contend.
+// The broadcaster's leader lock uses it too.
+func (s *Store) LockKey(purpose string) string { return "phasecast:" + s.schema + ":" + purpose }
 
 type migration struct {
 	version int
@@ -132,7 +133,7 @@ func (s *Store) Migrate(ctx context.Context) (MigrationResult, error) {
 		return res, err
 	}
 	err = s.inTx(ctx, func(tx *sqlx.Tx) error {
-		if _, err := tx.ExecContext(ctx, `SELECT pg_advisory_xact_lock(hashtext($1))`, s.lockKey("migrate")); err != nil {
+		if _, err := tx.ExecContext(ctx, `SELECT pg_advisory_xact_lock(hashtext($1))`, s.LockKey("migrate")); err != nil {
 			return err
 		}
 		for _, q := range []string{
