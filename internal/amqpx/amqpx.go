@@ -49,6 +49,18 @@ func EnsureStateExchange(conn *amqp.Connection, prefix string) error {
 	return ch.ExchangeDeclarePassive(StateExchange(prefix), amqp.ExchangeFanout, true, false, false, false, nil)
 }
 
+// DeleteTopology deletes the status queue and the state exchange of
+// prefix, plus any further queues and exchanges named, ignoring what is
+// already gone: the clean-up of demos, benchmarks and tests.
+func DeleteTopology(ch *amqp.Channel, prefix string, queues, exchanges []string) {
+	for _, q := range append([]string{StatusQueue(prefix)}, queues...) {
+		_, _ = ch.QueueDelete(q, false, false, false)
+	}
+	for _, x := range append([]string{StateExchange(prefix)}, exchanges...) {
+		_ = ch.ExchangeDelete(x, false, false)
+	}
+}
+
 // DeclareStatusQueue declares the durable status queue as a quorum queue.
 // A broker without quorum queues refuses that and closes the channel, so
 // the fallback to a classic durable queue opens a new one.

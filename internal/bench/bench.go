@@ -463,12 +463,7 @@ func (e *env) deleteAMQP() {
 		return
 	}
 	defer ch.Close()
-	for _, q := range []string{amqpx.StatusQueue(e.prefix), floorReplies(e.prefix), grantSink(e.prefix)} {
-		_, _ = ch.QueueDelete(q, false, false, false)
-	}
-	for _, x := range []string{amqpx.StateExchange(e.prefix), floorExchange(e.prefix)} {
-		_ = ch.ExchangeDelete(x, false, false)
-	}
+	amqpx.DeleteTopology(ch, e.prefix, []string{floorReplies(e.prefix), grantSink(e.prefix)}, []string{floorExchange(e.prefix)})
 }
 
 // machine describes this machine and the servers.

@@ -161,6 +161,6 @@ func (e *Env) DeleteAMQP() {
 	if err != nil {
 		return
 	}
-	_, _ = ch.QueueDelete(amqpx.StatusQueue(e.Prefix), false, false, false)
-	_ = ch.ExchangeDelete(amqpx.StateExchange(e.Prefix), false, false)
+	defer ch.Close()
+	amqpx.DeleteTopology(ch, e.Prefix, nil, nil)
 }

@@ -118,8 +118,7 @@ func Prefix(t testing.TB) string {
 			return
 		}
 		defer ch.Close()
-		_, _ = ch.QueueDelete(amqpx.StatusQueue(prefix), false, false, false)
-		_ = ch.ExchangeDelete(amqpx.StateExchange(prefix), false, false)
+		amqpx.DeleteTopology(ch, prefix, nil, nil)
 	})
 	return prefix
 }
