@@ -95,7 +95,12 @@ type AuditEntry struct {
 
 // Report is everything 'phasecast status' shows.
 type Report struct {
-	Schema       string          `json:"schema"`
+	Schema string `json:"schema"`
+	// StoreVersion is the newest migration applied to the store; Version
+	// the newest this binary knows. When the store is behind, changes
+	// refuse until 'phasecast migrate' runs.
+	StoreVersion int             `json:"store_version"`
+	Version      int             `json:"version"`
 	Epoch        int64           `json:"epoch"`
 	Unpublished  int64           `json:"unpublished_epoch,omitempty"`
 	Releases     []ReleaseStatus `json:"releases"`
@@ -107,8 +112,15 @@ type Report struct {
 // Report reads a status report in one read-only snapshot, so its parts
 // agree with each other.
 func (s *Store) Report(ctx context.Context, recentFlips int) (*Report, error) {
-	rep := &Report{Schema: s.schema}
-	err := s.inTxOpts(ctx, readOnlySnapshot, func(tx *sqlx.Tx) error {
+	ms, err := loadMigrations()
+	if err != nil {
+		return nil, err
+	}
+	rep := &Report{Schema: s.schema, Version: ms[len(ms)-1].version}
+	err = s.inTxOpts(ctx, readOnlySnapshot, func(tx *sqlx.Tx) error {
+		if err := tx.GetContext(ctx, &rep.StoreVersion, s.sql(`SELECT COALESCE(max(version), 0) FROM @schema.schema_migrations`)); err != nil {
+			return err
+		}
 		if err := tx.GetContext(ctx, &rep.Epoch, s.sql(epochQuery)); err != nil {
 			return err
 		}

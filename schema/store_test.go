@@ -439,6 +439,11 @@ func TestStateDigest(t *testing.T) {
 		_, err = store.DB().Exec(`ALTER TABLE ` + q + `.epoch DROP COLUMN state_digest; DELETE FROM ` + q + `.schema_migrations WHERE version = 2`)
 		require.NoError(t, err)
 
+		rep, err := store.Report(ctx, 1)
+		require.NoError(t, err)
+		require.Equal(t, 1, rep.StoreVersion, "status tells the truth about the store")
+		require.Equal(t, 2, rep.Version)
+
 		before := snapshotTables(t, store)
 		_, err = store.Flip(ctx, "L", phase.Migrate, schema.FlipOptions{})
 		require.ErrorIs(t, err, schema.ErrNotMigrated)
@@ -449,6 +454,9 @@ func TestStateDigest(t *testing.T) {
 		require.NoError(t, err)
 		require.Equal(t, []int{2}, res.Applied)
 		requireSealed(t, store)
+		rep, err = store.Report(ctx, 1)
+		require.NoError(t, err)
+		require.Equal(t, rep.Version, rep.StoreVersion)
 		_, err = store.Flip(ctx, "L", phase.Migrate, schema.FlipOptions{})
 		require.NoError(t, err)
 		requireSealed(t, store)

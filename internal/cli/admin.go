@@ -225,6 +225,9 @@ func printReport(out io.Writer, rep *schema.Report) error {
 		fmt.Fprintf(w, " (changes up to epoch %d not yet published: is a broadcaster running?)", rep.Unpublished)
 	}
 	fmt.Fprintln(w)
+	if rep.StoreVersion < rep.Version {
+		fmt.Fprintf(w, "store schema version %d, this binary's %d: changes refuse until 'phasecast migrate' runs\n", rep.StoreVersion, rep.Version)
+	}
 
 	fmt.Fprintln(w, "\nRELEASE\tPHASE\tEPOCH\tREMOVED")
 	if len(rep.Releases) == 0 {

@@ -102,6 +102,7 @@ func TestLifecycleThroughTheCLI(t *testing.T) {
 	code, out, errOut = b.run(t, "status")
 	require.Zero(t, code, errOut)
 	require.Contains(t, out, "epoch 4")
+	require.NotContains(t, out, "phasecast migrate", "a migrated store is not reported behind")
 	require.Regexp(t, `L\s+migrate\s+4\s+`+b.store.Schema()+`\.instances\.name`, out)
 	require.Contains(t, out, "contract → migrate")
 
@@ -111,6 +112,23 @@ func TestLifecycleThroughTheCLI(t *testing.T) {
 	require.NoError(t, json.Unmarshal([]byte(out), &rep))
 	require.EqualValues(t, 4, rep.Epoch)
 	require.Len(t, rep.RecentFlips, 4)
+	require.Equal(t, rep.Version, rep.StoreVersion)
+
+	// A store from before this binary's last migration: status says so,
+	// and a flip refuses with what to do.
+	q := `"` + b.store.Schema() + `"`
+	_, err := b.store.DB().Exec(`ALTER TABLE ` + q + `.epoch DROP COLUMN state_digest; DELETE FROM ` + q + `.schema_migrations WHERE version = 2`)
+	require.NoError(t, err)
+	code, out, errOut = b.run(t, "status")
+	require.Zero(t, code, errOut)
+	require.Contains(t, out, "store schema version 1, this binary's 2: changes refuse until 'phasecast migrate' runs")
+	code, _, errOut = b.run(t, "flip", "L", "contract")
+	require.Equal(t, 1, code)
+	require.Contains(t, errOut, "run 'phasecast migrate' first")
+	code, _, errOut = b.run(t, "migrate")
+	require.Zero(t, code, errOut)
+	code, _, errOut = b.run(t, "flip", "L", "contract")
+	require.Zero(t, code, errOut)
 }
 
 // TestBadInput: each mistake gets one line naming the problem, a non-zero
