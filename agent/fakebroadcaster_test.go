@@ -152,7 +152,7 @@ func (f *fakeBroadcaster) onStatus(ctx context.Context, d amqp.Delivery) {
 	if len(recorded) == 0 || st.Queue == "" {
 		return // a replayed status: no grant
 	}
-	if st.SkipGrant && st.AppliedEpoch >= epoch {
+	if !st.WantsGrant(epoch) {
 		return // as the broadcaster: an ack on a fresh lease
 	}
 	body, err := wire.EncodeGrant(wire.Grant{AgentID: st.AgentID, Seq: st.Seq, LeaseMS: f.lease.Milliseconds(), Epoch: epoch})

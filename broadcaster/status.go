@@ -273,7 +273,7 @@ func (l *leader) grant(valid []pending, epoch int64, recorded []string) {
 	// the grant would tell it.
 	wanted := make(map[string]bool, len(newest))
 	for _, p := range valid {
-		if !p.status.SkipGrant || p.status.AppliedEpoch < epoch {
+		if p.status.WantsGrant(epoch) {
 			wanted[p.status.AgentID] = true
 		}
 	}

@@ -90,6 +90,13 @@ type Status struct {
 	SkipGrant bool `json:"skip_grant,omitempty"`
 }
 
+// WantsGrant reports whether a status recorded at epoch should be answered
+// with a grant: unless it skips one, and even then when the agent is
+// behind epoch, which the grant tells it.
+func (s Status) WantsGrant(epoch int64) bool {
+	return !s.SkipGrant || s.AppliedEpoch < epoch
+}
+
 // Grant answers one recorded status: the agent's lease is extended, and
 // Epoch tells an agent that missed a state that it is behind.
 type Grant struct {
