@@ -43,8 +43,8 @@ ORDER BY r.name`
 // one snapshot and the releases match the epoch, in one round trip; it
 // takes no lock and writes no WAL, so it costs no commit flush on the
 // broadcaster's or an agent's path to an acknowledgement. (A read-only
-// transaction gave the same snapshot in four round trips, and each agent
-// confirms every flip with this read.)
+// transaction gave the same snapshot in four round trips, and the
+// broadcaster reads it for every flip it relays.)
 func (s *Store) State(ctx context.Context) (wire.State, error) {
 	return s.state(ctx, s.db)
 }
@@ -101,8 +101,10 @@ const epochQuery = `SELECT value FROM @schema.epoch`
 // commits afterwards is ordered after this transaction's writes.
 //
 // Every flip waits for that lock, so a client that stops in the middle of
-// such a transaction (a broadcaster or a service frozen by SIGSTOP, a
-// debugger or a paused VM) would block every flip until it resumed. The
+// such a transaction (a service syncing through the store, frozen by
+// SIGSTOP, a debugger or a paused VM) would block every flip until it
+// resumed. (The broadcaster records statuses in one statement, which no
+// client can leave idle: recordStatusesQuery.) The
 // transaction's own idle_in_transaction_session_timeout (set in the same
 // statement, to cost no round trip) ends such a session, and its lock,
 // after 10 s of silence; these transactions take milliseconds.
