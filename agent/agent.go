@@ -87,6 +87,8 @@ type Agent struct {
 	// candidate is the newest state message awaiting confirmation (with a
 	// DB): applied as it is if the store's digest matches it.
 	candidate atomic.Pointer[wire.State]
+	// warnedNoDigest: the store's missing digest column was logged once.
+	warnedNoDigest atomic.Bool
 
 	counters
 }

@@ -385,6 +385,25 @@ func TestStateMessages(t *testing.T) {
 		require.Equal(t, after.Resyncs+1, final.Resyncs)
 	})
 
+	t.Run("WithDBOnAStoreWithoutDigests", func(t *testing.T) {
+		t.Parallel()
+		b := setup(t, fakeOptions{noBeacons: true})
+		applyRelease(t, b.store, manifestL)
+		a := startAgent(t, b.config(t, true))
+		// The store as an older binary left it, and a flip made by one.
+		q := `"` + b.store.Schema() + `"`
+		_, err := b.store.DB().Exec(`ALTER TABLE ` + q + `.epoch DROP COLUMN state_digest;
+			UPDATE ` + q + `.epoch SET value = value + 1;
+			UPDATE ` + q + `.releases SET phase = 'migrate', phase_epoch = (SELECT value FROM ` + q + `.epoch)`)
+		require.NoError(t, err)
+		before := a.Stats()
+		b.fake.publishNow()
+		waitEpoch(t, a, before.AppliedEpoch+1)
+		after := a.Stats()
+		require.Equal(t, before.DigestConfirms, after.DigestConfirms)
+		require.Equal(t, before.Resyncs+1, after.Resyncs, "confirmed by reading the whole state")
+	})
+
 	t.Run("SignaturesRequiredWithStateKey", func(t *testing.T) {
 		t.Parallel()
 		pub, priv, err := ed25519.GenerateKey(nil)

@@ -2,12 +2,14 @@ package agent
 
 import (
 	"context"
+	"errors"
 	"time"
 
 	amqp "github.com/rabbitmq/amqp091-go"
 
 	"github.com/phasecast/phasecast/internal/amqpx"
 	"github.com/phasecast/phasecast/internal/wire"
+	"github.com/phasecast/phasecast/schema"
 )
 
 // reasonAck is the reason of the status sent when a drain completes.
@@ -140,6 +142,9 @@ func (a *Agent) confirm(ctx context.Context) error {
 	defer cancel()
 	if msg := a.candidate.Swap(nil); msg != nil && msg.Epoch > a.appliedEpoch() {
 		digest, err := a.store.StateDigest(ctx)
+		if errors.Is(err, schema.ErrNotMigrated) && a.warnedNoDigest.CompareAndSwap(false, true) {
+			a.log.Warn().Err(err).Msg("the store has no state digest yet: each confirmation reads the whole state until 'phasecast migrate' runs")
+		}
 		if err == nil && digest == msg.Digest() {
 			a.digestConfirms.Add(1)
 			a.apply(msg)
