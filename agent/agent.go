@@ -299,12 +299,34 @@ func (a *Agent) Stop(ctx context.Context) error {
 	}
 	a.setRunning(false)
 	a.runPtr.Store(nil)
+	// Fenced now, so no guard can open again (see Enter): if none is open,
+	// say goodbye, and the store ends the lease at once instead of the
+	// runner waiting it out. With guards open, the lease runs its course.
+	if open := a.openGuards(); open == 0 {
+		a.farewell(ctx)
+	} else {
+		a.log.Info().Int64("open_guards", open).Msg("stopping with guards open: no goodbye; the runner waits out the lease")
+	}
 	r.cancel()
 	if err := waitGroup(ctx, &r.wg); err != nil {
 		return fmt.Errorf("agent: stop: %w", err)
 	}
 	a.log.Info().Msg("agent stopped")
 	return nil
+}
+
+// openGuards counts the guards open on every snapshot still referenced.
+func (a *Agent) openGuards() int64 {
+	a.pendingMu.Lock()
+	defer a.pendingMu.Unlock()
+	var n int64
+	if cur := a.cur.Load(); cur != nil {
+		n += cur.inflight.Load()
+	}
+	for _, s := range a.pending {
+		n += s.inflight.Load()
+	}
+	return n
 }
 
 // halt undoes a Start that failed.

@@ -530,6 +530,44 @@ func TestLeaseExpiry(t *testing.T) {
 		require.Eventually(t, func() bool { return !a.Stats().Fenced }, 5*time.Second, 5*time.Millisecond)
 	})
 
+	t.Run("StopSaysGoodbyeOnlyWithNoGuardOpen", func(t *testing.T) {
+		t.Parallel()
+		b := setup(t, fakeOptions{lease: 10 * time.Second})
+		applyRelease(t, b.store, manifestL)
+
+		// A guard open at Stop: no goodbye, the lease runs its course.
+		busy := startAgent(t, b.config(t, false))
+		g, err := busy.Enter()
+		require.NoError(t, err)
+		stopAgent(t, busy)
+		g.Exit()
+		for _, st := range b.fake.received() {
+			require.False(t, st.Leaving && st.AgentID == busy.ID(), "no goodbye with a guard open")
+		}
+		row := agentRow(t, b.store, busy.ID())
+		require.True(t, row.Live(), "its lease still runs")
+
+		// No guard open: the goodbye ends the lease in the store at once,
+		// over the broker, or straight into the store without one.
+		for _, withDB := range []bool{false, true} {
+			cfg := b.config(t, withDB)
+			if withDB {
+				cfg.AMQPURL = "amqp://guest:guest@127.0.0.1:1/" // no broker: the store path
+			}
+			a := startAgent(t, cfg)
+			row := agentRow(t, b.store, a.ID())
+			require.True(t, row.Live())
+			g, err := a.Enter()
+			require.NoError(t, err)
+			g.Exit()
+			stopAgent(t, a)
+			require.Eventually(t, func() bool { row := agentRow(t, b.store, a.ID()); return !row.Live() }, 5*time.Second, 5*time.Millisecond,
+				"the goodbye ended the lease (db=%v)", withDB)
+			_, err = a.Enter()
+			require.Error(t, err, "no guard after Stop")
+		}
+	})
+
 	t.Run("WithoutDB", func(t *testing.T) {
 		t.Parallel()
 		b := setup(t, fakeOptions{lease: 800 * time.Millisecond})

@@ -10,7 +10,9 @@
 //
 // Create the agent with New, resolve the tables the service queries with
 // Table once, call Start before serving, and Stop after the service has
-// stopped taking work. Wrap every unit of work that builds queries (a
+// stopped taking work: with no guard open, Stop says goodbye and the store
+// ends the agent's lease at once, so a contract runner need not wait it
+// out. Wrap every unit of work that builds queries (a
 // request, a transaction) in Enter and Exit, and build the queries from the
 // pinned snapshot:
 //

@@ -40,9 +40,9 @@ func (s *Snapshot) exit() {
 // Enter pins the current snapshot for one unit of work; the caller must
 // call Exit on the guard when the work is done (defer g.Exit()).
 //
-// On the hot path Enter is one atomic load of the fence flag, one atomic
-// increment and a re-check of the snapshot pointer; it does not allocate
-// and reads no clock. Once the lease has run out (the agent is fenced),
+// On the hot path Enter is an atomic load of the fence flag, one atomic
+// increment, a re-check of the snapshot pointer and a second look at the
+// fence; it does not allocate and reads no clock. Once the lease has run out (the agent is fenced),
 // Enter with a DB re-syncs from the store first (one caller syncs, the
 // others wait for its result) and returns a guard on the fresh snapshot;
 // without a DB, or if the re-sync fails, it returns ErrStale.
@@ -50,7 +50,16 @@ func (a *Agent) Enter() (Guard, error) {
 	if a.fenced.Load() {
 		return a.enterFenced()
 	}
-	return a.pin(), nil
+	g := a.pin()
+	// Fenced between the check and the pin (the lease ran out, or Stop):
+	// back out. Pinning before this second look pairs with Stop setting
+	// the fence before it counts open guards: one of the two sees the
+	// other, so Stop never says goodbye with a guard about to open.
+	if a.fenced.Load() {
+		g.Exit()
+		return a.enterFenced()
+	}
+	return g, nil
 }
 
 // pin returns a guard on the current snapshot. Incrementing first and then

@@ -12,8 +12,12 @@ import (
 	"github.com/phasecast/phasecast/schema"
 )
 
-// reasonAck is the reason of the status sent when a drain completes.
-const reasonAck = "ack"
+// The reasons of statuses the wire marks: the one sent when a drain
+// completes, and the goodbye.
+const (
+	reasonAck     = "ack"
+	reasonLeaving = "leaving"
+)
 
 // report sends a status: at start, after every drain (the ack), and as a
 // heartbeat. Over the broker when connected; through the store (which also
@@ -70,6 +74,7 @@ func (a *Agent) publishLocked(ctx context.Context, sess *session, reason string)
 	// An ack renews nothing the heartbeats do not: while the lease is
 	// fresh it asks for no grant, which halves a flip's messages back.
 	st.SkipGrant = reason == reasonAck && a.leaseFresh()
+	st.Leaving = reason == reasonLeaving
 	body, err := wire.EncodeStatus(st)
 	if err != nil {
 		a.log.Error().Err(err).Msg("encoding status")
@@ -93,6 +98,28 @@ func (a *Agent) publishLocked(ctx context.Context, sess *session, reason string)
 	}
 	a.log.Debug().Uint64("seq", st.Seq).Str("reason", reason).Int64("applied_epoch", st.AppliedEpoch).
 		Int64("drained_epoch", st.DrainedEpoch).Int64("inflight", st.Inflight).Msg("status sent")
+}
+
+// farewell sends the goodbye: over the broker when connected, else
+// straight into the store when there is one. It is best effort: if it is
+// lost, the lease runs out as it would have.
+func (a *Agent) farewell(ctx context.Context) {
+	a.statusMu.Lock()
+	defer a.statusMu.Unlock()
+	if sess := a.session(); sess != nil && !sess.blocked.Load() {
+		a.publishLocked(ctx, sess, reasonLeaving)
+		return
+	}
+	if a.store == nil {
+		return
+	}
+	st := a.statusLocked("")
+	st.Leaving = true
+	ctx, cancel := context.WithTimeout(ctx, syncTimeout)
+	defer cancel()
+	if _, _, err := a.store.RecordStatuses(ctx, []wire.Status{st}, 0); err != nil {
+		a.log.Warn().Err(err).Msg("recording the goodbye in the store failed; the lease will run out instead")
+	}
 }
 
 // syncLocked is the path to the truth without the broker: Store.SyncAgent

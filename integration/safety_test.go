@@ -59,8 +59,9 @@ func TestRefuseOldCode(t *testing.T) {
 	require.Contains(t, e.columns("instances"), "name", "nothing dropped")
 	require.Equal(t, phase.Contract, e.phase("L"))
 
-	// A rolling deploy: the replacement knows L, the old instance stops,
-	// and its lease runs out in the store.
+	// A rolling deploy: the replacement knows L, the old instance stops
+	// with no work open and says goodbye, so the runner goes ahead at
+	// once instead of waiting out its lease.
 	newCfg := e.agentConfig("nova-compute", true)
 	newCfg.Releases = []string{"K", "L"}
 	replacement := e.startAgent(newCfg)
@@ -70,7 +71,9 @@ func TestRefuseOldCode(t *testing.T) {
 	require.Zero(t, code, "stdout:\n%s\nstderr:\n%s", out, errOut)
 	require.Contains(t, out, "release L: complete")
 	require.Contains(t, out, "agents: 2 acknowledged, 0 missing, 0 running code that predates L")
-	t.Logf("contracted %s after the old agent stopped", time.Since(stopped).Round(time.Millisecond))
+	contracted := time.Since(stopped)
+	t.Logf("contracted %s after the old agent stopped", contracted.Round(time.Millisecond))
+	require.Less(t, contracted, lease-e2eMargin, "the goodbye ended the old agent's lease; the runner did not wait it out")
 	require.Equal(t, []string{"id", "host", "common_name"}, e.columns("instances"))
 	require.True(t, e.storeDrained(epoch, current, replacement))
 }

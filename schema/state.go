@@ -173,17 +173,19 @@ func (s *Store) Epoch(ctx context.Context) (int64, error) {
 }
 
 // upsertAgents records statuses and extends each agent's lease to the
-// database's now() + lease. A status whose seq is not newer than the one
-// recorded (a replay or a reordering) is ignored. It returns the ids it
-// recorded.
+// database's now() + lease, or ends it now for a goodbye (leaving). A
+// status whose seq is not newer than the one recorded (a replay or a
+// reordering) is ignored. It returns the ids it recorded.
 const upsertAgents = `
 INSERT INTO @schema.agents AS a (id, service, host, pid, version, releases, app_name, seq,
     applied_epoch, drained_epoch, inflight, last_seen, lease_expires_at)
 SELECT x.agent_id, x.service, x.host, x.pid, x.version,
        ARRAY(SELECT jsonb_array_elements_text(COALESCE(x.releases, '[]'))), COALESCE(x.app_name, ''), x.seq,
-       x.applied_epoch, x.drained_epoch, x.inflight, now(), now() + $2 * interval '1 millisecond'
+       x.applied_epoch, x.drained_epoch, x.inflight, now(),
+       CASE WHEN x.leaving THEN now() ELSE now() + $2 * interval '1 millisecond' END
 FROM jsonb_to_recordset($1::jsonb) AS x(agent_id text, service text, host text, pid int, version text,
-    releases jsonb, app_name text, seq bigint, applied_epoch bigint, drained_epoch bigint, inflight bigint)
+    releases jsonb, app_name text, seq bigint, applied_epoch bigint, drained_epoch bigint, inflight bigint,
+    leaving boolean)
 ON CONFLICT (id) DO UPDATE SET
     service = EXCLUDED.service, host = EXCLUDED.host, pid = EXCLUDED.pid, version = EXCLUDED.version,
     releases = EXCLUDED.releases, app_name = EXCLUDED.app_name, seq = EXCLUDED.seq,

@@ -88,13 +88,17 @@ type Status struct {
 	// costs each agent one message back, not a status and a grant. A
 	// status without it (older agents) is granted as before.
 	SkipGrant bool `json:"skip_grant,omitempty"`
+	// Leaving is the agent's goodbye, sent by Stop when no guard is open:
+	// none will open again, so the store ends its lease at once and the
+	// runner need not wait it out. It earns no grant.
+	Leaving bool `json:"leaving,omitempty"`
 }
 
 // WantsGrant reports whether a status recorded at epoch should be answered
 // with a grant: unless it skips one, and even then when the agent is
-// behind epoch, which the grant tells it.
+// behind epoch, which the grant tells it; never a goodbye.
 func (s Status) WantsGrant(epoch int64) bool {
-	return !s.SkipGrant || s.AppliedEpoch < epoch
+	return !s.Leaving && (!s.SkipGrant || s.AppliedEpoch < epoch)
 }
 
 // Grant answers one recorded status: the agent's lease is extended, and

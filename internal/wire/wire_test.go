@@ -313,16 +313,18 @@ func TestMACCheckMAC(t *testing.T) {
 
 func TestWantsGrant(t *testing.T) {
 	for _, c := range []struct {
-		skip    bool
-		applied int64
-		want    bool
+		skip, leaving bool
+		applied       int64
+		want          bool
 	}{
-		{skip: false, applied: 7, want: true}, // a heartbeat
-		{skip: true, applied: 7, want: false}, // an ack on a fresh lease
-		{skip: true, applied: 6, want: true},  // an ack, but behind: the grant says so
-		{skip: true, applied: 8, want: false}, // the store's epoch read before a flip
+		{skip: false, applied: 7, want: true},    // a heartbeat
+		{skip: true, applied: 7, want: false},    // an ack on a fresh lease
+		{skip: true, applied: 6, want: true},     // an ack, but behind: the grant says so
+		{skip: true, applied: 8, want: false},    // the store's epoch read before a flip
+		{leaving: true, applied: 7, want: false}, // a goodbye
+		{leaving: true, applied: 6, want: false}, // a goodbye, even behind
 	} {
-		st := Status{SkipGrant: c.skip, AppliedEpoch: c.applied}
-		require.Equal(t, c.want, st.WantsGrant(7), "skip=%v applied=%d", c.skip, c.applied)
+		st := Status{SkipGrant: c.skip, Leaving: c.leaving, AppliedEpoch: c.applied}
+		require.Equal(t, c.want, st.WantsGrant(7), "skip=%v leaving=%v applied=%d", c.skip, c.leaving, c.applied)
 	}
 }
