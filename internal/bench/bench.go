@@ -13,13 +13,13 @@ import (
 	"time"
 
 	"github.com/jmoiron/sqlx"
-	"github.com/lib/pq"
 	"github.com/rs/zerolog"
 
 	"github.com/phasecast/phasecast/broadcaster"
 	"github.com/phasecast/phasecast/internal/amqpx"
 	"github.com/phasecast/phasecast/internal/config"
 	"github.com/phasecast/phasecast/internal/fleet"
+	"github.com/phasecast/phasecast/internal/pgadmin"
 	"github.com/phasecast/phasecast/internal/phase"
 	"github.com/phasecast/phasecast/internal/retry"
 	"github.com/phasecast/phasecast/schema"
@@ -331,7 +331,7 @@ func Run(ctx context.Context, opts Options) (rep *Report, err error) {
 	e.store.DB().SetMaxIdleConns(8)
 	cleanups = append(cleanups, func() { _ = e.store.Close() })
 	cleanups = append(cleanups, func() {
-		_, _ = e.store.DB().Exec(`DROP SCHEMA IF EXISTS ` + pq.QuoteIdentifier(name) + ` CASCADE`)
+		_ = pgadmin.DropSchemas(context.Background(), e.store.DB(), name)
 	})
 	if _, err := e.store.Migrate(ctx); err != nil {
 		return nil, err

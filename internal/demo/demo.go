@@ -18,6 +18,7 @@ import (
 	"github.com/phasecast/phasecast/examples/novalike"
 	"github.com/phasecast/phasecast/internal/fleet"
 	"github.com/phasecast/phasecast/internal/latency"
+	"github.com/phasecast/phasecast/internal/pgadmin"
 	"github.com/phasecast/phasecast/internal/phase"
 	"github.com/phasecast/phasecast/schema"
 )
@@ -108,7 +109,7 @@ func (d *run) run(ctx context.Context) (*Report, error) {
 	}
 	d.store, d.db = store, store.DB()
 	d.defers(func() { store.Close() })
-	d.defers(func() { d.dropSchemas(storeSchema, appSchema) })
+	d.defers(func() { _ = pgadmin.DropSchemas(context.Background(), d.db, storeSchema, appSchema) })
 	if _, err := store.Migrate(ctx); err != nil {
 		return nil, err
 	}
@@ -259,12 +260,6 @@ func (d *run) remainingColumns(ctx context.Context, appSchema string) ([]string,
 	var cols []string
 	err := d.db.SelectContext(ctx, &cols, `SELECT column_name FROM information_schema.columns WHERE table_schema = $1 AND table_name = 'instances' ORDER BY ordinal_position`, appSchema)
 	return cols, err
-}
-
-func (d *run) dropSchemas(names ...string) {
-	for _, n := range names {
-		_, _ = d.db.Exec(`DROP SCHEMA IF EXISTS ` + pq.QuoteIdentifier(n) + ` CASCADE`)
-	}
 }
 
 func manifest(table string) string {

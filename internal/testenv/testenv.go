@@ -5,18 +5,18 @@ import (
 	"crypto/rand"
 	"encoding/hex"
 	"os"
-	"strings"
 	"testing"
 	"time"
 
 	"github.com/jmoiron/sqlx"
-	_ "github.com/lib/pq" // the postgres driver
+	"github.com/lib/pq"
 	amqp "github.com/rabbitmq/amqp091-go"
 	"github.com/rs/zerolog"
 	"github.com/stretchr/testify/require"
 
 	"github.com/phasecast/phasecast/internal/amqpx"
 	"github.com/phasecast/phasecast/internal/config"
+	"github.com/phasecast/phasecast/internal/pgadmin"
 	"github.com/phasecast/phasecast/schema"
 )
 
@@ -68,7 +68,7 @@ func Store(t testing.TB) *schema.Store {
 func Schema(t testing.TB, db *sqlx.DB, prefix string) string {
 	t.Helper()
 	name := Name(prefix)
-	_, err := db.Exec(`CREATE SCHEMA ` + quote(name))
+	_, err := db.Exec(`CREATE SCHEMA ` + pq.QuoteIdentifier(name))
 	require.NoError(t, err)
 	t.Cleanup(func() { DropSchema(t, db, name) })
 	return name
@@ -77,11 +77,8 @@ func Schema(t testing.TB, db *sqlx.DB, prefix string) string {
 // DropSchema drops a schema and everything in it.
 func DropSchema(t testing.TB, db *sqlx.DB, name string) {
 	t.Helper()
-	_, err := db.Exec(`DROP SCHEMA IF EXISTS ` + quote(name) + ` CASCADE`)
-	require.NoError(t, err)
+	require.NoError(t, pgadmin.DropSchemas(context.Background(), db, name))
 }
-
-func quote(ident string) string { return `"` + strings.ReplaceAll(ident, `"`, `""`) + `"` }
 
 // EnvLog names the level at which components log to stderr while a test
 // runs (debug, info, warn); unset, they log nothing.
