@@ -84,6 +84,9 @@ type Agent struct {
 	sess   *session
 
 	confirmHint atomic.Int64
+
+	resyncMu  sync.Mutex
+	resyncCur *resync // under resyncMu: the fenced Enter's re-sync in flight
 	// candidate is the newest state message awaiting confirmation (with a
 	// DB): applied as it is if the store's digest matches it.
 	candidate atomic.Pointer[wire.State]
@@ -101,9 +104,33 @@ type runState struct {
 	ready     chan struct{}
 	readyOnce sync.Once
 	sessions  atomic.Int64
+
+	spawnMu sync.Mutex
+	ended   bool // under spawnMu: wg is being waited on; spawn no more
 }
 
 func (r *runState) markReady() { r.readyOnce.Do(func() { close(r.ready) }) }
+
+// spawn runs f on the run's wait group unless the run is ending, and
+// reports whether it did. Goroutines started after Start (not by it) go
+// through here, so none is added while Stop waits.
+func (r *runState) spawn(f func()) bool {
+	r.spawnMu.Lock()
+	defer r.spawnMu.Unlock()
+	if r.ended {
+		return false
+	}
+	r.wg.Go(f)
+	return true
+}
+
+// end cancels the run and stops spawn; then the wait group can be waited on.
+func (r *runState) end() {
+	r.spawnMu.Lock()
+	r.ended = true
+	r.spawnMu.Unlock()
+	r.cancel()
+}
 
 // sentRing is how many recent statuses the agent remembers the send time
 // of, to match grants against: at the default heartbeat, over two minutes.
@@ -307,7 +334,7 @@ func (a *Agent) Stop(ctx context.Context) error {
 	} else {
 		a.log.Info().Int64("open_guards", open).Msg("stopping with guards open: no goodbye; the runner waits out the lease")
 	}
-	r.cancel()
+	r.end()
 	if err := waitGroup(ctx, &r.wg); err != nil {
 		return fmt.Errorf("agent: stop: %w", err)
 	}
@@ -333,7 +360,7 @@ func (a *Agent) openGuards() int64 {
 func (a *Agent) halt(r *runState) {
 	a.setRunning(false)
 	a.runPtr.Store(nil)
-	r.cancel()
+	r.end()
 	r.wg.Wait()
 }
 

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"crypto/ed25519"
+	"database/sql"
 	"io"
 	"runtime"
 	"strings"
@@ -16,6 +17,7 @@ import (
 	"github.com/rs/zerolog"
 	"github.com/stretchr/testify/require"
 
+	"github.com/phasecast/phasecast/internal/faultproxy"
 	"github.com/phasecast/phasecast/internal/phase"
 	"github.com/phasecast/phasecast/internal/testenv"
 	"github.com/phasecast/phasecast/internal/wire"
@@ -591,6 +593,50 @@ func TestLeaseExpiry(t *testing.T) {
 		g, err = a.Enter()
 		require.NoError(t, err)
 		g.Exit()
+	})
+
+	t.Run("WithDBBlackHoledEnterRefusesInBoundedTime", func(t *testing.T) {
+		t.Parallel()
+		b := setup(t, fakeOptions{lease: 600 * time.Millisecond, noBeacons: true})
+		applyRelease(t, b.store, manifestL)
+		pgHost, err := faultproxy.HostPort(testenv.DatabaseURL())
+		require.NoError(t, err)
+		proxy := faultproxy.Start(t, pgHost)
+		db, err := sql.Open("postgres", proxy.URL(testenv.DatabaseURL()))
+		require.NoError(t, err)
+		t.Cleanup(func() { db.Close() })
+		cfg := b.config(t, true)
+		cfg.DB = db
+		cfg.InitialLease = 600 * time.Millisecond
+		a := startAgent(t, cfg)
+
+		// The store link swallows traffic, and no grant comes: fenced, the
+		// re-sync hangs where lib/pq cannot abandon it.
+		proxy.Blackhole(true)
+		b.fake.answering.Store(false)
+		require.Eventually(t, func() bool { return a.Stats().Fenced }, 5*time.Second, 5*time.Millisecond)
+		began := time.Now()
+		_, err = a.Enter()
+		waited := time.Since(began)
+		require.ErrorIs(t, err, ErrStale)
+		require.Less(t, waited, syncTimeout+time.Second, "Enter refused within the re-sync's bound")
+		began = time.Now()
+		_, err = a.Enter()
+		require.ErrorIs(t, err, ErrStale)
+		require.Less(t, time.Since(began), 100*time.Millisecond, "later callers do not wait for a re-sync past its bound")
+		t.Logf("first fenced Enter refused after %s", waited.Round(time.Millisecond))
+
+		// The link heals: the re-sync finishes and work resumes.
+		proxy.Blackhole(false)
+		b.fake.answering.Store(true)
+		require.Eventually(t, func() bool {
+			g, err := a.Enter()
+			if err != nil {
+				return false
+			}
+			g.Exit()
+			return true
+		}, 10*time.Second, 10*time.Millisecond)
 	})
 
 	t.Run("WithDBEnterResyncs", func(t *testing.T) {

@@ -89,11 +89,72 @@ func (a *Agent) enterFenced() (Guard, error) {
 		a.staleRefusals.Add(1)
 		return Guard{}, ErrStale
 	}
-	if err := a.resyncFenced(r); err != nil {
+	if err := a.awaitResync(r); err != nil {
 		a.staleRefusals.Add(1)
 		return Guard{}, err
 	}
 	return a.pin(), nil
+}
+
+// resync is one re-sync from the store run for fenced callers of Enter.
+type resync struct {
+	done     chan struct{} // closed when it ends; err is set before
+	err      error
+	deadline time.Time // callers wait for it no longer than this
+}
+
+// awaitResync runs a re-sync (or joins the one running) and waits for it,
+// but never past syncTimeout from its start: a store link that swallows
+// traffic (not refuses it) leaves the query hanging until TCP gives up,
+// since lib/pq cannot abandon it, and a fenced Enter must refuse work
+// with ErrStale rather than stall the service meanwhile. The re-sync runs
+// on, on a goroutine of the run, and its result serves later callers.
+func (a *Agent) awaitResync(r *runState) error {
+	rs, err := a.startResync(r)
+	if err != nil {
+		return err
+	}
+	wait := time.Until(rs.deadline)
+	if wait <= 0 {
+		select {
+		case <-rs.done:
+			return rs.err
+		default:
+			return fmt.Errorf("%w; re-sync from the store has not answered for %s", ErrStale, syncTimeout)
+		}
+	}
+	t := time.NewTimer(wait)
+	defer t.Stop()
+	select {
+	case <-rs.done:
+		return rs.err
+	case <-t.C:
+		return fmt.Errorf("%w; re-sync from the store has not answered for %s", ErrStale, syncTimeout)
+	case <-r.ctx.Done():
+		return errNotRunning
+	}
+}
+
+// startResync returns the re-sync in flight, or starts one on the run's
+// wait group (never once Stop has begun waiting on it).
+func (a *Agent) startResync(r *runState) (*resync, error) {
+	a.resyncMu.Lock()
+	defer a.resyncMu.Unlock()
+	if a.resyncCur != nil {
+		return a.resyncCur, nil
+	}
+	rs := &resync{done: make(chan struct{}), deadline: time.Now().Add(syncTimeout)}
+	if !r.spawn(func() {
+		rs.err = a.resyncFenced(r)
+		a.resyncMu.Lock()
+		a.resyncCur = nil
+		a.resyncMu.Unlock()
+		close(rs.done)
+	}) {
+		return nil, errNotRunning
+	}
+	a.resyncCur = rs
+	return rs, nil
 }
 
 // resyncFenced re-reads the state from the store and renews the lease
