@@ -41,6 +41,19 @@ func setupContract(t *testing.T) *contractBundle {
 	return b
 }
 
+// setupAcked is the common start of a runner test: the instances table,
+// release L in contract, a leading broadcaster, and one live agent, id,
+// that acknowledged the contract flip, whose epoch it returns.
+func setupAcked(t *testing.T, id string) (*contractBundle, int64) {
+	t.Helper()
+	b := setupContract(t)
+	b.instances()
+	_, epoch := b.toContract(releaseL)
+	b.leader()
+	b.agent(agentSpec{id: id, drained: epoch, releases: []string{"L"}})
+	return b, epoch
+}
+
 // exec runs statements; "APP" in them is the quoted application schema.
 func (b *contractBundle) exec(stmts ...string) {
 	b.t.Helper()
@@ -179,11 +192,7 @@ func TestContract(t *testing.T) {
 
 	t.Run("HappyPathThenAlreadyComplete", func(t *testing.T) {
 		t.Parallel()
-		b := setupContract(t)
-		b.instances()
-		_, epoch := b.toContract(releaseL)
-		b.leader()
-		b.agent(agentSpec{id: "a1", drained: epoch, releases: []string{"L"}})
+		b, epoch := setupAcked(t, "a1")
 		b.agent(agentSpec{id: "a2", drained: epoch + 5, releases: []string{"K", "L"}})
 		before := b.columns()
 
@@ -223,11 +232,7 @@ func TestContract(t *testing.T) {
 
 	t.Run("UnackedAgentTimesOut", func(t *testing.T) {
 		t.Parallel()
-		b := setupContract(t)
-		b.instances()
-		_, epoch := b.toContract(releaseL)
-		b.leader()
-		b.agent(agentSpec{id: "acked", drained: epoch, releases: []string{"L"}})
+		b, epoch := setupAcked(t, "acked")
 		b.agent(agentSpec{id: "laggard", drained: epoch - 1, releases: []string{"L"}})
 		before := b.columns()
 
@@ -248,11 +253,7 @@ func TestContract(t *testing.T) {
 
 	t.Run("ProceedsOnlyAfterLeaseExpires", func(t *testing.T) {
 		t.Parallel()
-		b := setupContract(t)
-		b.instances()
-		_, epoch := b.toContract(releaseL)
-		b.leader()
-		b.agent(agentSpec{id: "acked", drained: epoch, releases: []string{"L"}})
+		b, epoch := setupAcked(t, "acked")
 		b.agent(agentSpec{id: "partitioned", drained: epoch - 1, releases: []string{"L"}, lease: 1200 * time.Millisecond})
 		agents, err := b.store.Agents(b.ctx)
 		require.NoError(t, err)
@@ -356,11 +357,7 @@ func TestContract(t *testing.T) {
 
 	t.Run("LockTimeoutRetriesWithoutStallingTraffic", func(t *testing.T) {
 		t.Parallel()
-		b := setupContract(t)
-		b.instances()
-		_, epoch := b.toContract(releaseL)
-		b.leader()
-		b.agent(agentSpec{id: "a", drained: epoch, releases: []string{"L"}})
+		b, _ := setupAcked(t, "a")
 
 		// A long transaction holds a lock the DROP conflicts with.
 		blocker, err := b.db.Conn(b.ctx)
@@ -430,11 +427,7 @@ func TestContract(t *testing.T) {
 
 	t.Run("CrashBetweenContractingAndComplete", func(t *testing.T) {
 		t.Parallel()
-		b := setupContract(t)
-		b.instances()
-		_, epoch := b.toContract(releaseL)
-		b.leader()
-		b.agent(agentSpec{id: "a", drained: epoch, releases: []string{"L"}})
+		b, epoch := setupAcked(t, "a")
 
 		crash := errors.New("simulated crash")
 		res, err := b.store.Contract(b.ctx, "L", fast(schema.ContractOptions{BeforeComplete: func() error { return crash }}))
@@ -644,11 +637,7 @@ removed:
 
 	t.Run("DryRunChangesNothing", func(t *testing.T) {
 		t.Parallel()
-		b := setupContract(t)
-		b.instances()
-		_, epoch := b.toContract(releaseL)
-		b.leader()
-		b.agent(agentSpec{id: "acked", drained: epoch, releases: []string{"L"}})
+		b, epoch := setupAcked(t, "acked")
 		b.agent(agentSpec{id: "missing", drained: epoch - 1, releases: []string{"L"}})
 		before, audit := b.columns(), b.audit("L")
 		epochBefore, err := b.store.Epoch(b.ctx)
@@ -675,23 +664,19 @@ removed:
 
 	t.Run("OneRunnerPerRelease", func(t *testing.T) {
 		t.Parallel()
-		b := setupContract(t)
-		b.instances()
-		_, epoch := b.toContract(releaseL)
-		b.leader()
-		b.agent(agentSpec{id: "a", drained: epoch, releases: []string{"L"}})
+		b, _ := setupAcked(t, "a")
 
 		other, err := b.db.Conn(b.ctx)
 		require.NoError(t, err)
 		defer other.Close()
-		_, err = other.ExecContext(b.ctx, `SELECT pg_advisory_lock(hashtext($1))`, "phasecast:"+b.store.Schema()+":contract:L")
+		_, err = other.ExecContext(b.ctx, `SELECT pg_advisory_lock(hashtext($1))`, b.store.LockKey("contract:L"))
 		require.NoError(t, err)
 		_, err = b.store.Contract(b.ctx, "L", fast(schema.ContractOptions{}))
 		require.ErrorIs(t, err, schema.ErrRunnerBusy)
 		require.Contains(t, err.Error(), `release "L"`)
 		require.Equal(t, phase.Contract, b.phase("L"))
 
-		_, err = other.ExecContext(b.ctx, `SELECT pg_advisory_unlock(hashtext($1))`, "phasecast:"+b.store.Schema()+":contract:L")
+		_, err = other.ExecContext(b.ctx, `SELECT pg_advisory_unlock(hashtext($1))`, b.store.LockKey("contract:L"))
 		require.NoError(t, err)
 		res, err := b.store.Contract(b.ctx, "L", fast(schema.ContractOptions{}))
 		require.NoError(t, err)
@@ -716,11 +701,7 @@ removed:
 
 	t.Run("RollbackAndReflipWhileWaitingIsNoticed", func(t *testing.T) {
 		t.Parallel()
-		b := setupContract(t)
-		b.instances()
-		_, epoch := b.toContract(releaseL)
-		b.leader()
-		b.agent(agentSpec{id: "a", drained: epoch, releases: []string{"L"}})
+		b, _ := setupAcked(t, "a")
 		before := b.columns()
 
 		var reflipped int64
