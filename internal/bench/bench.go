@@ -453,17 +453,8 @@ func (e *env) pause(ctx context.Context) error {
 }
 
 func (e *env) deleteAMQP() {
-	conn, err := amqpx.Dial(e.opts.AMQPURL, "phasecast bench cleanup")
-	if err != nil {
-		return
-	}
-	defer conn.Close()
-	ch, err := conn.Channel()
-	if err != nil {
-		return
-	}
-	defer ch.Close()
-	amqpx.DeleteTopology(ch, e.prefix, []string{floorReplies(e.prefix), grantSink(e.prefix)}, []string{floorExchange(e.prefix)})
+	(&fleet.Env{AMQPURL: e.opts.AMQPURL, Prefix: e.prefix}).DeleteTopology(
+		[]string{floorReplies(e.prefix), grantSink(e.prefix)}, []string{floorExchange(e.prefix)})
 }
 
 // machine describes this machine and the servers.

@@ -151,7 +151,11 @@ func WaitFor(ctx context.Context, limit time.Duration, cond func() bool) error {
 }
 
 // DeleteAMQP removes the env's exchange and status queue.
-func (e *Env) DeleteAMQP() {
+func (e *Env) DeleteAMQP() { e.DeleteTopology(nil, nil) }
+
+// DeleteTopology removes the env's exchange and status queue and the
+// further queues and exchanges named, ignoring what is already gone.
+func (e *Env) DeleteTopology(queues, exchanges []string) {
 	conn, err := amqpx.Dial(e.AMQPURL, "phasecast cleanup")
 	if err != nil {
 		return
@@ -162,5 +166,5 @@ func (e *Env) DeleteAMQP() {
 		return
 	}
 	defer ch.Close()
-	amqpx.DeleteTopology(ch, e.Prefix, nil, nil)
+	amqpx.DeleteTopology(ch, e.Prefix, queues, exchanges)
 }
