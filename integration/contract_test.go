@@ -15,10 +15,10 @@ import (
 	"github.com/lib/pq"
 	"github.com/stretchr/testify/require"
 
+	"github.com/phasecast/phasecast/cmd/phasecast/cli"
+	"github.com/phasecast/phasecast/cmd/phasecast/fleet"
 	"github.com/phasecast/phasecast/examples/novalike"
-	"github.com/phasecast/phasecast/internal/cli"
 	"github.com/phasecast/phasecast/internal/config"
-	"github.com/phasecast/phasecast/internal/fleet"
 	"github.com/phasecast/phasecast/internal/phase"
 	"github.com/phasecast/phasecast/internal/testenv"
 	"github.com/phasecast/phasecast/schema"

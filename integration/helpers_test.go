@@ -17,9 +17,9 @@ import (
 
 	"github.com/phasecast/phasecast/agent"
 	"github.com/phasecast/phasecast/broadcaster"
+	"github.com/phasecast/phasecast/cmd/phasecast/cli"
+	"github.com/phasecast/phasecast/cmd/phasecast/fleet"
 	"github.com/phasecast/phasecast/examples/novalike"
-	"github.com/phasecast/phasecast/internal/cli"
-	"github.com/phasecast/phasecast/internal/fleet"
 	"github.com/phasecast/phasecast/internal/phase"
 	"github.com/phasecast/phasecast/internal/testenv"
 	"github.com/phasecast/phasecast/schema"

@@ -10,7 +10,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/phasecast/phasecast/broadcaster"
-	"github.com/phasecast/phasecast/internal/cli"
+	"github.com/phasecast/phasecast/cmd/phasecast/cli"
 	"github.com/phasecast/phasecast/internal/phase"
 )
 

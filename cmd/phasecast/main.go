@@ -8,7 +8,7 @@ import (
 	"os/signal"
 	"syscall"
 
-	"github.com/phasecast/phasecast/internal/cli"
+	"github.com/phasecast/phasecast/cmd/phasecast/cli"
 )
 
 func main() {

@@ -11,9 +11,9 @@ import (
 
 	"github.com/phasecast/phasecast/agent"
 	"github.com/phasecast/phasecast/broadcaster"
+	"github.com/phasecast/phasecast/cmd/phasecast/fleet"
 	"github.com/phasecast/phasecast/internal/amqpx"
 	"github.com/phasecast/phasecast/internal/faultproxy"
-	"github.com/phasecast/phasecast/internal/fleet"
 	"github.com/phasecast/phasecast/internal/phase"
 	"github.com/phasecast/phasecast/internal/testenv"
 )

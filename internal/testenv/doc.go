@@ -4,4 +4,9 @@
 // test; it never skips it, because CI has the servers. NewLeastPrivilege
 // sets up the RabbitMQ users docs/rabbitmq-permissions.md describes, parsed
 // from that document, in a vhost of the test's own.
+//
+// It is test support, not plumbing: it is the one package under internal/
+// that imports one of phasecast's own (schema, to hand each test a migrated
+// Store), and only tests import it, so it sits beside the plumbing without
+// standing on top of it.
 package testenv

@@ -4,7 +4,7 @@ import (
 	"github.com/rs/zerolog"
 	"github.com/spf13/cobra"
 
-	"github.com/phasecast/phasecast/internal/demo"
+	"github.com/phasecast/phasecast/cmd/phasecast/internal/demo"
 )
 
 func init() { extraCommands = append(extraCommands, newDemoCmd) }

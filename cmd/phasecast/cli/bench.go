@@ -9,7 +9,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/phasecast/phasecast/broadcaster"
-	"github.com/phasecast/phasecast/internal/bench"
+	"github.com/phasecast/phasecast/cmd/phasecast/internal/bench"
 )
 
 func init() { extraCommands = append(extraCommands, newBenchCmd) }

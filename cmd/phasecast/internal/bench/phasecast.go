@@ -12,8 +12,8 @@ import (
 	"github.com/lib/pq"
 
 	"github.com/phasecast/phasecast/agent"
-	"github.com/phasecast/phasecast/internal/fleet"
-	"github.com/phasecast/phasecast/internal/latency"
+	"github.com/phasecast/phasecast/cmd/phasecast/fleet"
+	"github.com/phasecast/phasecast/cmd/phasecast/internal/latency"
 	"github.com/phasecast/phasecast/internal/retry"
 	"github.com/phasecast/phasecast/internal/wire"
 )

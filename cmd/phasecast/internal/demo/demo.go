@@ -15,9 +15,9 @@ import (
 	"github.com/lib/pq"
 	"github.com/rs/zerolog"
 
+	"github.com/phasecast/phasecast/cmd/phasecast/fleet"
+	"github.com/phasecast/phasecast/cmd/phasecast/internal/latency"
 	"github.com/phasecast/phasecast/examples/novalike"
-	"github.com/phasecast/phasecast/internal/fleet"
-	"github.com/phasecast/phasecast/internal/latency"
 	"github.com/phasecast/phasecast/internal/pgadmin"
 	"github.com/phasecast/phasecast/internal/phase"
 	"github.com/phasecast/phasecast/schema"

@@ -10,8 +10,8 @@ import (
 	amqp "github.com/rabbitmq/amqp091-go"
 	"github.com/stretchr/testify/require"
 
+	"github.com/phasecast/phasecast/cmd/phasecast/internal/demo"
 	"github.com/phasecast/phasecast/internal/amqpx"
-	"github.com/phasecast/phasecast/internal/demo"
 	"github.com/phasecast/phasecast/internal/testenv"
 )
 

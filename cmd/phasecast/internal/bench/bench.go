@@ -16,9 +16,9 @@ import (
 	"github.com/rs/zerolog"
 
 	"github.com/phasecast/phasecast/broadcaster"
+	"github.com/phasecast/phasecast/cmd/phasecast/fleet"
 	"github.com/phasecast/phasecast/internal/amqpx"
 	"github.com/phasecast/phasecast/internal/config"
-	"github.com/phasecast/phasecast/internal/fleet"
 	"github.com/phasecast/phasecast/internal/pgadmin"
 	"github.com/phasecast/phasecast/internal/phase"
 	"github.com/phasecast/phasecast/internal/retry"

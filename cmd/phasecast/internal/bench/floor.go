@@ -10,8 +10,8 @@ import (
 
 	amqp "github.com/rabbitmq/amqp091-go"
 
+	"github.com/phasecast/phasecast/cmd/phasecast/internal/latency"
 	"github.com/phasecast/phasecast/internal/amqpx"
-	"github.com/phasecast/phasecast/internal/latency"
 )
 
 // The floor's own topology: a fanout exchange like the state exchange, and

@@ -3,4 +3,8 @@
 // (each with its own agent and workers). The demo, the fleet benchmark and
 // the integration tests all drive a fleet through it, so there is one way
 // to stand one up and one way to tear it down.
+//
+// It sits under cmd/phasecast, above agent, broadcaster and schema, because
+// it exists for the binary's demo and bench; it is not internal so that the
+// integration tests can stand up the same fleet.
 package fleet
