@@ -57,20 +57,8 @@ func (a *Agent) amqpLoop(r *runState, first *amqp.Connection) {
 		a.sharedLoop(r)
 		return
 	}
-	backoff := retry.Reconnect()
-	if first != nil {
-		err := a.runSession(r.ctx, r, ownLink(first))
-		_ = first.Close()
-		if r.ctx.Err() != nil {
-			return
-		}
-		delay := backoff.Next()
-		a.log.Warn().Err(err).Dur("retry_in", delay).Msg("amqp connection lost; reconnecting")
-		if retry.Sleep(r.ctx, delay) != nil {
-			return
-		}
-	}
-	_ = amqpx.RunConnected(r.ctx, a.log, a.cfg.AMQPURL, a.connName(), backoff, func(ctx context.Context, conn *amqp.Connection) error {
+	own := amqpx.Reconnector{URL: a.cfg.AMQPURL, Name: a.connName(), Log: a.log, First: first}
+	_ = own.Run(r.ctx, func(ctx context.Context, conn *amqp.Connection) error {
 		return a.runSession(ctx, r, ownLink(conn))
 	})
 }

@@ -13,7 +13,6 @@ import (
 
 	"github.com/phasecast/phasecast/internal/amqpx"
 	"github.com/phasecast/phasecast/internal/config"
-	"github.com/phasecast/phasecast/internal/retry"
 )
 
 // ErrConnectionClosed is returned while waiting on a SharedConnection that
@@ -39,9 +38,7 @@ var ErrConnectionClosed = errors.New("agent: the shared AMQP connection is close
 // Close it after stopping every agent that uses it. Its methods are safe
 // for concurrent use.
 type SharedConnection struct {
-	url  string
-	name string
-	log  zerolog.Logger
+	log zerolog.Logger
 
 	mu      sync.Mutex
 	cur     *link         // under mu: the live connection, nil while down
@@ -50,7 +47,6 @@ type SharedConnection struct {
 	changed chan struct{} // under mu: closed and replaced whenever the above change
 	closed  bool          // under mu
 
-	ctx    context.Context
 	cancel context.CancelFunc
 	wg     sync.WaitGroup
 }
@@ -107,14 +103,12 @@ func NewSharedConnection(url, name string, log zerolog.Logger) (*SharedConnectio
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	c := &SharedConnection{
-		url:     url,
-		name:    name,
 		log:     log.With().Str("connection", name).Logger(),
 		changed: make(chan struct{}),
-		ctx:     ctx,
 		cancel:  cancel,
 	}
-	c.wg.Go(c.loop)
+	dialer := amqpx.Reconnector{URL: url, Name: name, Log: c.log, DialFailed: c.dialFailed}
+	c.wg.Go(func() { _ = dialer.Run(ctx, c.serve) })
 	return c, nil
 }
 
@@ -142,35 +136,18 @@ func (c *SharedConnection) signalLocked() {
 	c.changed = make(chan struct{})
 }
 
-// loop dials, watches the connection until it is lost, and dials again.
-func (c *SharedConnection) loop() {
-	backoff := retry.Reconnect()
-	for {
-		conn, err := amqpx.Dial(c.url, c.name)
-		if err == nil {
-			backoff.Reset()
-			err = c.serve(conn)
-		} else {
-			c.mu.Lock()
-			c.lastErr, c.tried = err, true
-			c.signalLocked()
-			c.mu.Unlock()
-		}
-		if c.ctx.Err() != nil {
-			return
-		}
-		delay := backoff.Next()
-		c.log.Warn().Err(err).Dur("retry_in", delay).Msg("shared amqp connection lost; reconnecting")
-		if retry.Sleep(c.ctx, delay) != nil {
-			return
-		}
-	}
+// dialFailed records a failed attempt for await.
+func (c *SharedConnection) dialFailed(err error) {
+	c.mu.Lock()
+	c.lastErr, c.tried = err, true
+	c.signalLocked()
+	c.mu.Unlock()
 }
 
 // serve publishes conn to the agents and relays its notifications until it
-// closes or the SharedConnection does. Both notification channels are
-// drained here, for the connection's whole life.
-func (c *SharedConnection) serve(conn *amqp.Connection) error {
+// closes or ctx (the SharedConnection's) ends. Both notification channels
+// are drained here, for the connection's whole life.
+func (c *SharedConnection) serve(ctx context.Context, conn *amqp.Connection) error {
 	closes := amqpx.WatchClose(conn)
 	blocks := conn.NotifyBlocked(make(chan amqp.Blocking, 4))
 	l := &link{conn: conn, down: make(chan struct{}), shared: true, blocked: new(atomic.Bool)}
@@ -182,7 +159,7 @@ func (c *SharedConnection) serve(conn *amqp.Connection) error {
 	var err error
 	for err == nil {
 		select {
-		case <-c.ctx.Done():
+		case <-ctx.Done():
 			err = ErrConnectionClosed
 			// Bounded: a broker that stopped answering must not hold up
 			// Close.

@@ -29,7 +29,7 @@ const (
 )
 
 // brokerError marks a failure of the publishing connection itself: the
-// session ends and RunConnected dials again.
+// session ends and the Reconnector dials again.
 type brokerError struct{ err error }
 
 func (e *brokerError) Error() string { return e.err.Error() }
@@ -95,7 +95,7 @@ func (l *leader) listen(ctx context.Context) {
 
 // publish runs publishing sessions until the term ends.
 func (l *leader) publish(ctx context.Context) {
-	_ = amqpx.RunConnected(ctx, l.log, l.b.cfg.AMQPURL, l.b.connName("publish"), retry.Reconnect(), l.publishSession)
+	_ = amqpx.Reconnector{URL: l.b.cfg.AMQPURL, Name: l.b.connName("publish"), Log: l.log}.Run(ctx, l.publishSession)
 }
 
 // publishSession is one connected period of the publisher. It relays at

@@ -19,7 +19,7 @@ const maxBodyExcerpt = 200
 
 // consume runs consuming sessions until the term ends.
 func (l *leader) consume(ctx context.Context) {
-	_ = amqpx.RunConnected(ctx, l.log, l.b.cfg.AMQPURL, l.b.connName("consume"), retry.Reconnect(), l.consumeSession)
+	_ = amqpx.Reconnector{URL: l.b.cfg.AMQPURL, Name: l.b.connName("consume"), Log: l.log}.Run(ctx, l.consumeSession)
 }
 
 // deliverySource is everything a consuming session waits on.

@@ -117,22 +117,50 @@ func Dial(url, name string) (*amqp.Connection, error) {
 // returns when it is done with it (normally when the connection closed).
 type Session func(ctx context.Context, conn *amqp.Connection) error
 
-// RunConnected dials url and runs fn, and after fn returns, dials again,
-// until ctx is done. Each failed attempt is logged with its delay. It
-// returns ctx's error.
-func RunConnected(ctx context.Context, log zerolog.Logger, url, name string, backoff retry.Backoff, fn Session) error {
+// Reconnector is phasecast's one reconnect loop, which keeps a connection
+// up for the broadcaster's publisher and consumer, an agent's own
+// connection and a SharedConnection alike: after every failed dial or
+// lost connection it dials again, paced by retry.Reconnect (capped
+// exponential backoff with jitter), for as long as its context lasts.
+type Reconnector struct {
+	URL  string
+	Name string // the connection's name in the broker's management UI
+	// Log receives one line per failed dial or lost connection, with the
+	// delay before the next attempt.
+	Log zerolog.Logger
+	// First, if set, is a connection the caller dialled itself, so that a
+	// broker it cannot reach fails its start at once (agent.Start). Run
+	// serves it before it dials one.
+	First *amqp.Connection
+	// DialFailed, if set, hears of every failed dial as it happens, for a
+	// caller that waits on the first attempt (SharedConnection).
+	DialFailed func(error)
+}
+
+// Run runs fn on a live connection, closing the connection when fn
+// returns, and then on the next one, until ctx is done. It returns ctx's
+// error.
+func (r Reconnector) Run(ctx context.Context, fn Session) error {
+	backoff := retry.Reconnect()
+	conn := r.First
 	for {
-		conn, err := Dial(url, name)
-		if err == nil {
+		var err error
+		if conn == nil {
+			if conn, err = Dial(r.URL, r.Name); err != nil && r.DialFailed != nil {
+				r.DialFailed(err)
+			}
+		}
+		if conn != nil {
 			backoff.Reset()
 			err = fn(ctx, conn)
 			_ = conn.Close()
-			if ctx.Err() != nil {
-				return ctx.Err()
-			}
+			conn = nil
+		}
+		if ctx.Err() != nil {
+			return ctx.Err()
 		}
 		delay := backoff.Next()
-		log.Warn().Err(err).Str("amqp_url", config.Redact(url)).Dur("retry_in", delay).Msg("amqp connection lost; reconnecting")
+		r.Log.Warn().Err(err).Str("amqp_url", config.Redact(r.URL)).Dur("retry_in", delay).Msg("amqp connection lost; reconnecting")
 		if err := retry.Sleep(ctx, delay); err != nil {
 			return err
 		}

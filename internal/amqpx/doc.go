@@ -1,6 +1,7 @@
 // Package amqpx holds the AMQP plumbing the broadcaster and the agent
 // share: the names of phasecast's exchanges and queues, their declaration,
-// and a reconnect loop with capped exponential backoff and jitter.
+// and the one reconnect loop (Reconnector) that every long-lived connection
+// of phasecast runs on, with capped exponential backoff and jitter.
 //
 // phasecast runs its own reconnect loop rather than amqp091-go's built-in
 // recovery, a choice made by testing the latter through a cut connection
