@@ -206,8 +206,8 @@ func (a *Agent) runSession(ctx context.Context, r *runState, l *link) error {
 // agent: a bad message is logged, counted and dropped.
 func (a *Agent) handle(r *runState, d amqp.Delivery) {
 	body := d.Body
-	if len(body) > wire.MaxMessageSize {
-		a.reject(rejTooLarge, fmt.Errorf("%d bytes (limit %d)", len(body), wire.MaxMessageSize), -1)
+	if err := wire.CheckSize(body); err != nil {
+		a.reject(rejTooLarge, err, -1)
 		return
 	}
 	if a.cfg.StateKey != nil {

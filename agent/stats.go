@@ -1,7 +1,6 @@
 package agent
 
 import (
-	"errors"
 	"sync/atomic"
 	"time"
 
@@ -10,16 +9,16 @@ import (
 
 // Reasons a message is rejected, the keys of Stats.RejectedMessages.
 const (
-	RejectTooLarge     = "too_large"     // over wire.MaxMessageSize
-	RejectMalformed    = "malformed"     // not JSON, or a field of the wrong type
-	RejectVersion      = "version"       // a protocol version this build does not speak
-	RejectKind         = "kind"          // neither a state nor a grant
-	RejectInvalid      = "invalid"       // well-formed but impossible (negative epoch, unknown phase, …)
-	RejectUnsigned     = "unsigned"      // Config.StateKey is set and the message has no signature
-	RejectBadSignature = "bad_signature" // the signature does not match the body
-	RejectWrongAgent   = "wrong_agent"   // a grant for another agent
-	RejectUnknownSeq   = "unknown_seq"   // a grant for a status this agent did not send (or too old to remember)
-	RejectUnconfirmed  = "unconfirmed"   // with a DB: a state epoch the store does not confirm (forged, or another store)
+	RejectTooLarge     = wire.ReasonTooLarge     // over wire.MaxMessageSize
+	RejectMalformed    = wire.ReasonMalformed    // not JSON, or a field of the wrong type
+	RejectVersion      = wire.ReasonVersion      // a protocol version this build does not speak
+	RejectKind         = wire.ReasonKind         // neither a state nor a grant
+	RejectInvalid      = wire.ReasonInvalid      // well-formed but impossible (negative epoch, unknown phase, …)
+	RejectUnsigned     = wire.ReasonUnsigned     // Config.StateKey is set and the message has no signature
+	RejectBadSignature = wire.ReasonBadSignature // the signature does not match the body
+	RejectWrongAgent   = "wrong_agent"           // a grant for another agent
+	RejectUnknownSeq   = "unknown_seq"           // a grant for a status this agent did not send (or too old to remember)
+	RejectUnconfirmed  = "unconfirmed"           // with a DB: a state epoch the store does not confirm (forged, or another store)
 )
 
 var rejectReasons = [...]string{
@@ -44,24 +43,15 @@ const (
 
 func (r rejectReason) String() string { return rejectReasons[r] }
 
-// reasonFor maps a wire or signature error to the reason it is counted as.
+// reasonFor is the reason a wire or signature error is counted as.
 func reasonFor(err error) rejectReason {
-	switch {
-	case errors.Is(err, wire.ErrTooLarge):
-		return rejTooLarge
-	case errors.Is(err, wire.ErrVersion):
-		return rejVersion
-	case errors.Is(err, wire.ErrKind):
-		return rejKind
-	case errors.Is(err, wire.ErrInvalid):
-		return rejInvalid
-	case errors.Is(err, wire.ErrUnsigned):
-		return rejUnsigned
-	case errors.Is(err, wire.ErrBadSignature):
-		return rejBadSignature
-	default:
-		return rejMalformed
+	name := wire.Reason(err)
+	for r, n := range rejectReasons {
+		if n == name {
+			return rejectReason(r)
+		}
 	}
+	return rejMalformed
 }
 
 // counters are the agent's monotonic counts.

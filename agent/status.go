@@ -5,8 +5,6 @@ import (
 	"errors"
 	"time"
 
-	amqp "github.com/rabbitmq/amqp091-go"
-
 	"github.com/phasecast/phasecast/internal/amqpx"
 	"github.com/phasecast/phasecast/internal/wire"
 	"github.com/phasecast/phasecast/schema"
@@ -80,15 +78,11 @@ func (a *Agent) publishLocked(ctx context.Context, sess *session, reason string)
 		a.log.Error().Err(err).Msg("encoding status")
 		return
 	}
-	msg := amqp.Publishing{
-		ContentType: "application/json",
-		Type:        string(wire.KindStatus),
-		AppId:       "phasecast-agent",
-		Body:        body,
-	}
+	var mac string
 	if a.cfg.StatusMACKey != nil {
-		msg.Headers = amqp.Table{wire.MACHeader: wire.MAC(a.cfg.StatusMACKey, body)}
+		mac = wire.MAC(a.cfg.StatusMACKey, body)
 	}
+	msg := amqpx.Publishing("phasecast-agent", wire.KindStatus, body, mac)
 	a.recordSent(st.Seq, time.Now())
 	ctx, cancel := context.WithTimeout(ctx, publishTimeout)
 	defer cancel()

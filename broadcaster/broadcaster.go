@@ -177,20 +177,14 @@ func (b *Broadcaster) connName(purpose string) string {
 	return "phasecast-broadcaster " + b.cfg.ID + " " + purpose
 }
 
-// message wraps a body as the broadcaster sends it: JSON, typed by kind,
-// signed when a key is configured.
+// message wraps a body as the broadcaster sends it, signed when a key is
+// configured.
 func (b *Broadcaster) message(kind wire.Kind, body []byte) amqp.Publishing {
-	msg := amqp.Publishing{
-		ContentType: "application/json",
-		Type:        string(kind),
-		AppId:       appID,
-		Timestamp:   time.Now(),
-		Body:        body,
-	}
+	var sig string
 	if b.cfg.SigningKey != nil {
-		msg.Headers = amqp.Table{wire.SignatureHeader: wire.Sign(b.cfg.SigningKey, body)}
+		sig = wire.Sign(b.cfg.SigningKey, body)
 	}
-	return msg
+	return amqpx.Publishing(appID, kind, body, sig)
 }
 
 // failureLog turns a stream of results into few log lines: the first

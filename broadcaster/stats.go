@@ -1,6 +1,10 @@
 package broadcaster
 
-import "sync/atomic"
+import (
+	"sync/atomic"
+
+	"github.com/phasecast/phasecast/internal/wire"
+)
 
 // Reasons a status message is rejected, the keys of Stats.Rejected.
 const (
@@ -8,18 +12,18 @@ const (
 	// right or cannot be stored (no agent_id, drained ahead of applied, a
 	// pid or seq out of range, a NUL byte, a reply queue name over 255
 	// bytes).
-	RejectMalformed = "malformed"
+	RejectMalformed = wire.ReasonMalformed
 	// RejectVersion: a protocol version this build does not speak.
-	RejectVersion = "version"
+	RejectVersion = wire.ReasonVersion
 	// RejectKind: a message of another kind (a state or a grant) on the
 	// status queue.
-	RejectKind = "kind"
+	RejectKind = wire.ReasonKind
 	// RejectTooLarge: a body over wire.MaxMessageSize.
-	RejectTooLarge = "too_large"
+	RejectTooLarge = wire.ReasonTooLarge
 	// RejectUnsigned: StatusMACKey is set and the message carries no MAC.
-	RejectUnsigned = "unsigned"
+	RejectUnsigned = wire.ReasonUnsigned
 	// RejectBadSignature: the MAC does not match the body.
-	RejectBadSignature = "bad_signature"
+	RejectBadSignature = wire.ReasonBadSignature
 	// RejectStaleSeq: a valid status whose seq is not newer than the one
 	// recorded for its agent (a replay or a reordering). It is acked and
 	// earns no grant. A status superseded by a newer one from the same

@@ -323,8 +323,8 @@ func (l *leader) rejected(d amqp.Delivery, reason string, err error) {
 // decodeStatus authenticates and decodes one status, or says why not with
 // one of the Reject… reasons.
 func (b *Broadcaster) decodeStatus(d amqp.Delivery) (wire.Status, string, error) {
-	if len(d.Body) > wire.MaxMessageSize {
-		return wire.Status{}, RejectTooLarge, fmt.Errorf("%w: %d bytes (limit %d)", wire.ErrTooLarge, len(d.Body), wire.MaxMessageSize)
+	if err := wire.CheckSize(d.Body); err != nil {
+		return wire.Status{}, RejectTooLarge, err
 	}
 	if b.cfg.StatusMACKey != nil {
 		var mac string
@@ -338,23 +338,22 @@ func (b *Broadcaster) decodeStatus(d amqp.Delivery) (wire.Status, string, error)
 			return wire.Status{}, RejectBadSignature, fmt.Errorf("%w: header %s is a %T", wire.ErrBadSignature, wire.MACHeader, v)
 		}
 		if err := wire.CheckMAC(b.cfg.StatusMACKey, d.Body, mac); err != nil {
-			if errors.Is(err, wire.ErrUnsigned) {
-				return wire.Status{}, RejectUnsigned, err
-			}
-			return wire.Status{}, RejectBadSignature, err
+			return wire.Status{}, statusReason(err), err
 		}
 	}
 	st, err := wire.DecodeStatus(d.Body)
-	switch {
-	case err == nil:
-	case errors.Is(err, wire.ErrTooLarge):
-		return st, RejectTooLarge, err
-	case errors.Is(err, wire.ErrVersion):
-		return st, RejectVersion, err
-	case errors.Is(err, wire.ErrKind):
-		return st, RejectKind, err
-	default: // wire.ErrMalformed, wire.ErrInvalid
-		return st, RejectMalformed, err
+	if err != nil {
+		return st, statusReason(err), err
 	}
 	return st, "", nil
+}
+
+// statusReason is the reason a wire or MAC error rejects a status as. A
+// status with impossible values counts as malformed (RejectMalformed):
+// the broadcaster has no reason of its own for them.
+func statusReason(err error) string {
+	if reason := wire.Reason(err); reason != wire.ReasonInvalid {
+		return reason
+	}
+	return RejectMalformed
 }

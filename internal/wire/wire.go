@@ -247,8 +247,8 @@ func (g *Grant) header() header  { return header{g.V, g.Kind} }
 // say whether it is of another version or kind rather than malformed.
 // json.Unmarshal refuses trailing data after the value.
 func decode(body []byte, kind Kind, into message) error {
-	if len(body) > MaxMessageSize {
-		return fmt.Errorf("%w: %d bytes (limit %d)", ErrTooLarge, len(body), MaxMessageSize)
+	if err := CheckSize(body); err != nil {
+		return err
 	}
 	err := json.Unmarshal(body, into)
 	if err == nil {
