@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -123,7 +124,7 @@ func (d Dependent) Object() string { return d.Kind + " " + d.Name }
 func (s *Store) Dependents(ctx context.Context, q sqlx.QueryerContext, m *Manifest) ([]Dependent, error) {
 	var out []Dependent
 	for _, r := range m.Removed {
-		deps, err := removalDependents(ctx, q, r)
+		deps, _, err := removalDependents(ctx, q, r)
 		if err != nil {
 			return nil, fmt.Errorf("dependents of %s: %w", r.QuotedTable(), err)
 		}
@@ -170,6 +171,9 @@ type ContractCheckOptions struct {
 	// Cascaded, when set, receives each dependent object that a removal
 	// with cascade: true will drop. Defaults to none.
 	Cascaded func(Dependent)
+	// Gone, when set, receives each removed table or column that no longer
+	// exists: its removal counts as done. Defaults to none.
+	Gone func(Gone)
 }
 
 // ContractCheck returns a FlipOptions.Check that refuses a flip to contract
@@ -216,8 +220,80 @@ func (s *Store) ContractCheck(opts ContractCheckOptions) func(ctx context.Contex
 				opts.Cascaded(d)
 			}
 		}
+		if opts.Gone != nil {
+			gone, err := s.AlreadyGone(ctx, tx, m)
+			if err != nil {
+				return err
+			}
+			for _, g := range gone {
+				opts.Gone(g)
+			}
+		}
 		return nil
 	}
+}
+
+// Gone is a removed table or column that no longer exists: an earlier run,
+// another release or someone by hand dropped it. Its removal counts as
+// done.
+type Gone struct {
+	Removal string `json:"removal"`          // Removal.Key()
+	Column  string `json:"column,omitempty"` // empty when the table itself is gone
+	// Name is the table or column, quoted: "app"."instances" or
+	// "app"."instances"."name".
+	Name string `json:"name"`
+}
+
+// Object returns what is gone: `table "app"."instances"` or
+// `column "app"."instances"."name"`.
+func (g Gone) Object() string {
+	if g.Column == "" {
+		return "table " + g.Name
+	}
+	return "column " + g.Name
+}
+
+// AlreadyGone lists, for every removal of m, the removed columns and tables
+// that no longer exist. A removal whose table is gone is one entry for the
+// table, however many columns it names.
+func (s *Store) AlreadyGone(ctx context.Context, q sqlx.QueryerContext, m *Manifest) ([]Gone, error) {
+	out := []Gone{}
+	for _, r := range m.Removed {
+		_, gone, err := removalPresence(ctx, q, r)
+		if err != nil {
+			return nil, fmt.Errorf("checking %s: %w", r.QuotedTable(), err)
+		}
+		out = append(out, gone...)
+	}
+	return out, nil
+}
+
+// removalPresence splits what a removal names into what still exists (the
+// column names, or the quoted table for a whole-table removal) and what is
+// gone. A missing schema reads as a missing table.
+func removalPresence(ctx context.Context, q sqlx.QueryerContext, r Removal) (present []string, gone []Gone, err error) {
+	var exists bool
+	if err := sqlx.GetContext(ctx, q, &exists, `SELECT to_regclass($1) IS NOT NULL`, r.QuotedTable()); err != nil {
+		return nil, nil, err
+	}
+	if !exists {
+		return nil, []Gone{{Removal: r.Key(), Name: r.QuotedTable()}}, nil
+	}
+	if len(r.Columns) == 0 {
+		return []string{r.QuotedTable()}, nil, nil
+	}
+	if err := sqlx.SelectContext(ctx, q, &present, `
+		SELECT attname FROM pg_attribute
+		WHERE attrelid = to_regclass($1) AND attname = ANY ($2) AND attnum > 0 AND NOT attisdropped
+		ORDER BY array_position($2, attname::text)`, r.QuotedTable(), pq.StringArray(r.Columns)); err != nil {
+		return nil, nil, err
+	}
+	for _, c := range r.Columns {
+		if !slices.Contains(present, c) {
+			gone = append(gone, Gone{Removal: r.Key(), Column: c, Name: r.QuotedTable() + "." + pq.QuoteIdentifier(c)})
+		}
+	}
+	return present, gone, nil
 }
 
 func oldCodeProblem(release string, a Agent) Problem {
@@ -379,7 +455,7 @@ ORDER BY f.i`
 
 // relationNames names tables by oid, quoted.
 const relationNames = `
-SELECT c.oid::int8 AS oid, n.nspname, c.relname
+SELECT c.oid::int8 AS oid, n.nspname, c.relname, c.relkind::text AS relkind
 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
 WHERE c.oid = ANY ($1::oid[])`
 
@@ -411,23 +487,27 @@ type objectInfo struct {
 }
 
 // removalDependents walks pg_depend from one removal's columns (or its
-// table and row type) and classifies what it finds.
-func removalDependents(ctx context.Context, q sqlx.QueryerContext, r Removal) ([]Dependent, error) {
+// table and row type) and classifies what it finds. It also returns the
+// relations, quoted, other than the removal's own tables, that the listed
+// dependents are or belong to (views, tables holding a foreign key): the
+// runner locks them before a DROP … CASCADE so that nothing new can come
+// to depend on them unseen.
+func removalDependents(ctx context.Context, q sqlx.QueryerContext, r Removal) ([]Dependent, []string, error) {
 	var tables []struct {
 		OID     int64 `db:"oid"`
 		RelType int64 `db:"reltype"`
 	}
 	if err := sqlx.SelectContext(ctx, q, &tables, `
 		SELECT oid::int8 AS oid, reltype::int8 AS reltype FROM pg_class WHERE oid = to_regclass($1)`, r.QuotedTable()); err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	if len(tables) == 0 {
-		return nil, nil // already dropped, or never there
+		return nil, nil, nil // already dropped, or never there
 	}
 	table := tables[0]
 	pgClass, err := catalogOID(ctx, q, "pg_class")
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	whole := len(r.Columns) == 0
 
@@ -443,7 +523,7 @@ func removalDependents(ctx context.Context, q sqlx.QueryerContext, r Removal) ([
 			UNION
 			SELECT i.inhrelid FROM pg_inherits i JOIN d ON i.inhparent = d.relid)
 		SELECT c.oid::int8 AS oid, c.relispartition FROM d JOIN pg_class c ON c.oid = d.relid`, table.OID); err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	// own holds the tables whose parts go with the removal.
 	own := map[int64]bool{table.OID: true}
@@ -474,10 +554,10 @@ func removalDependents(ctx context.Context, q sqlx.QueryerContext, r Removal) ([
 			WHERE attrelid = ANY ($1::oid[]) AND attname = ANY ($2) AND attnum > 0 AND NOT attisdropped
 			ORDER BY attrelid <> $3, array_position($2, attname::text), attrelid`,
 			familyIDs, pq.StringArray(r.Columns), table.OID); err != nil {
-			return nil, err
+			return nil, nil, err
 		}
 		if len(cols) == 0 || cols[0].Rel != table.OID {
-			return nil, nil
+			return nil, nil, nil
 		}
 		for _, c := range cols {
 			removed[relColumn{c.Rel, c.Num}] = true
@@ -486,7 +566,7 @@ func removalDependents(ctx context.Context, q sqlx.QueryerContext, r Removal) ([
 	} else {
 		pgType, err := catalogOID(ctx, q, "pg_type")
 		if err != nil {
-			return nil, err
+			return nil, nil, err
 		}
 		add(&found{depNode: depNode{pgClass, table.OID, 0}, parent: -1})
 		// The row type too: columns of other tables and functions can be
@@ -504,7 +584,7 @@ func removalDependents(ctx context.Context, q sqlx.QueryerContext, r Removal) ([
 			depNode
 		}
 		if err := sqlx.SelectContext(ctx, q, &steps, dependentsStep, classIDs, objIDs, subIDs); err != nil {
-			return nil, err
+			return nil, nil, err
 		}
 		var next []*found
 		for _, st := range steps {
@@ -522,7 +602,7 @@ func removalDependents(ctx context.Context, q sqlx.QueryerContext, r Removal) ([
 		classIDs, objIDs, subIDs = nodeArrays(next)
 		var infos []objectInfo
 		if err := sqlx.SelectContext(ctx, q, &infos, describeObjects, classIDs, objIDs, subIDs, familyIDs); err != nil {
-			return nil, err
+			return nil, nil, err
 		}
 		for _, info := range infos {
 			n := next[info.I-1]
@@ -549,14 +629,19 @@ func removalDependents(ctx context.Context, q sqlx.QueryerContext, r Removal) ([
 		OID    int64  `db:"oid"`
 		Schema string `db:"nspname"`
 		Name   string `db:"relname"`
+		Kind   string `db:"relkind"`
 	}
 	if err := sqlx.SelectContext(ctx, q, &rels, relationNames, pq.Int64Array(ownerIDs)); err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	relName := make(map[int64]string, len(rels))
+	lockable := map[int64]bool{}
 	for _, rel := range rels {
 		relName[rel.OID] = quoteQualified(rel.Schema, rel.Name)
+		lockable[rel.OID] = strings.ContainsAny(rel.Kind, "rpvmf") // LOCK TABLE takes these
 	}
+	var lock []string
+	locking := map[int64]bool{}
 
 	// Whole relations found (views, other tables): objects that belong to
 	// them go with them and are not listed on their own.
@@ -590,7 +675,12 @@ func removalDependents(ctx context.Context, q sqlx.QueryerContext, r Removal) ([
 			d.Via = names[n.parent]
 		}
 		out = append(out, d)
+		if o := n.info.Owner; o != 0 && !own[o] && lockable[o] && !locking[o] {
+			locking[o] = true
+			lock = append(lock, relName[o])
+		}
 	}
+	sort.Strings(lock)
 	colOrder := make(map[string]int, len(r.Columns))
 	for i, c := range r.Columns {
 		colOrder[c] = i
@@ -608,7 +698,7 @@ func removalDependents(ctx context.Context, q sqlx.QueryerContext, r Removal) ([
 		}
 		return a.Name < b.Name
 	})
-	return out, nil
+	return out, lock, nil
 }
 
 // relColumn is a column of a table.

@@ -5,6 +5,7 @@ import (
 	"database/sql/driver"
 	"errors"
 	"fmt"
+	"slices"
 	"sort"
 	"strings"
 	"time"
@@ -32,6 +33,10 @@ var (
 	ErrOutsideSessions = errors.New("sessions outside any agent are connected")
 	// ErrRunnerBusy: another contract runner holds the release.
 	ErrRunnerBusy = errors.New("another contract runner holds the release")
+	// ErrDDLTimeout: the DDL could not take its locks before
+	// ContractOptions.DDLTimeout ran out. The release stays in contracting;
+	// what was not dropped is still in place.
+	ErrDDLTimeout = errors.New("timed out running the DDL")
 )
 
 // Outcomes of a contract run.
@@ -42,6 +47,7 @@ const (
 	OutcomeTimeout         = "timeout"          // acks did not all arrive; nothing dropped
 	OutcomeRefused         = "refused"          // a check failed; nothing changed
 	OutcomeFailed          = "failed"           // an error after contracting began; run again
+	OutcomeDDLTimeout      = "ddl_timeout"      // the DDL could not take its locks in time; run again
 )
 
 // ContractOptions tune a contract run.
@@ -57,6 +63,13 @@ type ContractOptions struct {
 	// that cannot get its lock in time is retried with backoff, so it never
 	// queues for long in front of live traffic. Defaults to 2s.
 	LockTimeout time.Duration
+	// DDLTimeout bounds the DDL phase, which begins once the release is in
+	// contracting: lock-timeout retries stop when it has passed (after at
+	// most one more attempt) and the run fails with ErrDDLTimeout, leaving
+	// the release in contracting to run again. While the DDL retries, old
+	// code that registers cannot be waited for, only reported, so this
+	// keeps that window bounded. Defaults to 10m.
+	DDLTimeout time.Duration
 	// PollInterval is how often the agents are read while waiting. Defaults
 	// to 250ms.
 	PollInterval time.Duration
@@ -71,6 +84,10 @@ type ContractOptions struct {
 	Progress func(Progress)
 	// Log receives the runner's log lines. Defaults to a disabled logger.
 	Log zerolog.Logger
+	// BeforeDDL, when set, is called once the release is in contracting,
+	// before the first DDL statement; an error stops the run there. For
+	// tests. Defaults to none.
+	BeforeDDL func() error
 	// BeforeComplete, when set, is called after the DDL ran and before the
 	// release is marked complete; an error stops the run there, as a crash
 	// would. For tests. Defaults to none.
@@ -85,6 +102,7 @@ func (o ContractOptions) withDefaults() (ContractOptions, error) {
 	}{
 		{"Timeout", &o.Timeout, 10 * time.Minute},
 		{"LockTimeout", &o.LockTimeout, 2 * time.Second},
+		{"DDLTimeout", &o.DDLTimeout, 10 * time.Minute},
 		{"PollInterval", &o.PollInterval, 250 * time.Millisecond},
 		{"LeaderWithin", &o.LeaderWithin, 15 * time.Second},
 	} {
@@ -140,6 +158,15 @@ type Plan struct {
 	OldCode         []Agent     `json:"old_code"`
 	OutsideSessions []Session   `json:"outside_sessions"`
 	Problems        []Problem   `json:"problems"`
+	// AlreadyGone lists the removed tables and columns that no longer
+	// exist (an earlier run, another release or someone by hand dropped
+	// them): their removals count as done.
+	AlreadyGone []Gone `json:"already_gone"`
+	// OldCodeDuringDDL lists the live agents running code that predates
+	// the release seen while the DDL ran. Contracting was entered with
+	// none, so each registered since; such code may still name the
+	// removed columns and cannot be waited for any more.
+	OldCodeDuringDDL []Agent `json:"old_code_during_ddl"`
 }
 
 // ContractResult reports a contract run. Times are the runner's clock.
@@ -203,6 +230,58 @@ func (e *OutsideSessionsError) Error() string {
 }
 
 func (e *OutsideSessionsError) Unwrap() error { return ErrOutsideSessions }
+
+// DDLTimeoutError says which statement could not take its lock before the
+// DDL phase's deadline, and which old code appeared meanwhile.
+type DDLTimeoutError struct {
+	Release   string
+	Index     int    // the removal's index in the manifest
+	Statement string // its DDL
+	Timeout   time.Duration
+	Waited    time.Duration // since the DDL phase began
+	Attempts  int           // DDL attempts of the run
+	OldCode   []Agent       // live agents running code that predates the release, seen during the DDL
+}
+
+func (e *DDLTimeoutError) Error() string {
+	msg := fmt.Sprintf("release %q: the DDL phase passed its deadline of %s (--ddl-timeout) after %s and %d attempts: removed[%d]: %s still could not take its lock within lock_timeout, so a long transaction holds a lock on the table: end it, then run again",
+		e.Release, e.Timeout, e.Waited.Round(time.Millisecond), e.Attempts, e.Index, e.Statement)
+	if len(e.OldCode) > 0 {
+		msg += fmt.Sprintf("; %d agent%s running code that predates %s appeared meanwhile (%s)", len(e.OldCode), plural(len(e.OldCode)), e.Release, describeAgents(e.OldCode))
+	}
+	return msg
+}
+
+func (e *DDLTimeoutError) Unwrap() error { return ErrDDLTimeout }
+
+// DependentsChangedError: objects came to depend on a removal after the
+// plan listed its dependents. The statement was rolled back, so nothing of
+// that removal was dropped.
+type DependentsChangedError struct {
+	Release string
+	Removal string // Removal.Key()
+	Cascade bool
+	Added   []Dependent // the dependents the plan did not list
+}
+
+func (e *DependentsChangedError) Error() string {
+	objects := make([]string, len(e.Added))
+	for i, d := range e.Added {
+		objects[i] = d.Object()
+		if d.Column != "" {
+			objects[i] += fmt.Sprintf(" (on column %q)", d.Column)
+		}
+	}
+	what := "the DROP would fail or take them silently"
+	if e.Cascade {
+		what = "CASCADE would drop them too"
+	}
+	return fmt.Sprintf("release %q: %d object%s came to depend on %s after the plan listed its dependents: %s; %s, so nothing of this removal was dropped: drop or rewrite them, or run 'phasecast contract %s' again to plan with them",
+		e.Release, len(e.Added), plural(len(e.Added)), e.Removal, strings.Join(objects, ", "), what, e.Release)
+}
+
+// Unwrap makes the refusal an unsafe contract (exit code 4).
+func (e *DependentsChangedError) Unwrap() error { return ErrUnsafe }
 
 // errAcksStale is returned by the contracting flip's check when the
 // release was flipped to contract again (a rollback and a re-flip) or an
@@ -307,6 +386,12 @@ func (s *Store) Contract(ctx context.Context, release string, opts ContractOptio
 	if len(problems) > 0 {
 		return fail(OutcomeRefused, &UnsafeError{Release: release, Problems: problems})
 	}
+	if res.AlreadyGone, err = s.AlreadyGone(ctx, s.db, m); err != nil {
+		return nil, err
+	}
+	for _, g := range res.AlreadyGone {
+		log.Info().Str("removal", g.Removal).Str("gone", g.Object()).Msg("already gone: this part of the removal counts as done")
+	}
 	if !resuming {
 		alive, err := s.leaderAlive(ctx, opts)
 		if err != nil {
@@ -390,8 +475,17 @@ func (s *Store) Contract(ctx context.Context, release string, opts ContractOptio
 		}
 	}
 
+	if opts.BeforeDDL != nil {
+		if err := opts.BeforeDDL(); err != nil {
+			return fail(OutcomeFailed, err)
+		}
+	}
 	if err := s.runDDL(ctx, conn, res, m, opts, log); err != nil {
-		return fail(OutcomeFailed, fmt.Errorf("release %q is in contracting; run 'phasecast contract %s' again to resume: %w", release, release, err))
+		outcome := OutcomeFailed
+		if errors.Is(err, ErrDDLTimeout) {
+			outcome = OutcomeDDLTimeout
+		}
+		return fail(outcome, fmt.Errorf("release %q is in contracting; run 'phasecast contract %s' again to resume: %w", release, release, err))
 	}
 	if opts.BeforeComplete != nil {
 		if err := opts.BeforeComplete(); err != nil {
@@ -672,29 +766,59 @@ const (
 // lock_timeout. A statement that cannot get its lock in time (SQLSTATE
 // 55P03) is retried after a capped, jittered exponential backoff, so it never
 // waits long in the lock queue, where it would hold up every query behind
-// it. Any other error stops the run with the release in contracting.
+// it, until opts.DDLTimeout has passed. Before each attempt it looks for
+// live agents running code that predates the release, which may have
+// registered since contracting began, and reports each once. Any other
+// error stops the run with the release in contracting.
 func (s *Store) runDDL(ctx context.Context, conn *sqlx.Conn, res *ContractResult, m *Manifest, opts ContractOptions, log zerolog.Logger) error {
 	lockTimeout := fmt.Sprintf("%dms", opts.LockTimeout.Milliseconds())
 	res.DDLStart = time.Now()
 	defer func() { res.DDLEnd = time.Now() }()
+	deadline := res.DDLStart.Add(opts.DDLTimeout)
+	res.OldCodeDuringDDL = []Agent{}
+	planned := make(map[string]bool, len(res.Dependents))
+	for _, d := range res.Dependents {
+		planned[dependentKey(d)] = true
+	}
 	for i, r := range m.Removed {
 		stmt := r.DDL()
 		backoff := retry.Backoff{Min: ddlBackoffMin, Max: ddlBackoffMax}
 		for attempt := 1; ; attempt++ {
+			if err := s.watchOldCode(ctx, conn, res, log); err != nil {
+				return fmt.Errorf("removed[%d]: %s: %w", i, stmt, err)
+			}
 			res.Attempts++
-			dropped, err := s.execDDL(ctx, conn, r, stmt, lockTimeout)
+			dropped, gone, err := s.execDDL(ctx, conn, r, stmt, lockTimeout, planned)
 			if err == nil {
 				res.Dropped = append(res.Dropped, dropped...)
-				log.Info().Str("ddl", stmt).Int("attempt", attempt).Strs("dropped", dropped).Msg("DDL done")
+				res.AlreadyGone = replaceGone(res.AlreadyGone, r, gone)
+				ev := log.Info().Str("ddl", stmt).Int("attempt", attempt).Strs("dropped", dropped)
+				if len(dropped) == 0 {
+					ev.Msg("DDL skipped: what it removes is already gone, so it counts as done")
+				} else {
+					ev.Msg("DDL done")
+				}
 				break
 			}
 			var pqErr *pq.Error
 			if !errors.As(err, &pqErr) || pqErr.Code != "55P03" {
+				var changed *DependentsChangedError
+				if errors.As(err, &changed) {
+					changed.Release = res.Release
+				}
 				return fmt.Errorf("removed[%d]: %s: %w", i, stmt, err)
+			}
+			now := time.Now()
+			if !now.Before(deadline) {
+				if err := s.watchOldCode(ctx, conn, res, log); err != nil {
+					log.Warn().Err(err).Msg("reading the agents after the DDL deadline failed")
+				}
+				return &DDLTimeoutError{Release: res.Release, Index: i, Statement: stmt, Timeout: opts.DDLTimeout,
+					Waited: now.Sub(res.DDLStart), Attempts: res.Attempts, OldCode: res.OldCodeDuringDDL}
 			}
 			// Jitter keeps retries from lining up with each other or with
 			// a periodic job.
-			sleep := backoff.Next()
+			sleep := min(backoff.Next(), deadline.Sub(now))
 			log.Warn().Str("ddl", stmt).Int("attempt", attempt).Dur("retry_in", sleep).
 				Msg("DDL could not take its lock within lock_timeout; retrying")
 			if err := retry.Sleep(ctx, sleep); err != nil {
@@ -702,44 +826,134 @@ func (s *Store) runDDL(ctx context.Context, conn *sqlx.Conn, res *ContractResult
 			}
 		}
 	}
+	return s.watchOldCode(ctx, conn, res, log)
+}
+
+// watchOldCode adds to res the live agents running code that predates the
+// release that it has not reported yet, and logs each. It reads on conn,
+// the runner's own session, between DDL attempts.
+func (s *Store) watchOldCode(ctx context.Context, conn *sqlx.Conn, res *ContractResult, log zerolog.Logger) error {
+	agents, err := s.agents(ctx, conn, true)
+	if err != nil {
+		return fmt.Errorf("reading the agents: %w", err)
+	}
+	for _, a := range agents {
+		if a.Knows(res.Release) || slices.ContainsFunc(res.OldCodeDuringDDL, func(o Agent) bool { return o.ID == a.ID }) {
+			continue
+		}
+		res.OldCodeDuringDDL = append(res.OldCodeDuringDDL, a)
+		log.Warn().Str("agent", a.ID).Str("service", a.Service).Str("host", a.Host).Int("pid", a.PID).Str("version", a.Version).
+			Msgf("agent %s (service %s on host %s, pid %d) runs code that predates %s and appeared during the DDL: it may still name the removed columns",
+				a.ID, a.Service, a.Host, a.PID, res.Release)
+	}
 	return nil
 }
 
+// replaceGone replaces what list says is gone of removal r with gone, as
+// the DDL found it.
+func replaceGone(list []Gone, r Removal, gone []Gone) []Gone {
+	out := slices.DeleteFunc(slices.Clone(list), func(g Gone) bool {
+		return g.Removal == r.Key() && (g.Column == "" || slices.Contains(r.Columns, g.Column))
+	})
+	return append(out, gone...)
+}
+
+// maxLockRounds bounds how often execDDL locks newly found dependent
+// relations and looks again before a DROP … CASCADE.
+const maxLockRounds = maxDependentDepth
+
 // execDDL runs one statement and returns the quoted names of the columns or
-// table it dropped (nothing when an earlier run already did).
-func (s *Store) execDDL(ctx context.Context, conn *sqlx.Conn, r Removal, stmt, lockTimeout string) ([]string, error) {
+// table it dropped, and what was already gone. When everything the removal
+// names is gone it runs nothing, so a table dropped elsewhere never fails
+// the run. Otherwise it first locks the table (under lock_timeout), which
+// keeps new objects from coming to depend on it, lists the dependents again
+// (locking, for a cascade, each relation among them and looking again until
+// no new one turns up), and refuses with a *DependentsChangedError,
+// rolling back, when one is not in planned: the DROP runs in this
+// transaction, so what it takes is exactly what was listed here.
+func (s *Store) execDDL(ctx context.Context, conn *sqlx.Conn, r Removal, stmt, lockTimeout string, planned map[string]bool) (dropped []string, gone []Gone, err error) {
 	tx, err := conn.BeginTxx(ctx, nil)
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	defer func() { _ = tx.Rollback() }()
 	if _, err := tx.ExecContext(ctx, `SELECT set_config('lock_timeout', $1, true)`, lockTimeout); err != nil {
-		return nil, err
+		return nil, nil, err
 	}
-	var present []string
-	if len(r.Columns) > 0 {
-		err = tx.SelectContext(ctx, &present, `
-			SELECT attname FROM pg_attribute
-			WHERE attrelid = to_regclass($1) AND attname = ANY ($2) AND attnum > 0 AND NOT attisdropped
-			ORDER BY array_position($2, attname::text)`, r.QuotedTable(), pq.StringArray(r.Columns))
-	} else {
-		err = tx.SelectContext(ctx, &present, `SELECT $1::text WHERE to_regclass($1) IS NOT NULL`, r.QuotedTable())
+	present, gone, err := removalPresence(ctx, tx, r)
+	if err != nil || len(present) == 0 {
+		return nil, gone, err
 	}
-	if err != nil {
-		return nil, err
+	if _, err := tx.ExecContext(ctx, `LOCK TABLE `+r.QuotedTable()+` IN ACCESS EXCLUSIVE MODE`); err != nil {
+		var pqErr *pq.Error
+		if errors.As(err, &pqErr) && (pqErr.Code == "42P01" || pqErr.Code == "3F000") {
+			// Dropped between the look and the lock.
+			return nil, []Gone{{Removal: r.Key(), Name: r.QuotedTable()}}, nil
+		}
+		return nil, nil, err
+	}
+	// Read again under the lock: columns may have gone in between.
+	if present, gone, err = removalPresence(ctx, tx, r); err != nil || len(present) == 0 {
+		return nil, gone, err
+	}
+	if err := checkDependentsUnchanged(ctx, tx, r, planned); err != nil {
+		return nil, nil, err
 	}
 	if _, err := tx.ExecContext(ctx, stmt); err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	if err := tx.Commit(); err != nil {
-		return nil, err
+		return nil, nil, err
 	}
-	dropped := make([]string, len(present))
+	dropped = make([]string, len(present))
 	for i, p := range present {
 		if len(r.Columns) > 0 {
 			p = r.QuotedTable() + "." + pq.QuoteIdentifier(p)
 		}
 		dropped[i] = p
 	}
-	return dropped, nil
+	return dropped, gone, nil
 }
+
+// checkDependentsUnchanged lists r's dependents in tx, with r's table
+// already locked, and refuses when one is not in planned. For a cascade it
+// first locks every relation among the dependents, and looks again until
+// no new one turns up: a view on a listed view could otherwise appear
+// between this look and the DROP and go with it unseen.
+func checkDependentsUnchanged(ctx context.Context, tx *sqlx.Tx, r Removal, planned map[string]bool) error {
+	locked := map[string]bool{}
+	for round := 1; ; round++ {
+		deps, rels, err := removalDependents(ctx, tx, r)
+		if err != nil {
+			return fmt.Errorf("dependents of %s: %w", r.QuotedTable(), err)
+		}
+		var added []Dependent
+		for _, d := range deps {
+			if !planned[dependentKey(d)] {
+				added = append(added, d)
+			}
+		}
+		if len(added) > 0 {
+			return &DependentsChangedError{Removal: r.Key(), Cascade: r.Cascade, Added: added}
+		}
+		var lock []string
+		for _, rel := range rels {
+			if !locked[rel] {
+				locked[rel] = true
+				lock = append(lock, rel)
+			}
+		}
+		if !r.Cascade || len(lock) == 0 {
+			return nil
+		}
+		if round > maxLockRounds {
+			return fmt.Errorf("dependents of %s: still finding new ones after %d rounds of locking", r.QuotedTable(), maxLockRounds)
+		}
+		if _, err := tx.ExecContext(ctx, `LOCK TABLE `+strings.Join(lock, ", ")+` IN ACCESS EXCLUSIVE MODE`); err != nil {
+			return err
+		}
+	}
+}
+
+// dependentKey identifies a dependent across two walks of the catalogs.
+func dependentKey(d Dependent) string { return d.Removal + "\x00" + d.Object() }

@@ -360,13 +360,7 @@ func TestContract(t *testing.T) {
 		b, _ := setupAcked(t, "a")
 
 		// A long transaction holds a lock the DROP conflicts with.
-		blocker, err := b.db.Conn(b.ctx)
-		require.NoError(t, err)
-		defer blocker.Close()
-		_, err = blocker.ExecContext(b.ctx, `BEGIN`)
-		require.NoError(t, err)
-		_, err = blocker.ExecContext(b.ctx, `LOCK TABLE `+pq.QuoteIdentifier(b.app)+`.instances IN ACCESS SHARE MODE`)
-		require.NoError(t, err)
+		blocker := b.holdLock()
 		const hold = 1500 * time.Millisecond
 		released := make(chan struct{})
 		go func() {
