@@ -151,6 +151,9 @@ code that predates the release (exit 4; --force overrides only the last).`,
 					Warn: func(p schema.Problem) {
 						fmt.Fprintf(g.stderr, "warning: %s\n", p.Detail)
 					},
+					Gone: func(gone schema.Gone) {
+						fmt.Fprintf(g.stderr, "note: %s of removal %s is already gone: that part counts as done\n", gone.Object(), gone.Removal)
+					},
 				})
 			}
 			res, err := store.Flip(cmd.Context(), args[0], to, opts)

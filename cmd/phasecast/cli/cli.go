@@ -24,6 +24,7 @@ const (
 	ExitTimeout      = 2 // contract: timed out waiting for acknowledgements
 	ExitPrecondition = 3 // a precondition returned a row
 	ExitUnsafe       = 4 // the contract would break something: old code, NOT NULL, dependents
+	ExitDDLTimeout   = 5 // contract: the DDL could not take its locks before --ddl-timeout
 )
 
 // exitError carries an exit code other than 1 through cobra.
@@ -52,6 +53,8 @@ func exitCode(err error) int {
 		return ExitUnsafe
 	case errors.Is(err, schema.ErrAckTimeout):
 		return ExitTimeout
+	case errors.Is(err, schema.ErrDDLTimeout):
+		return ExitDDLTimeout
 	}
 	return ExitError
 }

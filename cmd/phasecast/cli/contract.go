@@ -34,7 +34,11 @@ func newContractCmd(g *globals) *cobra.Command {
   3. lists database sessions that belong to no agent (--strict refuses);
   4. takes the release to contracting and runs the DDL with a short
      lock_timeout, retrying on lock timeouts so the DROP never queues in
-     front of live traffic;
+     front of live traffic, until --ddl-timeout (exit 5, the release stays
+     in contracting); a removed table or column that is already gone counts
+     as done; each statement lists the dependents again under its lock and
+     refuses (exit 4) if one is not in the plan; agents running code that
+     predates RELEASE that appear meanwhile are reported;
   5. marks the release complete.
 
 Re-running is safe at every step: after a crash, run the same command again.`,
@@ -68,6 +72,7 @@ Re-running is safe at every step: after a crash, run the same command again.`,
 	f.BoolVar(&opts.DryRun, "dry-run", false, "print the plan (DDL, agents acknowledged and missing, outside sessions) and change nothing")
 	f.BoolVar(&opts.Strict, "strict", false, "refuse when database sessions outside any agent are connected")
 	f.DurationVar(&opts.LockTimeout, "lock-timeout", 2*time.Second, "lock_timeout of each DROP; retried with backoff on timeout")
+	f.DurationVar(&opts.DDLTimeout, "ddl-timeout", 10*time.Minute, "how long the DDL may keep retrying for its locks (exit 5 after; the release stays in contracting)")
 	f.DurationVar(&opts.LeaderWithin, "broadcaster-within", 15*time.Second, "refuse unless a leading broadcaster was alive this recently")
 	f.StringVar(&opts.Actor, "actor", defaultActor(), "who runs the contract, for the audit log")
 	f.BoolVar(&asJSON, "json", false, "print one JSON document at the end")
@@ -125,6 +130,9 @@ func printContract(w io.Writer, res *schema.ContractResult) {
 			fmt.Fprintf(w, "  %s;\n", s)
 		}
 	}
+	for _, g := range res.AlreadyGone {
+		fmt.Fprintf(w, "already gone, counts as done: %s\n", g.Object())
+	}
 	for _, d := range res.Dependents {
 		if d.Cascade {
 			fmt.Fprintf(w, "goes with CASCADE: %s\n", d.Object())
@@ -135,6 +143,9 @@ func printContract(w io.Writer, res *schema.ContractResult) {
 	fmt.Fprintf(w, "agents: %d acknowledged, %d missing, %d running code that predates %s\n", len(res.Acked), len(res.Missing), len(res.OldCode), res.Release)
 	if m := describeMissing(res.Missing, res.OldCode); m != "" {
 		fmt.Fprintf(w, "  waiting for: %s\n", m)
+	}
+	if len(res.OldCodeDuringDDL) > 0 {
+		fmt.Fprintf(w, "appeared during the DDL, running code that predates %s: %s\n", res.Release, describeMissing(nil, res.OldCodeDuringDDL))
 	}
 	for _, s := range res.OutsideSessions {
 		mark := ""
