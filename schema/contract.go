@@ -84,9 +84,9 @@ type ContractOptions struct {
 	Progress func(Progress)
 	// Log receives the runner's log lines. Defaults to a disabled logger.
 	Log zerolog.Logger
-	// BeforeDDL, when set, is called once the release is in contracting,
-	// before the first DDL statement; an error stops the run there. For
-	// tests. Defaults to none.
+	// BeforeDDL, when set, is called once the release is in contracting
+	// and before the DDL; an error stops the run there, as a crash would.
+	// For tests. Defaults to none.
 	BeforeDDL func() error
 	// BeforeComplete, when set, is called after the DDL ran and before the
 	// release is marked complete; an error stops the run there, as a crash

@@ -5,6 +5,7 @@ import (
 	"context"
 	"database/sql"
 	"encoding/json"
+	"errors"
 	"strings"
 	"sync"
 	"testing"
@@ -43,8 +44,10 @@ removed:
 
 	// The runner crashed in contracting; meanwhile another release, or
 	// someone by hand, dropped the table and one of the columns.
-	_, err := b.store.Flip(b.ctx, "L", phase.Contracting, schema.FlipOptions{Actor: "test"})
-	require.NoError(t, err)
+	crash := errors.New("simulated crash")
+	_, err := b.store.Contract(b.ctx, "L", fast(schema.ContractOptions{BeforeDDL: func() error { return crash }}))
+	require.ErrorIs(t, err, crash)
+	require.Equal(t, phase.Contracting, b.phase("L"))
 	b.exec(`DROP TABLE APP.legacy`, `ALTER TABLE APP.instances DROP COLUMN display_name`)
 
 	// The plan says so...
