@@ -68,7 +68,8 @@ type ContractOptions struct {
 	// most one more attempt) and the run fails with ErrDDLTimeout, leaving
 	// the release in contracting to run again. While the DDL retries, old
 	// code that registers cannot be waited for, only reported, so this
-	// keeps that window bounded. Defaults to 10m.
+	// keeps that window bounded. (DESIGN.md retries without end; README,
+	// "Design notes".) Defaults to 10m.
 	DDLTimeout time.Duration
 	// PollInterval is how often the agents are read while waiting. Defaults
 	// to 250ms.
@@ -318,7 +319,8 @@ func (e *errAcksStale) Error() string {
 // On error the result, when not nil, holds the plan as far as it got.
 // Errors: *TransitionError, *PreconditionError, *UnsafeError,
 // ErrNoBroadcaster, *AckTimeoutError, *OutsideSessionsError (Strict),
-// ErrRunnerBusy.
+// ErrRunnerBusy; once in contracting, *DDLTimeoutError and
+// *DependentsChangedError (an ErrUnsafe).
 func (s *Store) Contract(ctx context.Context, release string, opts ContractOptions) (*ContractResult, error) {
 	opts, err := opts.withDefaults()
 	if err != nil {
