@@ -638,7 +638,9 @@ func removalDependents(ctx context.Context, q sqlx.QueryerContext, r Removal) ([
 	lockable := map[int64]bool{}
 	for _, rel := range rels {
 		relName[rel.OID] = quoteQualified(rel.Schema, rel.Name)
-		lockable[rel.OID] = strings.ContainsAny(rel.Kind, "rpvmf") // LOCK TABLE takes these
+		// LOCK TABLE takes tables and views only; a materialized view or a
+		// foreign table cannot be locked, and stays unguarded.
+		lockable[rel.OID] = strings.ContainsAny(rel.Kind, "rpv")
 	}
 	var lock []string
 	locking := map[int64]bool{}

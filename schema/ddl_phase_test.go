@@ -153,15 +153,18 @@ removed:
 	require.Equal(t, `view `+q+`."v_on_on"`, changed.Added[0].Object())
 	require.Equal(t, phase.Contracting, b.phase("L"))
 
-	// Re-run, the plan lists them and they go with the columns.
+	// Re-run, the plan lists them and they go with the columns, along
+	// with a materialized view and a foreign key, which the DROP's
+	// transaction looks at the same way.
+	b.exec(`CREATE MATERIALIZED VIEW APP.mv_display AS SELECT display_name FROM APP.instances`,
+		`ALTER TABLE APP.instances ADD CONSTRAINT instances_name_key UNIQUE (name)`,
+		`CREATE TABLE APP.child (id int, instance_name text CONSTRAINT child_fk REFERENCES APP.instances (name))`)
 	res, err = b.store.Contract(b.ctx, "L", fast(schema.ContractOptions{}))
 	require.NoError(t, err)
 	require.Equal(t, schema.OutcomeComplete, res.Outcome)
-	require.Len(t, res.Dependents, 3)
-	require.Equal(t, []string{"instances.id", "instances.common_name"}, b.columns())
-	views = nil
-	require.NoError(t, b.db.Select(&views, `SELECT viewname FROM pg_views WHERE schemaname = $1 ORDER BY 1`, b.app))
-	require.Empty(t, views)
+	require.Len(t, res.Dependents, 5)
+	require.Equal(t, []string{"child.id", "child.instance_name", "instances.id", "instances.common_name"}, b.columns())
+	require.Equal(t, []string{"class child r", "class instances r", "class instances_pkey i", "constraint instances_pkey p"}, b.catalog())
 }
 
 // TestContractDDLDeadlineAndLateOldCode: DDL retries on lock timeouts stop
