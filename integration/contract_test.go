@@ -261,8 +261,9 @@ func TestContractDryRunAndStrict(t *testing.T) {
 	require.Equal(t, phase.Contract, e.phase("L"))
 }
 
-// TestContractResumesAfterCrash: a release left in contracting (a runner
-// died after taking it there) is completed by 'phasecast contract'.
+// TestContractResumesAfterCrash: a release left in contracting by a
+// runner that died after taking it there, before the DDL, is completed by
+// 'phasecast contract'.
 func TestContractResumesAfterCrash(t *testing.T) {
 	t.Parallel()
 	e := e2eSetup(t)
@@ -270,7 +271,13 @@ func TestContractResumesAfterCrash(t *testing.T) {
 	e.apply(e2eReleaseT)
 	e.flip("L", phase.Migrate)
 	e.flip("L", phase.Contract)
-	e.flip("L", phase.Contracting) // where a crashed runner leaves it
+	require.NoError(t, e.store.TouchBroadcaster(e.ctx, schema.Broadcaster{ID: "b", Host: "h", PID: 1, Leader: true}))
+	crash := errors.New("simulated crash")
+	res, err := e.store.Contract(e.ctx, "L", schema.ContractOptions{Actor: "test", BeforeDDL: func() error { return crash }})
+	require.ErrorIs(t, err, crash)
+	require.Equal(t, schema.OutcomeFailed, res.Outcome)
+	require.Equal(t, phase.Contracting, e.phase("L"))
+	require.Equal(t, []string{"id", "name", "note"}, e.columns("t"), "the runner stopped before the DDL")
 
 	code, out, errOut := e.cli("contract", "L")
 	require.Zero(t, code, "stdout:\n%s\nstderr:\n%s", out, errOut)

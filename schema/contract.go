@@ -5,6 +5,7 @@ import (
 	"database/sql/driver"
 	"errors"
 	"fmt"
+	"os"
 	"slices"
 	"sort"
 	"strings"
@@ -37,6 +38,11 @@ var (
 	// ContractOptions.DDLTimeout ran out. The release stays in contracting;
 	// what was not dropped is still in place.
 	ErrDDLTimeout = errors.New("timed out running the DDL")
+	// ErrContractingUnverified: the release is in contracting but no
+	// contract runner took it there (a flip by an older binary), so nothing
+	// says every live agent acknowledged it. Nothing was dropped; Recheck
+	// makes the run check and wait as from contract.
+	ErrContractingUnverified = errors.New("no contract runner took the release to contracting")
 )
 
 // Outcomes of a contract run.
@@ -78,8 +84,16 @@ type ContractOptions struct {
 	// its liveness; if none has but one is alive, the runner gives it up
 	// to 5s (at most LeaderWithin) to lead again. Defaults to 15s.
 	LeaderWithin time.Duration
-	// Actor is recorded in the audit log. Defaults to "contract runner".
+	// Actor is recorded in the audit log, and in the runner's identity on
+	// the release when it enters contracting. Defaults to "contract
+	// runner".
 	Actor string
+	// Recheck lets the run take a release found in contracting that no
+	// contract runner took there (ErrContractingUnverified): it then runs
+	// the preconditions, the safety checks, the broadcaster check and the
+	// wait for acknowledgements, as from contract, before it drops.
+	// Defaults to false: such a release is refused.
+	Recheck bool
 	// Progress, when set, is called on each poll while waiting. Defaults to
 	// none.
 	Progress func(Progress)
@@ -299,7 +313,11 @@ func (e *errAcksStale) Error() string {
 // contracting, drops the removed columns and tables with a short
 // lock_timeout and retries, and marks the release complete. Re-running is
 // safe at every step: a release already complete is reported as such, and
-// one left in contracting by a crash resumes at the DDL.
+// one left in contracting by a crashed runner resumes at the DDL. The
+// runner records its identity on the release as it enters contracting;
+// a release in contracting without it (moved there by an older binary) is
+// refused with ErrContractingUnverified, or with Recheck checked and
+// waited for as if it were in contract.
 //
 // A dry run reads everything once, changes nothing, and refuses exactly
 // when a real run would refuse up front (preconditions, safety, no
@@ -319,8 +337,8 @@ func (e *errAcksStale) Error() string {
 // On error the result, when not nil, holds the plan as far as it got.
 // Errors: *TransitionError, *PreconditionError, *UnsafeError,
 // ErrNoBroadcaster, *AckTimeoutError, *OutsideSessionsError (Strict),
-// ErrRunnerBusy; once in contracting, *DDLTimeoutError and
-// *DependentsChangedError (an ErrUnsafe).
+// ErrRunnerBusy, ErrContractingUnverified; once in contracting,
+// *DDLTimeoutError and *DependentsChangedError (an ErrUnsafe).
 func (s *Store) Contract(ctx context.Context, release string, opts ContractOptions) (*ContractResult, error) {
 	opts, err := opts.withDefaults()
 	if err != nil {
@@ -372,7 +390,19 @@ func (s *Store) Contract(ctx context.Context, release string, opts ContractOptio
 	}
 	res.DDL = m.DDL()
 	res.ContractEpoch = rel.ContractEpoch.Int64
-	resuming := rel.Phase == phase.Contracting
+	runner := runnerIdentity(opts.Actor)
+	// Resume at the DDL only what a runner took to contracting: it got
+	// there after its checks and every acknowledgement. Anything else in
+	// contracting had neither.
+	resuming := rel.Phase == phase.Contracting && rel.ContractingBy.Valid
+	if rel.Phase == phase.Contracting && !resuming {
+		if !opts.Recheck {
+			return fail(OutcomeRefused, fmt.Errorf("release %q is in contracting, but %w (a 'flip %s contracting' by an older binary, or such a binary's runner): "+
+				"nothing says every live agent acknowledged it, so nothing was dropped; run 'phasecast contract %s --recheck' to run the checks and the wait for every live agent's acknowledgement before dropping",
+				release, ErrContractingUnverified, release, release))
+		}
+		log.Warn().Msg("release is in contracting, but no contract runner took it there; checking and waiting as from contract")
+	}
 
 	// Checks that fail fast, before any waiting.
 	if !resuming {
@@ -413,7 +443,7 @@ func (s *Store) Contract(ctx context.Context, release string, opts ContractOptio
 		// agent that starts now loads that state), so there is nothing to
 		// wait for. The DDL is IF EXISTS, so statements that already ran
 		// are harmless.
-		log.Info().Msg("release is in contracting: a previous run stopped before completing; resuming at the DDL")
+		log.Info().Str("contracting_by", rel.ContractingBy.String).Msg("release is in contracting: a previous run stopped before completing; resuming at the DDL")
 		agents, err := s.LiveAgents(ctx)
 		if err != nil {
 			return nil, err
@@ -457,7 +487,7 @@ func (s *Store) Contract(ctx context.Context, release string, opts ContractOptio
 				return fail(OutcomeDryRun, nil)
 			}
 			res.AckedAt = time.Now()
-			err = s.enterContracting(ctx, release, opts, log)
+			err = s.enterContracting(ctx, rel.Phase, m, res.ContractEpoch, runner, opts, log)
 			var stale *errAcksStale
 			if errors.As(err, &stale) {
 				log.Warn().Int64("contract_epoch", stale.epoch).Msg("acknowledgements went stale before contracting; waiting again")
@@ -494,7 +524,7 @@ func (s *Store) Contract(ctx context.Context, release string, opts ContractOptio
 			return fail(OutcomeFailed, err)
 		}
 	}
-	if _, err := s.Flip(ctx, release, phase.Complete, FlipOptions{Actor: opts.Actor, Note: "contract runner: DDL done"}); err != nil {
+	if _, err := s.flip(ctx, release, phase.Complete, FlipOptions{Actor: opts.Actor, Note: "contract runner: DDL done"}, runner); err != nil {
 		return fail(OutcomeFailed, fmt.Errorf("release %q: the DDL ran but marking it complete failed; run 'phasecast contract %s' again: %w", release, release, err))
 	}
 	res.Phase = phase.Complete
@@ -625,51 +655,96 @@ func classifyAgents(agents []Agent, release string, epoch int64) (acked, missing
 	return acked, missing, oldCode
 }
 
-// enterContracting flips the release to contracting. Under the release's
-// row lock and the epoch row lock it re-checks everything the decision rests
-// on: the phase (Flip), the preconditions, the safety checks, and the acks
-// against the contract epoch now stored, which a rollback and re-flip since
-// the wait would have changed. Holding the epoch row first orders this read
-// of the agents after every status batch already committed (RecordStatuses
-// holds the same row FOR SHARE), so no lease recorded before the flip is
-// missed.
-func (s *Store) enterContracting(ctx context.Context, release string, opts ContractOptions, log zerolog.Logger) error {
-	_, err := s.Flip(ctx, release, phase.Contracting, FlipOptions{
-		Actor: opts.Actor,
-		Note:  "contract runner: all live agents acknowledged",
-		Check: func(ctx context.Context, tx *sqlx.Tx, rel *ReleaseRow) error {
-			if _, err := tx.ExecContext(ctx, s.sql(epochQuery+` FOR UPDATE`)); err != nil {
-				return err
-			}
-			m, err := rel.LoadManifest()
-			if err != nil {
-				return err
-			}
-			if err := runPreconditions(ctx, tx, m); err != nil {
-				return err
-			}
-			problems, _, err := s.CheckSafety(ctx, tx, m)
-			if err != nil {
-				return err
-			}
-			if len(problems) > 0 {
-				return &UnsafeError{Release: release, Problems: problems}
-			}
-			agents, err := s.agents(ctx, tx, true)
-			if err != nil {
-				return err
-			}
-			_, missing, oldCode := classifyAgents(agents, release, rel.ContractEpoch.Int64)
-			if len(missing) > 0 || len(oldCode) > 0 {
-				return &errAcksStale{epoch: rel.ContractEpoch.Int64}
-			}
-			return nil
-		},
-	})
+// runnerIdentity is what the runner records on a release it takes to
+// contracting: who runs it, and which process.
+func runnerIdentity(actor string) string {
+	host, err := os.Hostname()
+	if err != nil {
+		host = "unknown host"
+	}
+	return fmt.Sprintf("%s (pid %d on %s)", actor, os.Getpid(), host)
+}
+
+// enterContracting takes the release to contracting as runner, once every
+// live agent acknowledged contract epoch acked; from is the phase the run
+// found it in: contract, or contracting without a runner's identity
+// (Recheck), which it then claims by recording its own.
+func (s *Store) enterContracting(ctx context.Context, from phase.Phase, m *Manifest, acked int64, runner string, opts ContractOptions, log zerolog.Logger) error {
+	check := func(ctx context.Context, tx *sqlx.Tx, rel *ReleaseRow) error {
+		return s.acksStillHold(ctx, tx, rel, m, acked)
+	}
+	var err error
+	if from == phase.Contracting {
+		err = s.claimContracting(ctx, m.Release, runner, check)
+	} else {
+		_, err = s.flip(ctx, m.Release, phase.Contracting, FlipOptions{
+			Actor: opts.Actor,
+			Note:  "contract runner: all live agents acknowledged",
+			Check: check,
+		}, runner)
+	}
 	if err == nil {
-		log.Info().Msg("release is in contracting")
+		log.Info().Str("contracting_by", runner).Msg("release is in contracting")
 	}
 	return err
+}
+
+// acksStillHold is the runner's last check before contracting, in the
+// transaction that holds the release's row. Under the epoch row lock it
+// re-checks everything the decision rests on: the preconditions, the
+// safety checks, and the acks against the contract epoch now stored,
+// which a rollback and re-flip since the wait would have changed. Holding
+// the epoch row first orders this read of the agents after every status
+// batch already committed (RecordStatuses holds the same row FOR SHARE),
+// so no lease recorded before the move is missed.
+func (s *Store) acksStillHold(ctx context.Context, tx *sqlx.Tx, rel *ReleaseRow, m *Manifest, acked int64) error {
+	if rel.ContractEpoch.Int64 != acked {
+		return &errAcksStale{epoch: rel.ContractEpoch.Int64}
+	}
+	if _, err := tx.ExecContext(ctx, s.sql(epochQuery+` FOR UPDATE`)); err != nil {
+		return err
+	}
+	if err := runPreconditions(ctx, tx, m); err != nil {
+		return err
+	}
+	problems, _, err := s.CheckSafety(ctx, tx, m)
+	if err != nil {
+		return err
+	}
+	if len(problems) > 0 {
+		return &UnsafeError{Release: m.Release, Problems: problems}
+	}
+	agents, err := s.agents(ctx, tx, true)
+	if err != nil {
+		return err
+	}
+	_, missing, oldCode := classifyAgents(agents, rel.Name, acked)
+	if len(missing) > 0 || len(oldCode) > 0 {
+		return &errAcksStale{epoch: acked}
+	}
+	return nil
+}
+
+// claimContracting records runner as the one that took a release found in
+// contracting without a runner's identity there, once check passed under
+// its row lock. The phase does not change, so no epoch is spent and
+// agents hear nothing.
+func (s *Store) claimContracting(ctx context.Context, release, runner string, check func(context.Context, *sqlx.Tx, *ReleaseRow) error) error {
+	return s.inTx(ctx, func(tx *sqlx.Tx) error {
+		rel, err := s.lockRelease(ctx, tx, release)
+		if err != nil {
+			return err
+		}
+		if rel.Phase != phase.Contracting || rel.ContractingBy.Valid {
+			return &TransitionError{Release: release, From: rel.Phase, To: phase.Contracting,
+				Reason: "it changed while the runner checked it; nothing was dropped: run 'phasecast contract " + release + "' again"}
+		}
+		if err := check(ctx, tx, rel); err != nil {
+			return err
+		}
+		_, err = tx.ExecContext(ctx, s.sql(`UPDATE @schema.releases SET contracting_by = $2, updated_at = now() WHERE name = $1`), release, runner)
+		return err
+	})
 }
 
 // outsideSessionsQuery lists the client sessions on this database other

@@ -46,9 +46,15 @@ func setupContract(t *testing.T) *contractBundle {
 // that acknowledged the contract flip, whose epoch it returns.
 func setupAcked(t *testing.T, id string) (*contractBundle, int64) {
 	t.Helper()
+	return setupAckedRelease(t, id, releaseL)
+}
+
+// setupAckedRelease is setupAcked with the release described by yaml.
+func setupAckedRelease(t *testing.T, id, yaml string) (*contractBundle, int64) {
+	t.Helper()
 	b := setupContract(t)
 	b.instances()
-	_, epoch := b.toContract(releaseL)
+	_, epoch := b.toContract(yaml)
 	b.leader()
 	b.agent(agentSpec{id: id, drained: epoch, releases: []string{"L"}})
 	return b, epoch

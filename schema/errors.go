@@ -41,6 +41,9 @@ func (e *TransitionError) Error() string {
 		names := make([]string, len(next))
 		for i, p := range next {
 			names[i] = string(p)
+			if p.RunnerOnly() {
+				names[i] += " (by 'phasecast contract " + e.Release + "')"
+			}
 		}
 		allowed = strings.Join(names, ", ")
 	}

@@ -116,6 +116,11 @@ type ReleaseRow struct {
 	PhaseEpoch    int64         `db:"phase_epoch" json:"phase_epoch"`
 	ContractEpoch sql.NullInt64 `db:"contract_epoch" json:"-"`
 	Manifest      []byte        `db:"manifest" json:"-"`
+	// ContractingBy is the identity of the contract runner that took the
+	// release to contracting; not valid when it is not there, or when
+	// something other than a runner of this version put it there. Release
+	// fills it; Report does not, so that it reads older stores too.
+	ContractingBy sql.NullString `db:"contracting_by" json:"-"`
 }
 
 // LoadManifest decodes the manifest stored with the release.
@@ -130,8 +135,17 @@ func (r *ReleaseRow) LoadManifest() (*Manifest, error) {
 // Flip moves a release to phase to. The phase, the epoch, the audit row and
 // the outbox row are written, and NOTIFY sent, in one transaction. A
 // refused flip changes nothing. Flipping to contract first runs every
-// precondition of the release.
+// precondition of the release. Contracting and complete are refused with a
+// *TransitionError that says to run 'phasecast contract': only the contract
+// runner enters them (phase.Phase.RunnerOnly), after its own checks.
 func (s *Store) Flip(ctx context.Context, release string, to phase.Phase, opts FlipOptions) (FlipResult, error) {
+	return s.flip(ctx, release, to, opts, "")
+}
+
+// flip is Flip for the contract runner too: runner is its identity, which
+// may enter the runner's phases and is recorded as the release's
+// contracting_by when it enters contracting; "" for anyone else.
+func (s *Store) flip(ctx context.Context, release string, to phase.Phase, opts FlipOptions, runner string) (FlipResult, error) {
 	res := FlipResult{Release: release, To: to}
 	if !to.Valid() {
 		_, err := phase.Parse(string(to))
@@ -143,6 +157,11 @@ func (s *Store) Flip(ctx context.Context, release string, to phase.Phase, opts F
 			return err
 		}
 		res.From = rel.Phase
+		if to.RunnerOnly() && runner == "" {
+			return &TransitionError{Release: release, From: rel.Phase, To: to, Reason: fmt.Sprintf(
+				"only the contract runner moves a release to %s, after its checks and the wait for every live agent's acknowledgement: run 'phasecast contract %s'",
+				to, release)}
+		}
 		if !phase.CanMove(rel.Phase, to) {
 			return &TransitionError{Release: release, From: rel.Phase, To: to}
 		}
@@ -167,8 +186,9 @@ func (s *Store) Flip(ctx context.Context, release string, to phase.Phase, opts F
 		res.Epoch = epoch
 		if _, err := tx.ExecContext(ctx, s.sql(`
 			UPDATE @schema.releases SET phase = $2, phase_epoch = $3, updated_at = now(),
-				contract_epoch = CASE WHEN $2 = 'contract' THEN $3 ELSE contract_epoch END
-			WHERE name = $1`), release, to, epoch); err != nil {
+				contract_epoch = CASE WHEN $2 = 'contract' THEN $3 ELSE contract_epoch END,
+				contracting_by = CASE WHEN $2 = 'contracting' THEN $4 ELSE contracting_by END
+			WHERE name = $1`), release, to, epoch, runner); err != nil {
 			return err
 		}
 		return s.recordChange(ctx, tx, release, &rel.Phase, to, epoch, opts.Actor, opts.Note)
@@ -192,7 +212,9 @@ func (s *Store) Rollback(ctx context.Context, release string, opts FlipOptions) 
 	return s.Flip(ctx, release, phase.Migrate, opts)
 }
 
-// releaseColumns are the columns of a ReleaseRow.
+// releaseColumns are the columns of a ReleaseRow that every store
+// version has; Report reads them, so that 'phasecast status' works on a
+// store older than the binary.
 const releaseColumns = `name, description, phase, phase_epoch, contract_epoch, manifest`
 
 // Release returns one release.
@@ -210,7 +232,7 @@ func (s *Store) lockRelease(ctx context.Context, tx *sqlx.Tx, name string) (*Rel
 // appended to the query.
 func (s *Store) getRelease(ctx context.Context, q sqlx.QueryerContext, name, suffix string) (*ReleaseRow, error) {
 	var r ReleaseRow
-	err := sqlx.GetContext(ctx, q, &r, s.sql(`SELECT `+releaseColumns+` FROM @schema.releases WHERE name = $1`+suffix), name)
+	err := sqlx.GetContext(ctx, q, &r, s.sql(`SELECT `+releaseColumns+`, contracting_by FROM @schema.releases WHERE name = $1`+suffix), name)
 	if errors.Is(err, sql.ErrNoRows) {
 		return nil, &UnknownReleaseError{Release: name}
 	}

@@ -77,15 +77,17 @@ func TestMigrateIsIdempotentAndConcurrent(t *testing.T) {
 		wg.Go(func() { results[i], errs[i] = store.Migrate(context.Background()) })
 	}
 	wg.Wait()
+	var versions []int
+	require.NoError(t, db.Select(&versions, `SELECT version FROM "`+name+`".schema_migrations ORDER BY version`))
 	var applied [][]int
 	for i := range results {
 		require.NoError(t, errs[i])
 		if len(results[i].Applied) > 0 {
 			applied = append(applied, results[i].Applied)
 		}
-		require.Equal(t, 2, results[i].Current)
+		require.Equal(t, versions[len(versions)-1], results[i].Current)
 	}
-	require.Equal(t, [][]int{{1, 2}}, applied, "exactly one concurrent run applies the migrations")
+	require.Equal(t, [][]int{versions}, applied, "exactly one concurrent run applies the migrations")
 
 	again, err := store.Migrate(context.Background())
 	require.NoError(t, err)
@@ -173,20 +175,37 @@ func TestApplyRelease(t *testing.T) {
 	})
 }
 
-// moveTo walks release L from expand to target along the allowed path.
+// moveTo walks release L from expand to target along the allowed path:
+// flips up to contract, and the contract runner from there (stopped before
+// the DDL for contracting).
 func moveTo(t *testing.T, store *schema.Store, target phase.Phase) {
 	t.Helper()
-	path := map[phase.Phase][]phase.Phase{
-		phase.Expand:      nil,
-		phase.Migrate:     {phase.Migrate},
-		phase.Contract:    {phase.Migrate, phase.Contract},
-		phase.Contracting: {phase.Migrate, phase.Contract, phase.Contracting},
-		phase.Complete:    {phase.Migrate, phase.Contract, phase.Contracting, phase.Complete},
-	}
-	for _, p := range path[target] {
-		_, err := store.Flip(context.Background(), "L", p, schema.FlipOptions{Actor: "tester"})
+	ctx := context.Background()
+	for _, p := range []phase.Phase{phase.Migrate, phase.Contract} {
+		if target == phase.Expand || target == phase.Migrate && p == phase.Contract {
+			return
+		}
+		_, err := store.Flip(ctx, "L", p, schema.FlipOptions{Actor: "tester"})
 		require.NoError(t, err)
 	}
+	if target == phase.Contract {
+		return
+	}
+	require.NoError(t, store.TouchBroadcaster(ctx, schema.Broadcaster{ID: "b", Host: "h", PID: 1, Leader: true}))
+	opts := schema.ContractOptions{Actor: "tester"}
+	stop := errors.New("stopped before the DDL")
+	if target == phase.Contracting {
+		opts.BeforeDDL = func() error { return stop }
+	}
+	_, err := store.Contract(ctx, "L", opts)
+	if target == phase.Contracting {
+		require.ErrorIs(t, err, stop)
+	} else {
+		require.NoError(t, err)
+	}
+	rel, err := store.Release(ctx, "L")
+	require.NoError(t, err)
+	require.Equal(t, target, rel.Phase)
 }
 
 func TestEveryTransition(t *testing.T) {
@@ -204,11 +223,16 @@ func TestEveryTransition(t *testing.T) {
 				require.NoError(t, err)
 
 				res, err := store.Flip(ctx, "L", to, schema.FlipOptions{Actor: "tester"})
-				if !phase.CanMove(from, to) {
+				// Only the contract runner enters its phases.
+				if to.RunnerOnly() || !phase.CanMove(from, to) {
 					var te *schema.TransitionError
 					require.ErrorAs(t, err, &te)
 					require.ErrorIs(t, err, schema.ErrRefused)
-					require.Contains(t, err.Error(), "allowed from "+string(from))
+					want := "allowed from " + string(from)
+					if to.RunnerOnly() {
+						want = "run 'phasecast contract L'"
+					}
+					require.Contains(t, err.Error(), want)
 					require.Equal(t, before, snapshotTables(t, store), "a refused flip changes nothing")
 					return
 				}
@@ -435,14 +459,20 @@ func TestStateDigest(t *testing.T) {
 		store, b := setupStore(t)
 		_, err := store.ApplyRelease(ctx, b.manifest(t, "L"), "tester")
 		require.NoError(t, err)
-		q := `"` + store.Schema() + `"`
-		_, err = store.DB().Exec(`ALTER TABLE ` + q + `.epoch DROP COLUMN state_digest; DELETE FROM ` + q + `.schema_migrations WHERE version = 2`)
+		newest, err := store.Report(ctx, 1)
 		require.NoError(t, err)
+		// Before migrations 002 (the digest) and 005 (the runner's mark).
+		q := `"` + store.Schema() + `"`
+		_, err = store.DB().Exec(`ALTER TABLE ` + q + `.epoch DROP COLUMN state_digest; ALTER TABLE ` + q + `.releases DROP COLUMN contracting_by;
+			DELETE FROM ` + q + `.schema_migrations WHERE version IN (2, 5)`)
+		require.NoError(t, err)
+		var storeVersion int
+		require.NoError(t, store.DB().Get(&storeVersion, `SELECT max(version) FROM `+q+`.schema_migrations`))
 
 		rep, err := store.Report(ctx, 1)
 		require.NoError(t, err)
-		require.Equal(t, 1, rep.StoreVersion, "status tells the truth about the store")
-		require.Equal(t, 2, rep.Version)
+		require.Equal(t, storeVersion, rep.StoreVersion, "status tells the truth about the store")
+		require.Equal(t, newest.Version, rep.Version)
 
 		before := snapshotTables(t, store)
 		_, err = store.Flip(ctx, "L", phase.Migrate, schema.FlipOptions{})
@@ -452,7 +482,7 @@ func TestStateDigest(t *testing.T) {
 
 		res, err := store.Migrate(ctx)
 		require.NoError(t, err)
-		require.Equal(t, []int{2}, res.Applied)
+		require.Equal(t, []int{2, 5}, res.Applied)
 		requireSealed(t, store)
 		rep, err = store.Report(ctx, 1)
 		require.NoError(t, err)

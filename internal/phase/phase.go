@@ -54,6 +54,14 @@ func CanMove(from, to Phase) bool {
 	return slices.Contains(next[from], to)
 }
 
+// RunnerOnly reports whether only the contract runner may move a release
+// to p: it enters contracting after its checks and the wait for every live
+// agent's acknowledgement, and complete after the DDL. An operator's flip
+// to either would skip those steps.
+func (p Phase) RunnerOnly() bool {
+	return p == Contracting || p == Complete
+}
+
 // HidesRemoved reports whether services must stop naming the release's
 // removed columns: from the contract flip on, for good.
 func (p Phase) HidesRemoved() bool {

@@ -36,3 +36,9 @@ func TestHidesRemoved(t *testing.T) {
 	require.True(t, Contracting.HidesRemoved())
 	require.True(t, Complete.HidesRemoved())
 }
+
+func TestRunnerOnly(t *testing.T) {
+	for _, p := range All {
+		require.Equal(t, p == Contracting || p == Complete, p.RunnerOnly(), p)
+	}
+}

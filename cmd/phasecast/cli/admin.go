@@ -125,9 +125,10 @@ func newFlipCmd(g *globals) *cobra.Command {
 		Use:   "flip RELEASE PHASE",
 		Short: "Move a release to its next phase (migrate, contract)",
 		Long: `Moves RELEASE to PHASE. Allowed moves: expand → migrate → contract, and the
-rollback contract → migrate. (contracting and complete are entered by
-'phasecast contract'.) Every accepted flip bumps the global epoch and is
-published to every agent.
+rollback contract → migrate. contracting and complete are refused: only
+'phasecast contract RELEASE' enters them, after its checks and the wait for
+every live agent's acknowledgement. Every accepted flip bumps the global
+epoch and is published to every agent.
 
 Flipping to contract first runs the release's preconditions (exit 3 if one
 returns a row) and the safety checks: removed columns that are NOT NULL with

@@ -114,14 +114,17 @@ func TestLifecycleThroughTheCLI(t *testing.T) {
 	require.Len(t, rep.RecentFlips, 4)
 	require.Equal(t, rep.Version, rep.StoreVersion)
 
-	// A store from before this binary's last migration: status says so,
-	// and a flip refuses with what to do.
+	// A store from before this binary's migrations 002 and 005: status
+	// says so, and a flip refuses with what to do.
 	q := `"` + b.store.Schema() + `"`
-	_, err := b.store.DB().Exec(`ALTER TABLE ` + q + `.epoch DROP COLUMN state_digest; DELETE FROM ` + q + `.schema_migrations WHERE version = 2`)
+	_, err := b.store.DB().Exec(`ALTER TABLE ` + q + `.epoch DROP COLUMN state_digest; ALTER TABLE ` + q + `.releases DROP COLUMN contracting_by;
+		DELETE FROM ` + q + `.schema_migrations WHERE version IN (2, 5)`)
 	require.NoError(t, err)
+	var storeVersion int
+	require.NoError(t, b.store.DB().Get(&storeVersion, `SELECT max(version) FROM `+q+`.schema_migrations`))
 	code, out, errOut = b.run(t, "status")
 	require.Zero(t, code, errOut)
-	require.Contains(t, out, "store schema version 1, this binary's 2: changes refuse until 'phasecast migrate' runs")
+	require.Contains(t, out, fmt.Sprintf("store schema version %d, this binary's %d: changes refuse until 'phasecast migrate' runs", storeVersion, rep.Version))
 	code, _, errOut = b.run(t, "flip", "L", "contract")
 	require.Equal(t, 1, code)
 	require.Contains(t, errOut, "run 'phasecast migrate' first")
@@ -156,7 +159,8 @@ func TestBadInput(t *testing.T) {
 		{"missing file", func() []string { return []string{"release", "apply", filepath.Join(b.dir, "nope.yaml")} }, 1, "nope.yaml"},
 		{"unknown phase", func() []string { return []string{"flip", "L", "contracted"} }, 1, `unknown phase "contracted"`},
 		{"unknown release", func() []string { return []string{"flip", "M", "migrate"} }, 1, `unknown release "M"`},
-		{"refused transition", func() []string { return []string{"flip", "L", "complete"} }, 1, "allowed from expand: migrate"},
+		{"refused transition", func() []string { return []string{"flip", "L", "contract"} }, 1, "allowed from expand: migrate"},
+		{"the runner's phase", func() []string { return []string{"flip", "L", "complete"} }, 1, "run 'phasecast contract L'"},
 		{"rollback from expand", func() []string { return []string{"rollback", "L"} }, 1, "contract to migrate only"},
 		{"database that is not there", func() []string {
 			return []string{"--database-url", "postgres://postgres:s3cret@127.0.0.1:1/postgres?sslmode=disable&connect_timeout=2", "status"}

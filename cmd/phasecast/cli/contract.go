@@ -41,7 +41,11 @@ func newContractCmd(g *globals) *cobra.Command {
      predates RELEASE that appear meanwhile are reported;
   5. marks the release complete.
 
-Re-running is safe at every step: after a crash, run the same command again.`,
+Re-running is safe at every step: after a crash, run the same command again.
+A release a runner took to contracting resumes at the DDL (step 4). One in
+contracting that no runner took there (a 'flip RELEASE contracting' by an
+older binary) is refused, since nothing says its agents acknowledged:
+--recheck runs steps 1 to 3 on it, as from contract, before dropping.`,
 		Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			log, err := g.logger()
@@ -75,6 +79,7 @@ Re-running is safe at every step: after a crash, run the same command again.`,
 	f.DurationVar(&opts.DDLTimeout, "ddl-timeout", 10*time.Minute, "how long the DDL may keep retrying for its locks (exit 5 after; the release stays in contracting)")
 	f.DurationVar(&opts.LeaderWithin, "broadcaster-within", 15*time.Second, "refuse unless a leading broadcaster was alive this recently")
 	f.StringVar(&opts.Actor, "actor", defaultActor(), "who runs the contract, for the audit log")
+	f.BoolVar(&opts.Recheck, "recheck", false, "take a release that no runner took to contracting: check and wait for acknowledgements as from contract, then drop")
 	f.BoolVar(&asJSON, "json", false, "print one JSON document at the end")
 	return cmd
 }
