@@ -669,11 +669,32 @@ func runnerIdentity(actor string) string {
 // live agent acknowledged contract epoch acked; from is the phase the run
 // found it in: contract, or contracting without a runner's identity
 // (Recheck), which it then claims by recording its own.
+//
+// The preconditions and the safety checks run first, with no lock held:
+// they are the operator's SQL and catalog walks, and may take as long as a
+// full scan of a big table, and holding the epoch row meanwhile stalled
+// every status write and store sync until agents fenced. What they rest
+// on is then re-read under the release's row lock: its phase, and its
+// contract epoch, which a rollback and re-flip since would have moved; a
+// change refuses, or sends the runner back to wait. Only the final read
+// of the agents and the move hold the epoch row: taking it first orders
+// that read after every status batch already committed (RecordStatuses
+// holds the same row FOR SHARE), so no lease recorded before the move is
+// missed.
 func (s *Store) enterContracting(ctx context.Context, from phase.Phase, m *Manifest, acked int64, runner string, opts ContractOptions, log zerolog.Logger) error {
-	check := func(ctx context.Context, tx *sqlx.Tx, rel *ReleaseRow) error {
-		return s.acksStillHold(ctx, tx, rel, m, acked)
+	if err := s.CheckPreconditions(ctx, m); err != nil {
+		return err
 	}
-	var err error
+	problems, _, err := s.CheckSafety(ctx, s.db, m)
+	if err != nil {
+		return err
+	}
+	if len(problems) > 0 {
+		return &UnsafeError{Release: m.Release, Problems: problems}
+	}
+	check := func(ctx context.Context, tx *sqlx.Tx, rel *ReleaseRow) error {
+		return s.acksStillHold(ctx, tx, rel, acked)
+	}
 	if from == phase.Contracting {
 		err = s.claimContracting(ctx, m.Release, runner, check)
 	} else {
@@ -690,29 +711,15 @@ func (s *Store) enterContracting(ctx context.Context, from phase.Phase, m *Manif
 }
 
 // acksStillHold is the runner's last check before contracting, in the
-// transaction that holds the release's row. Under the epoch row lock it
-// re-checks everything the decision rests on: the preconditions, the
-// safety checks, and the acks against the contract epoch now stored,
-// which a rollback and re-flip since the wait would have changed. Holding
-// the epoch row first orders this read of the agents after every status
-// batch already committed (RecordStatuses holds the same row FOR SHARE),
-// so no lease recorded before the move is missed.
-func (s *Store) acksStillHold(ctx context.Context, tx *sqlx.Tx, rel *ReleaseRow, m *Manifest, acked int64) error {
+// transaction that holds the release's row: the contract epoch is still
+// acked, the one the wait and the checks were made for, and every live
+// agent, read under the epoch row lock, has acknowledged it.
+func (s *Store) acksStillHold(ctx context.Context, tx *sqlx.Tx, rel *ReleaseRow, acked int64) error {
 	if rel.ContractEpoch.Int64 != acked {
 		return &errAcksStale{epoch: rel.ContractEpoch.Int64}
 	}
 	if _, err := tx.ExecContext(ctx, s.sql(epochQuery+` FOR UPDATE`)); err != nil {
 		return err
-	}
-	if err := runPreconditions(ctx, tx, m); err != nil {
-		return err
-	}
-	problems, _, err := s.CheckSafety(ctx, tx, m)
-	if err != nil {
-		return err
-	}
-	if len(problems) > 0 {
-		return &UnsafeError{Release: m.Release, Problems: problems}
 	}
 	agents, err := s.agents(ctx, tx, true)
 	if err != nil {
