@@ -1,8 +1,8 @@
 package integration
 
 import (
-	"bytes"
 	"context"
+	"database/sql"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -17,9 +17,9 @@ import (
 
 	"github.com/phasecast/phasecast/agent"
 	"github.com/phasecast/phasecast/broadcaster"
-	"github.com/phasecast/phasecast/cmd/phasecast/cli"
 	"github.com/phasecast/phasecast/cmd/phasecast/fleet"
 	"github.com/phasecast/phasecast/examples/novalike"
+	"github.com/phasecast/phasecast/integration/harness"
 	"github.com/phasecast/phasecast/internal/phase"
 	"github.com/phasecast/phasecast/internal/testenv"
 	"github.com/phasecast/phasecast/schema"
@@ -38,10 +38,20 @@ const (
 	e2eWait = 15 * time.Second
 )
 
-// e2eEnv is one test's world: a store in a schema of its own, an AMQP
-// prefix of its own and an application schema ("@app" in SQL and
-// manifests) holding the tables releases remove from.
+// e2eConfig is the harness's configuration for these tests.
+var e2eConfig = harness.Config{
+	Actor: "test",
+	Lease: e2eLease, Beacon: e2eBeacon, Liveness: e2eLiveness, Poll: e2ePoll,
+	Heartbeat: e2eHeartbeat, LeaseMargin: e2eMargin,
+	Wait:        e2eWait,
+	StartAtOnce: 10,
+}
+
+// e2eEnv is one test's world (harness.Env): a store in a schema of its
+// own, an AMQP prefix of its own and an application schema ("@app" in SQL
+// and manifests) holding the tables releases remove from.
 type e2eEnv struct {
+	h      *harness.Env
 	t      *testing.T
 	ctx    context.Context
 	store  *schema.Store
@@ -53,37 +63,29 @@ type e2eEnv struct {
 	log    zerolog.Logger
 
 	agentDBOnce sync.Once
-	agentDB     *sqlx.DB
+	agentDB     *sql.DB
 }
 
 func e2eSetup(t *testing.T) *e2eEnv {
 	t.Helper()
-	store := testenv.Store(t)
-	prefix := testenv.Prefix(t)
-	e := &e2eEnv{t: t, ctx: context.Background(), store: store, db: store.DB(), prefix: prefix, app: testenv.Schema(t, store.DB(), "app"), log: testenv.Logger()}
-	e.table = e.app + ".instances"
-	e.fleet = &fleet.Env{Store: store, DatabaseURL: testenv.DatabaseURL(), AMQPURL: testenv.AMQPURL(), Prefix: prefix, Logger: e.log}
-	return e
+	h := harness.New(t, e2eConfig)
+	return &e2eEnv{h: h, t: t, ctx: h.Ctx, store: h.Store, db: h.DB, prefix: h.Prefix, app: h.App, table: h.Table, fleet: h.Fleet, log: h.Log}
 }
 
 // sql replaces @app with the application schema.
-func (e *e2eEnv) sql(s string) string { return strings.ReplaceAll(s, "@app", e.app) }
+func (e *e2eEnv) sql(s string) string { return e.h.SQL(s) }
 
 // exec runs statements in which @app is the application schema.
 func (e *e2eEnv) exec(stmts ...string) {
 	e.t.Helper()
-	for _, s := range stmts {
-		_, err := e.db.ExecContext(e.ctx, e.sql(s))
-		require.NoError(e.t, err, s)
-	}
+	e.h.Exec(stmts...)
 }
 
 // createInstances creates @app.instances as a service built before
 // release L knows it, with some rows.
 func (e *e2eEnv) createInstances() {
 	e.t.Helper()
-	e.exec(`CREATE TABLE @app.instances (id bigserial PRIMARY KEY, name text, display_name text, host text)`,
-		`INSERT INTO @app.instances (name, display_name, host) SELECT 'vm-' || i, 'VM ' || i, 'compute-' || (i % 10) FROM generate_series(1, 200) AS i`)
+	e.h.CreateInstances()
 }
 
 // e2eReleaseL replaces name and display_name of @app.instances with
@@ -103,9 +105,7 @@ removed:
 // manifest parses a manifest in which @app is the application schema.
 func (e *e2eEnv) manifest(yaml string) *schema.Manifest {
 	e.t.Helper()
-	m, err := schema.ParseManifest("test.yaml", []byte(e.sql(yaml)))
-	require.NoError(e.t, err)
-	return m
+	return e.h.Manifest(yaml)
 }
 
 // manifestFile writes a manifest for the CLI and returns its path.
@@ -119,16 +119,13 @@ func (e *e2eEnv) manifestFile(yaml string) string {
 // apply registers a release in expand.
 func (e *e2eEnv) apply(yaml string) {
 	e.t.Helper()
-	_, err := e.store.ApplyRelease(e.ctx, e.manifest(yaml), "test")
-	require.NoError(e.t, err)
+	e.h.Apply(yaml)
 }
 
 // flip moves a release without the contract checks and returns the epoch.
 func (e *e2eEnv) flip(release string, to phase.Phase) int64 {
 	e.t.Helper()
-	res, err := e.store.Flip(e.ctx, release, to, schema.FlipOptions{Actor: "test"})
-	require.NoError(e.t, err)
-	return res.Epoch
+	return e.h.Flip(release, to)
 }
 
 // flipChecked moves a release to contract with the checks 'phasecast flip'
@@ -156,9 +153,7 @@ func (e *e2eEnv) toMigrate() int64 {
 
 func (e *e2eEnv) phase(release string) phase.Phase {
 	e.t.Helper()
-	rel, err := e.store.Release(e.ctx, release)
-	require.NoError(e.t, err)
-	return rel.Phase
+	return e.h.Phase(release)
 }
 
 func (e *e2eEnv) epoch() int64 {
@@ -171,10 +166,7 @@ func (e *e2eEnv) epoch() int64 {
 // columns lists the columns of a table of the application schema.
 func (e *e2eEnv) columns(table string) []string {
 	e.t.Helper()
-	var cols []string
-	require.NoError(e.t, e.db.SelectContext(e.ctx, &cols, `SELECT column_name FROM information_schema.columns
-		WHERE table_schema = $1 AND table_name = $2 ORDER BY ordinal_position`, e.app, table))
-	return cols
+	return e.h.Columns(table)
 }
 
 // storeRows captures every row of the store's own tables that a change
@@ -191,172 +183,94 @@ func (e *e2eEnv) storeRows() string {
 }
 
 // broadcasterConfig has the short e2e intervals.
-func (e *e2eEnv) broadcasterConfig() *broadcaster.Config {
-	cfg := e.fleet.BroadcasterConfig()
-	cfg.LeaseDuration, cfg.BeaconInterval, cfg.LivenessInterval, cfg.PollInterval = e2eLease, e2eBeacon, e2eLiveness, e2ePoll
-	return cfg
-}
+func (e *e2eEnv) broadcasterConfig() *broadcaster.Config { return e.h.BroadcasterConfig() }
 
 // startBroadcaster starts a broadcaster (waiting until it leads when lead
 // is set), stopped when the test ends. mod, if not nil, adjusts its config.
 func (e *e2eEnv) startBroadcaster(lead bool, mod func(*broadcaster.Config)) *broadcaster.Broadcaster {
 	e.t.Helper()
-	cfg := e.broadcasterConfig()
-	if mod != nil {
-		mod(cfg)
-	}
-	ctx, cancel := context.WithTimeout(e.ctx, e2eWait)
-	defer cancel()
-	b, err := e.fleet.StartBroadcaster(ctx, cfg, lead)
-	require.NoError(e.t, err)
-	e.t.Cleanup(func() { e2eStopBroadcaster(e.t, b) })
-	return b
+	return e.h.StartBroadcaster(lead, mod)
 }
 
 func e2eStopBroadcaster(t *testing.T, b *broadcaster.Broadcaster) {
 	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), e2eWait)
-	defer cancel()
-	require.NoError(t, b.Stop(ctx))
+	harness.StopBroadcaster(t, b)
 }
 
 // agentPool is one database handle the test's agents share, small enough
 // that fifty agents stay far from the server's connection limit.
-func (e *e2eEnv) agentPool() *sqlx.DB {
-	e.agentDBOnce.Do(func() {
-		db, err := sqlx.Open("postgres", testenv.DatabaseURL())
-		require.NoError(e.t, err)
-		db.SetMaxOpenConns(8)
-		e.t.Cleanup(func() { db.Close() })
-		e.agentDB = db
-	})
+func (e *e2eEnv) agentPool() *sql.DB {
+	e.agentDBOnce.Do(func() { e.agentDB = e.h.OpenDB("", 8) })
 	return e.agentDB
 }
 
 // agentConfig configures an agent of service that knows release L and
 // queries @app.instances, with a database connection when withDB is set.
 func (e *e2eEnv) agentConfig(service string, withDB bool) agent.Config {
-	cfg := e.fleet.AgentConfig()
-	cfg.Service = service
-	cfg.ID = agent.NewID(service)
-	cfg.Releases = []string{"L"}
-	cfg.Tables = map[string][]string{e.table: novalike.Columns}
-	cfg.HeartbeatInterval, cfg.LeaseMargin = e2eHeartbeat, e2eMargin
-	cfg.Logger = e.log.With().Str("component", "agent").Str("service", service).Logger()
+	var db *sql.DB
 	if withDB {
-		cfg.DB = e.agentPool().DB
+		db = e.agentPool()
 	}
-	return cfg
+	return e.h.AgentConfig(service, agent.NewID(service), db)
 }
 
 // startAgent starts an agent, stopped when the test ends.
 func (e *e2eEnv) startAgent(cfg agent.Config) *agent.Agent {
 	e.t.Helper()
-	a, err := agent.New(cfg)
-	require.NoError(e.t, err)
-	ctx, cancel := context.WithTimeout(e.ctx, e2eWait)
-	defer cancel()
-	require.NoError(e.t, a.Start(ctx))
-	e.t.Cleanup(func() { e2eStopAgent(e.t, a) })
-	return a
+	return e.h.StartAgent(cfg)
 }
 
 // startAgents starts n agents, a few at a time.
 func (e *e2eEnv) startAgents(n int, configure func(i int) agent.Config) []*agent.Agent {
 	e.t.Helper()
-	agents := make([]*agent.Agent, n)
-	errs := make([]error, n)
-	sem := make(chan struct{}, 10)
-	var wg sync.WaitGroup
+	cfgs := make([]agent.Config, n)
 	for i := range n {
-		a, err := agent.New(configure(i))
-		require.NoError(e.t, err)
-		agents[i] = a
-		e.t.Cleanup(func() { e2eStopAgent(e.t, a) })
-		wg.Go(func() {
-			sem <- struct{}{}
-			defer func() { <-sem }()
-			ctx, cancel := context.WithTimeout(e.ctx, 30*time.Second)
-			defer cancel()
-			errs[i] = a.Start(ctx)
-		})
+		cfgs[i] = configure(i)
 	}
-	wg.Wait()
-	for i, err := range errs {
-		require.NoError(e.t, err, "agent %d", i)
-	}
-	return agents
+	return e.h.StartAgents(cfgs)
 }
 
 func e2eStopAgent(t *testing.T, a *agent.Agent) {
 	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), e2eWait)
-	defer cancel()
-	require.NoError(t, a.Stop(ctx))
+	harness.StopAgent(t, a)
 }
 
 // serviceConfig configures a novalike instance with the e2e intervals.
 func (e *e2eEnv) serviceConfig(service string, workers int) novalike.Config {
-	cfg := e.fleet.ServiceConfig(service, e.table, workers)
-	cfg.Agent.HeartbeatInterval, cfg.Agent.LeaseMargin = e2eHeartbeat, e2eMargin
-	return cfg
+	return e.h.ServiceConfig(service, workers)
 }
 
 // agentRow returns the store's row for an agent.
 func (e *e2eEnv) agentRow(id string) (schema.Agent, bool) {
 	e.t.Helper()
-	agents, err := e.store.Agents(e.ctx)
-	require.NoError(e.t, err)
-	for _, a := range agents {
-		if a.ID == id {
-			return a, true
-		}
-	}
-	return schema.Agent{}, false
+	return e.h.AgentRow(id)
 }
 
 // storeDrained reports whether the store holds, for every agent, a drained
 // epoch of at least epoch.
 func (e *e2eEnv) storeDrained(epoch int64, agents ...*agent.Agent) bool {
 	e.t.Helper()
-	rows, err := e.store.Agents(e.ctx)
-	require.NoError(e.t, err)
-	drained := make(map[string]int64, len(rows))
-	for _, r := range rows {
-		drained[r.ID] = r.DrainedEpoch
-	}
-	for _, a := range agents {
-		if d, ok := drained[a.ID()]; !ok || d < epoch {
-			return false
-		}
-	}
-	return true
+	return e.h.StoreDrained(epoch, harness.IDs(agents)...)
 }
 
 // waitDrained waits until the store holds every agent's acknowledgement
 // of epoch.
 func (e *e2eEnv) waitDrained(epoch int64, agents ...*agent.Agent) {
 	e.t.Helper()
-	e2eWaitFor(e.t, e2eWait, fmt.Sprintf("%d agents to acknowledge epoch %d in the store", len(agents), epoch), func() bool {
-		return e.storeDrained(epoch, agents...)
-	})
+	e.h.WaitDrained(epoch, harness.IDs(agents)...)
 }
 
 // cli runs the phasecast command in-process against the test's schema and
 // prefix.
 func (e *e2eEnv) cli(args ...string) (code int, stdout, stderr string) {
 	e.t.Helper()
-	var out, errOut bytes.Buffer
-	full := append([]string{"--database-url", testenv.DatabaseURL(), "--amqp-url", testenv.AMQPURL(),
-		"--schema", e.store.Schema(), "--exchange-prefix", e.prefix, "--log-level", "warn"}, args...)
-	code = cli.Main(e.ctx, full, &out, &errOut)
-	return code, out.String(), errOut.String()
+	return e.h.CLI(args...)
 }
 
 // e2eWaitFor polls cond until it holds, failing the test after limit.
 func e2eWaitFor(t *testing.T, limit time.Duration, what string, cond func() bool) {
 	t.Helper()
-	require.NoError(t, fleet.WaitFor(context.Background(), limit, cond), "waiting for %s", what)
+	harness.WaitFor(t, limit, what, cond)
 }
 
 // e2eHeavyLock is a PostgreSQL advisory lock that tests holding many

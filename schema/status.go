@@ -48,6 +48,20 @@ func (a *Agent) Acked(release string, contractEpoch int64) bool {
 	return a.Knows(release) && a.DrainedEpoch >= contractEpoch
 }
 
+// ackedWhere is Acked as a condition on a row of @schema.agents, $1 the
+// release and $2 the epoch, for counting acknowledgements without reading
+// every row. TestCountAckedIsAcked holds it to Acked.
+const ackedWhere = `$1 = ANY (releases) AND drained_epoch >= $2`
+
+// CountAcked counts the agents whose ID starts with idPrefix (every
+// agent, when it is empty) that have acknowledged release's flip at epoch,
+// as Acked decides, live or not: one count, cheap enough to poll.
+func (s *Store) CountAcked(ctx context.Context, release string, epoch int64, idPrefix string) (int, error) {
+	var n int
+	err := s.db.GetContext(ctx, &n, s.sql(`SELECT count(*) FROM @schema.agents WHERE `+ackedWhere+` AND starts_with(id, $3)`), release, epoch, idPrefix)
+	return n, notMigrated(err)
+}
+
 const agentColumns = `id, service, host, pid, version, releases, app_name, seq, applied_epoch, drained_epoch,
 	inflight, last_seen, lease_expires_at,
 	(extract(epoch FROM lease_expires_at - now()) * 1000)::bigint AS lease_remaining_ms`

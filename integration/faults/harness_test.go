@@ -20,10 +20,10 @@ import (
 
 	"github.com/phasecast/phasecast/agent"
 	"github.com/phasecast/phasecast/broadcaster"
-	"github.com/phasecast/phasecast/internal/config"
+	"github.com/phasecast/phasecast/examples/novalike"
+	"github.com/phasecast/phasecast/integration/harness"
 	"github.com/phasecast/phasecast/internal/phase"
 	"github.com/phasecast/phasecast/internal/retry"
-	"github.com/phasecast/phasecast/internal/testenv"
 	"github.com/phasecast/phasecast/schema"
 )
 
@@ -55,12 +55,22 @@ removed:
 `
 
 // modelColumns is every column the services' model knows.
-var modelColumns = []string{"id", "name", "display_name", "common_name", "host"}
+var modelColumns = novalike.Columns
 
-// env is one test's world: a store in a schema of its own, an AMQP prefix
-// of its own, an application schema ("@app") with the tables release L
-// changes, and an audit of every status the store records.
+// faultsConfig is the harness's configuration for these tests.
+var faultsConfig = harness.Config{
+	Actor: "faults",
+	Lease: lease, Beacon: beacon, Liveness: liveness, Poll: outboxPoll,
+	Heartbeat: heartbeat, LeaseMargin: leaseMargin, InitialLease: lease, Confirm: confirmIvl,
+	Wait: wait,
+}
+
+// env is one test's world (harness.Env): a store in a schema of its own,
+// an AMQP prefix of its own, an application schema ("@app") with the
+// tables release L changes, and an audit of every status the store
+// records.
 type env struct {
+	h      *harness.Env
 	t      *testing.T
 	ctx    context.Context
 	store  *schema.Store
@@ -73,36 +83,33 @@ type env struct {
 
 func setup(t *testing.T) *env {
 	t.Helper()
-	store := testenv.Store(t)
+	h := harness.New(t, faultsConfig)
 	// A bounded pool that keeps its sessions: the server's connection
 	// limit is shared with every other package's tests.
-	store.DB().SetMaxOpenConns(8)
-	store.DB().SetMaxIdleConns(4)
-	e := &env{t: t, ctx: context.Background(), store: store, db: store.DB(), prefix: testenv.Prefix(t), app: testenv.Schema(t, store.DB(), "app"), log: testenv.Logger()}
-	e.table = e.app + ".instances"
-	e.exec(`CREATE TABLE @app.instances (id bigserial PRIMARY KEY, name text, display_name text, host text)`,
-		`INSERT INTO @app.instances (name, display_name, host) SELECT 'vm-' || i, 'VM ' || i, 'compute-' || (i % 10) FROM generate_series(1, 200) AS i`,
-		`CREATE TABLE @app.legacy_flavors (id int PRIMARY KEY, flavor text)`)
+	h.DB.SetMaxOpenConns(8)
+	h.DB.SetMaxIdleConns(4)
+	e := &env{h: h, t: t, ctx: h.Ctx, store: h.Store, db: h.DB, prefix: h.Prefix, app: h.App, table: h.Table, log: h.Log}
+	h.CreateInstances()
+	e.exec(`CREATE TABLE @app.legacy_flavors (id int PRIMARY KEY, flavor text)`)
 	e.installStatusLog()
-	m, err := schema.ParseManifest("L.yaml", []byte(e.sql(releaseL)))
-	require.NoError(t, err)
-	_, err = store.ApplyRelease(e.ctx, m, "faults")
-	require.NoError(t, err)
+	h.Apply(releaseL)
 	return e
 }
 
-func (e *env) sql(s string) string {
-	// testenv names are lower-case identifiers: no quoting needed, and
-	// manifests spell them the same way.
-	return strings.NewReplacer("@app", e.app, "@store", e.store.Schema()).Replace(s)
+// usePrefix moves the env's broadcasters and agents to another exchange
+// prefix, such as that of a vhost of the test's own.
+func (e *env) usePrefix(prefix string) {
+	e.prefix = prefix
+	e.h.UsePrefix(prefix)
 }
+
+// sql replaces @app with the application schema and @store with the
+// store's.
+func (e *env) sql(s string) string { return e.h.SQL(s) }
 
 func (e *env) exec(stmts ...string) {
 	e.t.Helper()
-	for _, s := range stmts {
-		_, err := e.db.ExecContext(e.ctx, e.sql(s))
-		require.NoError(e.t, err, s)
-	}
+	e.h.Exec(stmts...)
 }
 
 // installStatusLog records every write of the agents table with the
@@ -163,24 +170,18 @@ func (e *env) phaseAt(p phase.Phase) (time.Time, int) {
 
 func (e *env) phase() phase.Phase {
 	e.t.Helper()
-	rel, err := e.store.Release(e.ctx, "L")
-	require.NoError(e.t, err)
-	return rel.Phase
+	return e.h.Phase("L")
 }
 
 func (e *env) flip(to phase.Phase) int64 {
 	e.t.Helper()
-	res, err := e.store.Flip(e.ctx, "L", to, schema.FlipOptions{Actor: "faults"})
-	require.NoError(e.t, err, "flip L %s", to)
-	return res.Epoch
+	return e.h.Flip("L", to)
 }
 
 // columns returns the columns @app.instances has now.
 func (e *env) columns() []string {
 	e.t.Helper()
-	var cols []string
-	require.NoError(e.t, e.db.SelectContext(e.ctx, &cols, `SELECT column_name FROM information_schema.columns WHERE table_schema = $1 AND table_name = 'instances' ORDER BY ordinal_position`, e.app))
-	return cols
+	return e.h.Columns("instances")
 }
 
 func (e *env) tableExists(name string) bool {
@@ -191,130 +192,65 @@ func (e *env) tableExists(name string) bool {
 }
 
 // broadcasterConfig is a broadcaster of this env with the test intervals.
-func (e *env) broadcasterConfig() *broadcaster.Config {
-	return &broadcaster.Config{
-		Store: e.store, DatabaseURL: testenv.DatabaseURL(), AMQPURL: testenv.AMQPURL(), ExchangePrefix: e.prefix,
-		BeaconInterval: beacon, PollInterval: outboxPoll, LeaseDuration: lease, LivenessInterval: liveness,
-		Logger: e.log.With().Str("component", "broadcaster").Logger(),
-	}
-}
+func (e *env) broadcasterConfig() *broadcaster.Config { return e.h.BroadcasterConfig() }
 
 // startBroadcaster starts a broadcaster, waits until it leads, and stops
 // it when the test ends.
 func (e *env) startBroadcaster(mod func(*broadcaster.Config)) *broadcaster.Broadcaster {
 	e.t.Helper()
-	cfg := e.broadcasterConfig()
-	if mod != nil {
-		mod(cfg)
-	}
-	b, err := broadcaster.New(cfg)
-	require.NoError(e.t, err)
-	ctx, cancel := context.WithTimeout(e.ctx, wait)
-	defer cancel()
-	require.NoError(e.t, b.Start(ctx))
-	e.t.Cleanup(func() { stopBroadcaster(e.t, b) })
-	waitFor(e.t, wait, "the broadcaster to lead", b.IsLeader)
-	return b
+	return e.h.StartBroadcaster(true, mod)
 }
 
 func stopBroadcaster(t *testing.T, b *broadcaster.Broadcaster) {
-	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
-	defer cancel()
-	require.NoError(t, b.Stop(ctx))
+	t.Helper()
+	harness.StopBroadcaster(t, b)
 }
 
 // agentConfig is an agent of this env with the test intervals; db, when
 // not nil, is the agent's store connection.
 func (e *env) agentConfig(id string, db *sql.DB) agent.Config {
-	return agent.Config{
-		Service: "svc-" + strings.SplitN(id, "-", 2)[0], ID: id, Version: "1.0", Releases: []string{"L"},
-		Tables: map[string][]string{e.table: modelColumns},
-		DB:     db, Schema: e.store.Schema(), AMQPURL: testenv.AMQPURL(), ExchangePrefix: e.prefix,
-		HeartbeatInterval: heartbeat, LeaseMargin: leaseMargin, InitialLease: lease, ConfirmInterval: confirmIvl,
-		Logger: e.log.With().Str("component", "agent").Str("id", id).Logger(),
-	}
+	cfg := e.h.AgentConfig("svc-"+strings.SplitN(id, "-", 2)[0], id, db)
+	cfg.Version = "1.0"
+	return cfg
 }
 
 // agentDB is a pool for agents' store connections, closed when the test
 // ends.
 func (e *env) agentDB(maxOpen int) *sql.DB {
 	e.t.Helper()
-	db, err := sql.Open("postgres", testenv.DatabaseURL())
-	require.NoError(e.t, err)
-	db.SetMaxOpenConns(maxOpen)
-	e.t.Cleanup(func() { db.Close() })
-	return db
+	return e.h.OpenDB("", maxOpen)
 }
 
 // startAgent starts an agent and stops it when the test ends.
 func (e *env) startAgent(cfg agent.Config) *agent.Agent {
 	e.t.Helper()
-	a, err := agent.New(cfg)
-	require.NoError(e.t, err)
-	ctx, cancel := context.WithTimeout(e.ctx, wait)
-	defer cancel()
-	require.NoError(e.t, a.Start(ctx), "start agent %s", cfg.ID)
-	e.t.Cleanup(func() { stopAgent(e.t, a) })
-	return a
+	return e.h.StartAgent(cfg)
 }
 
 // startAgents starts agents concurrently.
 func (e *env) startAgents(cfgs []agent.Config) []*agent.Agent {
 	e.t.Helper()
-	agents := make([]*agent.Agent, len(cfgs))
-	errs := make([]error, len(cfgs))
-	var wg sync.WaitGroup
-	for i, cfg := range cfgs {
-		a, err := agent.New(cfg)
-		require.NoError(e.t, err)
-		agents[i] = a
-		wg.Go(func() {
-			ctx, cancel := context.WithTimeout(e.ctx, 2*wait)
-			defer cancel()
-			errs[i] = a.Start(ctx)
-		})
-	}
-	wg.Wait()
-	e.t.Cleanup(func() {
-		var wg sync.WaitGroup
-		for _, a := range agents {
-			wg.Go(func() { stopAgent(e.t, a) })
-		}
-		wg.Wait()
-	})
-	require.NoError(e.t, errors.Join(errs...))
-	return agents
+	return e.h.StartAgents(cfgs)
 }
 
 func stopAgent(t *testing.T, a *agent.Agent) {
-	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
-	defer cancel()
-	require.NoError(t, a.Stop(ctx), "stop agent %s", a.ID())
+	t.Helper()
+	harness.StopAgent(t, a)
 }
 
 // storeDrained reports whether the store holds, for every agent, a status
 // that drained epoch.
 func (e *env) storeDrained(epoch int64, ids ...string) bool {
 	e.t.Helper()
-	var n int
-	require.NoError(e.t, e.db.GetContext(e.ctx, &n, e.sql(`SELECT count(*) FROM @store.agents WHERE id = ANY($1) AND drained_epoch >= $2`), pq.StringArray(ids), epoch))
-	return n == len(ids)
+	return e.h.StoreDrained(epoch, ids...)
 }
 
 func (e *env) waitDrained(epoch int64, ids ...string) time.Duration {
 	e.t.Helper()
-	start := time.Now()
-	waitFor(e.t, wait, fmt.Sprintf("%d agents to acknowledge epoch %d in the store", len(ids), epoch), func() bool { return e.storeDrained(epoch, ids...) })
-	return time.Since(start)
+	return e.h.WaitDrained(epoch, ids...)
 }
 
-func ids(agents []*agent.Agent) []string {
-	out := make([]string, len(agents))
-	for i, a := range agents {
-		out[i] = a.ID()
-	}
-	return out
-}
+func ids(agents []*agent.Agent) []string { return harness.IDs(agents) }
 
 // contract runs the contract runner on release L with test settings.
 func (e *env) contract(ctx context.Context, store *schema.Store, mod func(*schema.ContractOptions)) (*schema.ContractResult, error) {
@@ -491,26 +427,15 @@ func requireTraffic(t *testing.T, trs ...*traffic) (queries, failed, refused int
 // application_name the runner does not count against anyone.
 func (e *env) serviceDB(appName string, maxOpen int) *sql.DB {
 	e.t.Helper()
-	dsn, err := config.WithApplicationName(testenv.DatabaseURL(), appName)
-	require.NoError(e.t, err)
-	db, err := sql.Open("postgres", dsn)
-	require.NoError(e.t, err)
-	db.SetMaxOpenConns(maxOpen)
+	db := e.h.OpenDB(appName, maxOpen)
 	db.SetMaxIdleConns(maxOpen)
-	e.t.Cleanup(func() { db.Close() })
 	return db
 }
 
 // waitFor polls cond every 5 ms until it holds, failing t after limit.
 func waitFor(t *testing.T, limit time.Duration, what string, cond func() bool) {
 	t.Helper()
-	deadline := time.Now().Add(limit)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out after %s waiting for %s", limit, what)
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
+	harness.WaitFor(t, limit, what, cond)
 }
 
 // figure logs one measured figure in a form docs/RELIABILITY.md is

@@ -25,7 +25,7 @@ func TestLeastPrivilege(t *testing.T) {
 	t.Parallel()
 	e := setup(t)
 	lp := testenv.NewLeastPrivilege(t, "../../docs/rabbitmq-permissions.md")
-	e.prefix = lp.Prefix
+	e.usePrefix(lp.Prefix)
 	agentURL := lp.URL(t, lp.Agent)
 	e.startBroadcaster(func(c *broadcaster.Config) { c.AMQPURL = lp.URL(t, lp.Broadcaster) })
 	var cfgs []agent.Config

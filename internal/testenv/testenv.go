@@ -17,6 +17,7 @@ import (
 	"github.com/phasecast/phasecast/internal/amqpx"
 	"github.com/phasecast/phasecast/internal/config"
 	"github.com/phasecast/phasecast/internal/pgadmin"
+	"github.com/phasecast/phasecast/internal/wire"
 	"github.com/phasecast/phasecast/schema"
 )
 
@@ -60,6 +61,18 @@ func Store(t testing.TB) *schema.Store {
 	require.NoError(t, err)
 	t.Cleanup(func() { DropSchema(t, db, name) })
 	return store
+}
+
+// Agent records an agent in the store as a status from it would: id, the
+// releases its code knows and the epoch it applied and drained, with a
+// lease of lease.
+func Agent(t testing.TB, store *schema.Store, id string, releases []string, drained int64, lease time.Duration) {
+	t.Helper()
+	st := wire.Status{V: wire.Version, Kind: wire.KindStatus, AgentID: id, Service: "svc", Host: "test", PID: 1, Version: "test",
+		Releases: releases, Seq: uint64(time.Now().UnixNano()), AppliedEpoch: drained, DrainedEpoch: drained, SentAt: time.Now()}
+	_, recorded, err := store.RecordStatuses(context.Background(), []wire.Status{st}, lease)
+	require.NoError(t, err)
+	require.Equal(t, []string{id}, recorded, "the store recorded the status of %s", id)
 }
 
 // Schema creates an empty schema of the test's own, dropped with

@@ -9,8 +9,6 @@ import (
 	"sync"
 	"time"
 
-	"github.com/lib/pq"
-
 	"github.com/phasecast/phasecast/agent"
 	"github.com/phasecast/phasecast/cmd/phasecast/fleet"
 	"github.com/phasecast/phasecast/cmd/phasecast/internal/latency"
@@ -123,13 +121,11 @@ type pollWait struct {
 func (e *env) pollAcks(ctx context.Context, epoch int64, idPrefix string, n int) ackWaiter {
 	pctx, stop := context.WithCancel(ctx)
 	w := &pollWait{stop: stop, done: make(chan struct{})}
-	query := `SELECT count(*) FILTER (WHERE drained_epoch >= $1) FROM ` + pq.QuoteIdentifier(e.store.Schema()) + `.agents WHERE starts_with(id, $2)`
 	go func() {
 		defer close(w.done)
 		seen := 0
 		for pctx.Err() == nil && seen < n {
-			var count int
-			if err := e.store.DB().GetContext(pctx, &count, query, epoch, idPrefix); err == nil && count > seen {
+			if count, err := e.store.CountAcked(pctx, "L", epoch, idPrefix); err == nil && count > seen {
 				now := time.Now()
 				w.mu.Lock()
 				for range count - seen {
