@@ -14,14 +14,21 @@ func newDemoCmd(g *globals) *cobra.Command {
 	var verbose bool
 	cmd := &cobra.Command{
 		Use:   "demo",
-		Short: "Run the whole thing on real servers: a broadcaster, N services with live workers, one release from expand to complete",
-		Long: `Starts a broadcaster and N instances of the novalike example service (each
-with an embedded agent and live workers) in this process, then drives a real
-release through expand → migrate (with a backfill) → contract → complete
-while the workers keep reading and writing. Prints a timeline and a summary.
-Exits 0 only if the removed columns are gone and not one query failed.
+		Short: "Run the whole thing on real servers, without the gate and then with phasecast, and compare",
+		Long: `Runs one release twice on real servers, each time with a broadcaster and N
+instances of the novalike example service (each with an embedded agent and
+live workers) in this process, through expand → migrate (with a backfill) →
+contract while the workers keep reading and writing.
 
-It uses schemas and AMQP names of its own and removes them afterwards.`,
+First without the gate: the flip to contract is followed at once by the
+DROP, as a hurried script would do it, and the queries that fail are
+counted. Then with phasecast: the contract runner drops only once every
+agent acknowledged. Prints both timelines and the two runs side by side
+(queries run, failed, the first error). Exits 0 only if the phasecast run
+dropped the columns and not one of its queries failed; the first run is
+reported, not judged.
+
+Each run uses schemas and AMQP names of its own and removes them afterwards.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			opts.DatabaseURL, opts.AMQPURL, opts.Out = g.databaseURL, g.amqpURL, g.stdout

@@ -9,6 +9,7 @@ import (
 	"io"
 	"slices"
 	"strings"
+	"text/tabwriter"
 	"time"
 
 	"github.com/jmoiron/sqlx"
@@ -29,27 +30,54 @@ type Options struct {
 	Workers     int // workers per instance; defaults to 2
 	DatabaseURL string
 	AMQPURL     string
-	Out         io.Writer      // the timeline and summary
+	Out         io.Writer      // the timelines, summary and comparison
 	Logger      zerolog.Logger // component logs; defaults to none
 	// Name is the suffix of the demo's schemas and AMQP names. Defaults to
-	// a random one.
+	// a random one. The run without the gate adds UngatedSuffix to it.
 	Name string
 }
 
-// Report is the demo's outcome.
+// UngatedSuffix ends the names of the run without the gate, so that its
+// schemas and AMQP names are apart from the phasecast run's.
+const UngatedSuffix = "_nogate"
+
+// Report is the demo's outcome. Its top-level fields describe the run
+// with phasecast, the one the demo's success depends on.
 type Report struct {
 	Agents      int                    `json:"agents"`
 	Queries     int64                  `json:"queries"`
 	Failed      int64                  `json:"failed"`
 	Refused     int64                  `json:"refused"`
+	FirstError  string                 `json:"first_error,omitempty"`
 	AckLatency  latency.Summary        `json:"ack_latency"`
 	Dropped     []string               `json:"dropped"`
 	ColumnsLeft []string               `json:"columns_left"`
 	Contract    *schema.ContractResult `json:"contract"`
+	Ungated     Ungated                `json:"ungated"`
+}
+
+// Ungated is what the same release saw without the gate: flipped to
+// contract and the columns dropped at once, as a hurried script does.
+// It is reported, never judged: the demo's outcome does not depend on it.
+type Ungated struct {
+	Queries    int64  `json:"queries"`
+	Failed     int64  `json:"failed"`
+	Refused    int64  `json:"refused"`
+	FirstError string `json:"first_error,omitempty"`
+	// DropAfter is from the contract flip's commit to the DROP's start.
+	DropAfter time.Duration `json:"drop_after_ns"`
+	// AckedAtDrop counts the agents whose acknowledgement was recorded
+	// when the DROP committed.
+	AckedAtDrop int `json:"acked_at_drop"`
+	// Error is why the run could not be completed, if it could not.
+	Error string `json:"error,omitempty"`
 }
 
 // ErrFailed means the demo ran but its promise did not hold.
 var ErrFailed = errors.New("demo failed")
+
+// removedColumns are what release L removes from the instances table.
+var removedColumns = []string{"name", "display_name"}
 
 // timeline prints events with their offset from the start.
 type timeline struct {
@@ -63,7 +91,9 @@ func (t *timeline) at(when time.Time, format string, args ...any) {
 
 func (t *timeline) now(format string, args ...any) { t.at(time.Now(), format, args...) }
 
-// Run runs the demo.
+// Run runs the demo: the release once without the gate, then once with
+// phasecast, each on a fleet, store and table of its own; it prints both
+// side by side. Only the phasecast run decides the outcome.
 func Run(ctx context.Context, opts Options) (*Report, error) {
 	if opts.Agents <= 0 {
 		opts.Agents = 20
@@ -74,47 +104,152 @@ func Run(ctx context.Context, opts Options) (*Report, error) {
 	if opts.Name == "" {
 		opts.Name = randomName()
 	}
-	d := &run{opts: opts, tl: &timeline{out: opts.Out, start: time.Now()}}
-	defer d.cleanup()
-	return d.run(ctx)
+	out := opts.Out
+	fmt.Fprintf(out, "phasecast demo: %d services × %d workers, the same release run twice\n", opts.Agents, opts.Workers)
+
+	fmt.Fprintf(out, "\n1. without the gate: flip to contract, then DROP at once, as a hurried script does\n")
+	ungated := runUngated(ctx, opts)
+	if err := ctx.Err(); err != nil {
+		return nil, err
+	}
+
+	fmt.Fprintf(out, "\n2. with phasecast: flip to contract, DROP only once every agent acknowledged\n")
+	p := newPass(opts, opts.Name, true)
+	defer p.cleanup()
+	o, err := p.run(ctx)
+	if err != nil {
+		return nil, err
+	}
+	failures := o.totals.Failures
+	if o.stopErr != nil {
+		failures = append(failures, o.stopErr)
+	}
+	rep := &Report{
+		Agents: o.agents, Queries: o.totals.Queries, Failed: o.totals.Failed, Refused: o.totals.Refused,
+		FirstError: firstError(failures), AckLatency: latency.Summarize(o.ackTimes),
+		Dropped: o.contract.Dropped, ColumnsLeft: o.columnsLeft, Contract: o.contract, Ungated: ungated,
+	}
+
+	fmt.Fprintf(out, "\nsummary (with phasecast)\n")
+	fmt.Fprintf(out, "  queries run        %d\n", rep.Queries)
+	fmt.Fprintf(out, "  queries failed     %d\n", rep.Failed)
+	fmt.Fprintf(out, "  ack latency        p50 %s, p99 %s (flip commit → ack recorded, %d agents)\n", ms(rep.AckLatency.P50), ms(rep.AckLatency.P99), rep.AckLatency.N)
+	fmt.Fprintf(out, "  columns dropped    %s\n", strings.Join(rep.Dropped, ", "))
+	fmt.Fprintf(out, "  columns remaining  %s\n", strings.Join(rep.ColumnsLeft, ", "))
+	for _, f := range failures {
+		fmt.Fprintf(out, "  failure: %v\n", f)
+	}
+	printComparison(out, rep, o)
+
+	if rep.Failed > 0 || len(failures) > 0 || rep.AckLatency.N != rep.Agents {
+		return rep, fmt.Errorf("%w: %d queries failed, %d of %d agents acknowledged", ErrFailed, rep.Failed, rep.AckLatency.N, rep.Agents)
+	}
+	for _, c := range rep.ColumnsLeft {
+		if slices.Contains(removedColumns, c) {
+			return rep, fmt.Errorf("%w: column %q was not dropped", ErrFailed, c)
+		}
+	}
+	fmt.Fprintf(out, "\nok: every agent acknowledged before the drop, and not one query failed\n")
+	return rep, nil
 }
 
-type run struct {
-	opts     Options
-	tl       *timeline
-	db       *sqlx.DB
-	store    *schema.Store
-	appTable string // "demo_x.instances"
-	prefix   string
-	cleanups []func()
-}
-
-func (d *run) defers(f func()) { d.cleanups = append(d.cleanups, f) }
-
-func (d *run) cleanup() {
-	for i := len(d.cleanups) - 1; i >= 0; i-- {
-		d.cleanups[i]()
+// runUngated runs the release without the gate and cleans up after it.
+// What it could not do is reported in the result, not returned: the
+// demo goes on to the phasecast run either way.
+func runUngated(ctx context.Context, opts Options) Ungated {
+	p := newPass(opts, opts.Name+UngatedSuffix, false)
+	defer p.cleanup()
+	o, err := p.run(ctx)
+	if err != nil {
+		fmt.Fprintf(opts.Out, "  could not complete the run without the gate: %v\n", err)
+		return Ungated{Error: err.Error()}
+	}
+	failures := o.totals.Failures
+	if o.stopErr != nil {
+		failures = append(failures, o.stopErr)
+	}
+	return Ungated{
+		Queries: o.totals.Queries, Failed: o.totals.Failed, Refused: o.totals.Refused,
+		FirstError: firstError(failures), DropAfter: o.dropAfter, AckedAtDrop: o.ackedAtDrop,
 	}
 }
 
-func (d *run) run(ctx context.Context) (*Report, error) {
-	o := d.opts
-	storeSchema, appSchema := "phasecast_demo_"+o.Name, "demo_"+o.Name
-	d.appTable, d.prefix = appSchema+".instances", "phasecast_demo_"+o.Name
-	fmt.Fprintf(o.Out, "phasecast demo: %d services × %d workers; store schema %s, table %s\n\n", o.Agents, o.Workers, storeSchema, d.appTable)
+// printComparison prints the two runs side by side.
+func printComparison(out io.Writer, rep *Report, gated *outcome) {
+	u := rep.Ungated
+	fmt.Fprintf(out, "\nside by side (same fleet, same release)\n")
+	w := tabwriter.NewWriter(out, 0, 0, 3, ' ', 0)
+	fmt.Fprintf(w, "  \twithout the gate\twith phasecast\n")
+	if u.Error != "" {
+		fmt.Fprintf(w, "  run\tnot completed: %s\tcompleted\n", oneLine(u.Error))
+	}
+	fmt.Fprintf(w, "  queries run\t%d\t%d\n", u.Queries, rep.Queries)
+	fmt.Fprintf(w, "  queries failed\t%d\t%d\n", u.Failed, rep.Failed)
+	fmt.Fprintf(w, "  DROP started\t+%s after the flip\t+%s after the flip\n", ms(u.DropAfter), ms(gated.dropAfter))
+	fmt.Fprintf(w, "  acknowledged by then\t%d/%d agents\t%d/%d agents\n", u.AckedAtDrop, rep.Agents, rep.AckLatency.N, rep.Agents)
+	fmt.Fprintf(w, "  first error\t%s\t%s\n", orNone(u.FirstError), orNone(rep.FirstError))
+	_ = w.Flush()
+}
 
-	store, err := schema.Open(ctx, o.DatabaseURL, storeSchema)
+// pass is one run of release L on a fleet, store and table of its own.
+// Gated, it contracts through the runner; ungated, it drops the columns
+// right after the flip.
+type pass struct {
+	opts                   Options
+	gated                  bool
+	tl                     *timeline
+	storeSchema, appSchema string
+	appTable               string // "demo_x.instances"
+	prefix                 string
+	db                     *sqlx.DB
+	store                  *schema.Store
+	cleanups               []func()
+}
+
+// outcome is what a pass saw.
+type outcome struct {
+	agents      int
+	totals      fleet.Totals
+	stopErr     error
+	ackTimes    []time.Duration // flip commit → each ack recorded (gated)
+	dropAfter   time.Duration   // flip commit → DROP start
+	ackedAtDrop int             // acks recorded when the DROP committed (ungated)
+	contract    *schema.ContractResult
+	columnsLeft []string
+}
+
+func newPass(opts Options, name string, gated bool) *pass {
+	p := &pass{opts: opts, gated: gated, tl: &timeline{out: opts.Out, start: time.Now()}}
+	p.storeSchema, p.appSchema, p.prefix = "phasecast_demo_"+name, "demo_"+name, "phasecast_demo_"+name
+	p.appTable = p.appSchema + ".instances"
+	return p
+}
+
+func (d *pass) defers(f func()) { d.cleanups = append(d.cleanups, f) }
+
+func (d *pass) cleanup() {
+	for i := len(d.cleanups) - 1; i >= 0; i-- {
+		d.cleanups[i]()
+	}
+	d.cleanups = nil
+}
+
+func (d *pass) run(ctx context.Context) (*outcome, error) {
+	o := d.opts
+	fmt.Fprintf(o.Out, "   store schema %s, table %s\n\n", d.storeSchema, d.appTable)
+
+	store, err := schema.Open(ctx, o.DatabaseURL, d.storeSchema)
 	if err != nil {
 		return nil, err
 	}
 	d.store, d.db = store, store.DB()
 	d.defers(func() { store.Close() })
-	d.defers(func() { _ = pgadmin.DropSchemas(context.Background(), d.db, storeSchema, appSchema) })
+	d.defers(func() { _ = pgadmin.DropSchemas(context.Background(), d.db, d.storeSchema, d.appSchema) })
 	if _, err := store.Migrate(ctx); err != nil {
 		return nil, err
 	}
 	d.defers((&fleet.Env{AMQPURL: o.AMQPURL, Prefix: d.prefix}).DeleteAMQP)
-	if err := d.createAppTable(ctx, appSchema); err != nil {
+	if err := d.createAppTable(ctx); err != nil {
 		return nil, err
 	}
 	d.tl.now("store migrated; %s created with 1000 rows", d.appTable)
@@ -183,62 +318,78 @@ func (d *run) run(ctx context.Context) (*Report, error) {
 		ackWait.Cancel()
 		return nil, fmt.Errorf("another change ran during the demo: the contract flip took epoch %d, not %d", flipped.Epoch, before+1)
 	}
-	d.tl.at(committed, "flip L contract committed, epoch %d", flipped.Epoch)
-	o.Logger.Debug().Int64("epoch", flipped.Epoch).Msg("contract flip committed")
+	out := &outcome{agents: len(services.List)}
+	if d.gated {
+		err = d.contract(ctx, committed, flipped.Epoch, ackWait, out)
+	} else {
+		err = d.dropAtOnce(ctx, committed, flipped.Epoch, ackWait, out)
+	}
+	if err != nil {
+		return nil, err
+	}
 
-	contract, err := store.Contract(ctx, "L", schema.ContractOptions{Timeout: 30 * time.Second, PollInterval: 10 * time.Millisecond, Actor: "demo", LeaderWithin: 5 * time.Second})
+	time.Sleep(500 * time.Millisecond) // traffic after the drop counts too
+	stopCtx, cancelStop := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
+	out.totals, out.stopErr = services.Stop(stopCtx)
+	cancelStop()
+	d.tl.now("services stopped")
+	if d.gated {
+		if out.columnsLeft, err = d.remainingColumns(ctx); err != nil {
+			return nil, err
+		}
+	}
+	return out, nil
+}
+
+// contract is phasecast's way: the runner waits for every live agent's
+// acknowledgement, then drops.
+func (d *pass) contract(ctx context.Context, committed time.Time, epoch int64, ackWait *fleet.AckWait, out *outcome) error {
+	d.tl.at(committed, "flip L contract committed, epoch %d", epoch)
+	d.opts.Logger.Debug().Int64("epoch", epoch).Msg("contract flip committed")
+	contract, err := d.store.Contract(ctx, "L", schema.ContractOptions{Timeout: 30 * time.Second, PollInterval: 10 * time.Millisecond, Actor: "demo", LeaderWithin: 5 * time.Second})
 	// The runner has seen every ack in the store, so every commit has
 	// been reported: Wait returns at once.
 	ackTimes := latency.Since(ackWait.Wait(ctx, time.Second), committed)
 	slices.Sort(ackTimes)
 	if err != nil {
-		return nil, err
+		return err
 	}
 	if len(ackTimes) > 0 {
 		d.tl.at(committed.Add(ackTimes[0]), "first acknowledgement recorded (+%s)", ms(ackTimes[0]))
-		d.tl.at(committed.Add(ackTimes[len(ackTimes)-1]), "last acknowledgement recorded (+%s): %d/%d agents", ms(ackTimes[len(ackTimes)-1]), len(ackTimes), len(services.List))
+		d.tl.at(committed.Add(ackTimes[len(ackTimes)-1]), "last acknowledgement recorded (+%s): %d/%d agents", ms(ackTimes[len(ackTimes)-1]), len(ackTimes), out.agents)
 	}
 	d.tl.at(contract.DDLStart, "contracting: DDL start (lock_timeout 2s)")
 	d.tl.at(contract.DDLEnd, "DDL end: dropped %s (%d attempt(s))", strings.Join(contract.Dropped, ", "), contract.Attempts)
 	d.tl.now("release L complete")
-
-	time.Sleep(500 * time.Millisecond) // traffic after the drop must succeed too
-	rep := &Report{Agents: len(services.List), AckLatency: latency.Summarize(ackTimes), Dropped: contract.Dropped, Contract: contract}
-	stopCtx, cancelStop := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
-	totals, err := services.Stop(stopCtx)
-	cancelStop()
-	failures := totals.Failures
-	if err != nil {
-		failures = append(failures, err)
-	}
-	rep.Queries, rep.Failed, rep.Refused = totals.Queries, totals.Failed, totals.Refused
-	d.tl.now("services stopped")
-	if rep.ColumnsLeft, err = d.remainingColumns(ctx, appSchema); err != nil {
-		return nil, err
-	}
-
-	fmt.Fprintf(o.Out, "\nsummary\n")
-	fmt.Fprintf(o.Out, "  queries run        %d\n", rep.Queries)
-	fmt.Fprintf(o.Out, "  queries failed     %d\n", rep.Failed)
-	fmt.Fprintf(o.Out, "  ack latency        p50 %s, p99 %s (flip commit → ack recorded, %d agents)\n", ms(rep.AckLatency.P50), ms(rep.AckLatency.P99), rep.AckLatency.N)
-	fmt.Fprintf(o.Out, "  columns dropped    %s\n", strings.Join(rep.Dropped, ", "))
-	fmt.Fprintf(o.Out, "  columns remaining  %s\n", strings.Join(rep.ColumnsLeft, ", "))
-	for _, f := range failures {
-		fmt.Fprintf(o.Out, "  failure: %v\n", f)
-	}
-	if rep.Failed > 0 || len(failures) > 0 || rep.AckLatency.N != len(services.List) {
-		return rep, fmt.Errorf("%w: %d queries failed, %d of %d agents acknowledged", ErrFailed, rep.Failed, rep.AckLatency.N, len(services.List))
-	}
-	for _, c := range rep.ColumnsLeft {
-		if c == "name" || c == "display_name" {
-			return rep, fmt.Errorf("%w: column %q was not dropped", ErrFailed, c)
-		}
-	}
-	fmt.Fprintf(o.Out, "\nok: every agent acknowledged before the drop, and not one query failed\n")
-	return rep, nil
+	out.ackTimes, out.contract, out.dropAfter = ackTimes, contract, contract.DDLStart.Sub(committed)
+	return nil
 }
 
-func (d *run) flip(ctx context.Context, to phase.Phase) (schema.FlipResult, error) {
+// dropAtOnce is the hurried script's way: the DROP is the next statement
+// after the flip, so workers still holding the old column list, or
+// whose agent has not yet heard of the flip, name a column that is gone.
+func (d *pass) dropAtOnce(ctx context.Context, committed time.Time, epoch int64, ackWait *fleet.AckWait, out *outcome) error {
+	drops := make([]string, len(removedColumns))
+	for i, c := range removedColumns {
+		drops[i] = "DROP COLUMN " + pq.QuoteIdentifier(c)
+	}
+	dropCtx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	started := time.Now()
+	_, err := d.db.ExecContext(dropCtx, fmt.Sprintf(`ALTER TABLE %s %s`, schema.QuoteTable(d.appTable), strings.Join(drops, ", ")))
+	ended := time.Now()
+	// Disarmed now: what it holds is what was recorded before the DROP
+	// committed.
+	out.ackedAtDrop, out.dropAfter = len(ackWait.Wait(ctx, 0)), started.Sub(committed)
+	d.tl.at(committed, "flip L contract committed, epoch %d", epoch)
+	if err != nil {
+		return fmt.Errorf("drop without the gate: %w", err)
+	}
+	d.tl.at(ended, "DROP COLUMN %s done (started +%s after the flip); %d/%d agents had acknowledged", strings.Join(removedColumns, ", "), ms(out.dropAfter), out.ackedAtDrop, out.agents)
+	return nil
+}
+
+func (d *pass) flip(ctx context.Context, to phase.Phase) (schema.FlipResult, error) {
 	res, err := d.store.Flip(ctx, "L", to, schema.FlipOptions{Actor: "demo"})
 	if err == nil {
 		d.tl.now("flip L %s committed, epoch %d", to, res.Epoch)
@@ -246,19 +397,19 @@ func (d *run) flip(ctx context.Context, to phase.Phase) (schema.FlipResult, erro
 	return res, err
 }
 
-func (d *run) createAppTable(ctx context.Context, appSchema string) error {
+func (d *pass) createAppTable(ctx context.Context) error {
 	_, err := d.db.ExecContext(ctx, fmt.Sprintf(`
 		CREATE SCHEMA %[1]s;
 		CREATE TABLE %[2]s (id bigserial PRIMARY KEY, name text, display_name text, host text);
 		INSERT INTO %[2]s (name, display_name, host)
 			SELECT 'vm-' || i, 'VM ' || i, 'compute-' || (i %% 10) FROM generate_series(1, 1000) AS i`,
-		pq.QuoteIdentifier(appSchema), schema.QuoteTable(d.appTable)))
+		pq.QuoteIdentifier(d.appSchema), schema.QuoteTable(d.appTable)))
 	return err
 }
 
-func (d *run) remainingColumns(ctx context.Context, appSchema string) ([]string, error) {
+func (d *pass) remainingColumns(ctx context.Context) ([]string, error) {
 	var cols []string
-	err := d.db.SelectContext(ctx, &cols, `SELECT column_name FROM information_schema.columns WHERE table_schema = $1 AND table_name = 'instances' ORDER BY ordinal_position`, appSchema)
+	err := d.db.SelectContext(ctx, &cols, `SELECT column_name FROM information_schema.columns WHERE table_schema = $1 AND table_name = 'instances' ORDER BY ordinal_position`, d.appSchema)
 	return cols, err
 }
 
@@ -272,8 +423,26 @@ preconditions:
     sql: SELECT 1 FROM %[1]s WHERE common_name IS NULL LIMIT 1
 removed:
   - table: %[2]s
-    columns: [name, display_name]
-`, schema.QuoteTable(table), table)
+    columns: [%[3]s]
+`, schema.QuoteTable(table), table, strings.Join(removedColumns, ", "))
+}
+
+// firstError is the text of the first failure reported, if any.
+func firstError(failures []error) string {
+	if len(failures) == 0 {
+		return ""
+	}
+	return oneLine(failures[0].Error())
+}
+
+// oneLine keeps an error on one line of the table.
+func oneLine(s string) string { return strings.Join(strings.Fields(s), " ") }
+
+func orNone(s string) string {
+	if s == "" {
+		return "none"
+	}
+	return s
 }
 
 // randomName is a short suffix that keeps two demos, or a demo and a
