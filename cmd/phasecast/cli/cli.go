@@ -76,8 +76,6 @@ func Main(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	g := &globals{stdout: stdout, stderr: stderr}
 	root := newRoot(g)
 	root.SetArgs(args)
-	root.SetOut(stdout)
-	root.SetErr(stderr)
 	err := root.ExecuteContext(ctx)
 	if err != nil {
 		fmt.Fprintf(stderr, "phasecast: %s\n", oneLine(err.Error()))
@@ -124,6 +122,10 @@ uses them.`,
 	for _, add := range extraCommands {
 		root.AddCommand(add(g))
 	}
+	// Before the completion command: cobra's binds its writer when made.
+	root.SetOut(g.stdout)
+	root.SetErr(g.stderr)
+	setUpCompletion(root)
 	return root
 }
 
