@@ -20,7 +20,8 @@ type BuildVersion struct {
 	Version string `json:"version"`
 	// Revision, RevisionTime and Modified come from the VCS stamp, which
 	// go build records in a git checkout unless -buildvcs=false; go run
-	// and go test record none.
+	// and go test record none, nor does a build in a linked git worktree
+	// (golang/go#58218).
 	Revision     string `json:"revision,omitempty"`
 	RevisionTime string `json:"revision_time,omitempty"`
 	Modified     bool   `json:"modified"`
@@ -85,7 +86,7 @@ func writeVersion(g *globals, v BuildVersion) {
 	}
 	switch {
 	case v.Revision == "":
-		fmt.Fprintf(g.stdout, "  revision   not recorded (go run, go test or -buildvcs=false, or not built in a git checkout)\n")
+		fmt.Fprintf(g.stdout, "  revision   not recorded (go run, go test, -buildvcs=false, a linked git worktree, or no git checkout)\n")
 	case v.Modified:
 		fmt.Fprintf(g.stdout, "  revision   %s (with uncommitted changes)\n", v.Revision)
 	default:

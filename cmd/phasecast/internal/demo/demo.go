@@ -177,7 +177,7 @@ func runUngated(ctx context.Context, opts Options) Ungated {
 // printComparison prints the two runs side by side.
 func printComparison(out io.Writer, rep *Report, gated *outcome) {
 	u := rep.Ungated
-	fmt.Fprintf(out, "\nside by side (same fleet, same release)\n")
+	fmt.Fprintf(out, "\nside by side (the same release, each run on %d services of its own)\n", rep.Agents)
 	w := tabwriter.NewWriter(out, 0, 0, 3, ' ', 0)
 	fmt.Fprintf(w, "  \twithout the gate\twith phasecast\n")
 	if u.Error != "" {
@@ -453,4 +453,11 @@ func randomName() string {
 	return hex.EncodeToString(b)
 }
 
-func ms(d time.Duration) string { return fmt.Sprintf("%.1fms", float64(d.Microseconds())/1000) }
+// ms prints a duration in milliseconds, with two decimals below one
+// millisecond so that a DROP right after the flip does not read as 0.
+func ms(d time.Duration) string {
+	if d > 0 && d < time.Millisecond {
+		return fmt.Sprintf("%.2fms", float64(d.Microseconds())/1000)
+	}
+	return fmt.Sprintf("%.1fms", float64(d.Microseconds())/1000)
+}
