@@ -453,11 +453,11 @@ func randomName() string {
 	return hex.EncodeToString(b)
 }
 
-// ms prints a duration in milliseconds, with two decimals below one
+// ms prints a duration in milliseconds, or in microseconds below one
 // millisecond so that a DROP right after the flip does not read as 0.
 func ms(d time.Duration) string {
 	if d > 0 && d < time.Millisecond {
-		return fmt.Sprintf("%.2fms", float64(d.Microseconds())/1000)
+		return fmt.Sprintf("%dµs", d.Microseconds())
 	}
 	return fmt.Sprintf("%.1fms", float64(d.Microseconds())/1000)
 }
