@@ -75,4 +75,7 @@ func TestDemoShowsTheDifference(t *testing.T) {
 	var left []string
 	require.NoError(t, db.Select(&left, `SELECT nspname FROM pg_namespace WHERE nspname = ANY($1)`, pq.Array(schemas)))
 	require.Empty(t, left, "the demo left schemas behind")
+	for _, prefix := range []string{"phasecast_demo_" + name, "phasecast_demo_" + name + demo.UngatedSuffix} {
+		requireTopologyGone(t, prefix)
+	}
 }

@@ -51,14 +51,21 @@ func TestDemoTwice(t *testing.T) {
 		var schemas []string
 		require.NoError(t, db.Select(&schemas, `SELECT nspname FROM pg_namespace WHERE nspname IN ($1, $2)`, storeSchema, appSchema))
 		require.Empty(t, schemas, "run %d left its schemas behind", run)
-		requireGone(t, func(ch *amqp.Channel) error {
-			return ch.ExchangeDeclarePassive(amqpx.StateExchange(prefix), amqp.ExchangeFanout, false, false, false, false, nil)
-		})
-		requireGone(t, func(ch *amqp.Channel) error {
-			_, err := ch.QueueDeclarePassive(amqpx.StatusQueue(prefix), true, false, false, false, nil)
-			return err
-		})
+		requireTopologyGone(t, prefix)
 	}
+}
+
+// requireTopologyGone checks that the exchange and status queue of an
+// AMQP prefix are gone.
+func requireTopologyGone(t *testing.T, prefix string) {
+	t.Helper()
+	requireGone(t, func(ch *amqp.Channel) error {
+		return ch.ExchangeDeclarePassive(amqpx.StateExchange(prefix), amqp.ExchangeFanout, false, false, false, false, nil)
+	})
+	requireGone(t, func(ch *amqp.Channel) error {
+		_, err := ch.QueueDeclarePassive(amqpx.StatusQueue(prefix), true, false, false, false, nil)
+		return err
+	})
 }
 
 // requireGone checks that a passive declaration fails with 404 NOT_FOUND.
