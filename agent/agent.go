@@ -92,6 +92,9 @@ type Agent struct {
 	candidate atomic.Pointer[wire.State]
 	// warnedNoDigest: the store's missing digest column was logged once.
 	warnedNoDigest atomic.Bool
+	// storeID is the identity of the store the statuses name (see
+	// learnStore); nil until known.
+	storeID atomic.Pointer[string]
 
 	counters
 }
@@ -403,6 +406,7 @@ func (a *Agent) Stats() Stats {
 		DigestConfirms: a.digestConfirms.Load(),
 		Reconnects:     a.reconnects.Load(),
 		Fencings:       a.fencings.Load(),
+		StoreID:        a.storeIdentity(),
 	}
 	a.leaseMu.Lock()
 	if !a.deadline.IsZero() {

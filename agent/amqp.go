@@ -251,6 +251,13 @@ func (a *Agent) handleState(body []byte) {
 		a.reject(reasonFor(err), err, -1)
 		return
 	}
+	if a.store == nil && (st.Epoch > a.appliedEpoch() || a.storeIdentity() == "") {
+		// Before the state is applied, so that the acknowledgement it
+		// brings names the store. A state not newer than the one held
+		// teaches the store only to an agent that knows none (its
+		// states came from a broadcaster that predates store ids).
+		a.learnStore(st.StoreID)
+	}
 	if st.Epoch <= a.appliedEpoch() {
 		a.ignoredStates.Add(1)
 		return

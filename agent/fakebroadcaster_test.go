@@ -48,7 +48,8 @@ type fakeBroadcaster struct {
 
 type receivedStatus struct {
 	wire.Status
-	at time.Time
+	at         time.Time
+	expiration string // the AMQP per-message TTL, in ms
 }
 
 type fakeOptions struct {
@@ -137,7 +138,7 @@ func (f *fakeBroadcaster) onStatus(ctx context.Context, d amqp.Delivery) {
 		return
 	}
 	f.mu.Lock()
-	f.statuses = append(f.statuses, receivedStatus{Status: st, at: time.Now()})
+	f.statuses = append(f.statuses, receivedStatus{Status: st, at: time.Now(), expiration: d.Expiration})
 	f.mu.Unlock()
 	if !f.answering.Load() {
 		return

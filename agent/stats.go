@@ -109,4 +109,8 @@ type Stats struct {
 	Reconnects int64
 	// Fencings counts the times the lease ran out.
 	Fencings int64
+	// StoreID is the identity of the store the agent's statuses name:
+	// read from the store with a DB, else learnt from the states. Empty
+	// until the agent holds a state.
+	StoreID string
 }

@@ -3,6 +3,7 @@ package agent
 import (
 	"context"
 	"errors"
+	"strconv"
 	"time"
 
 	"github.com/phasecast/phasecast/internal/amqpx"
@@ -48,6 +49,7 @@ func (a *Agent) statusLocked(queue string) wire.Status {
 	return wire.Status{
 		V:            wire.Version,
 		Kind:         wire.KindStatus,
+		StoreID:      a.storeIdentity(),
 		AgentID:      a.cfg.ID,
 		Service:      a.cfg.Service,
 		Host:         a.cfg.Host,
@@ -67,7 +69,19 @@ func (a *Agent) statusLocked(queue string) wire.Status {
 // publishLocked publishes the next status to the status queue. Its send
 // time is remembered before the publish, so it precedes the moment the
 // broadcaster records it.
+//
+// Nothing is sent while the agent holds no state (an agent without a DB
+// before its first state): it does not know the store its statuses belong
+// to yet, and the broadcaster drops a status that names none. That costs
+// start-up nothing: a grant cannot make such an agent ready anyway, and
+// the acknowledgement of its first state, sent the moment it is applied,
+// is the status that earns the grant Start waits for.
 func (a *Agent) publishLocked(ctx context.Context, sess *session, reason string) {
+	if a.cur.Load() == nil {
+		a.log.Debug().Str("reason", reason).Msg("no state yet: the status waits for the first one, which names the store")
+		return
+	}
+	lease := a.leaseLength()
 	st := a.statusLocked(sess.queue)
 	// An ack renews nothing the heartbeats do not: while the lease is
 	// fresh it asks for no grant, which halves a flip's messages back.
@@ -83,6 +97,9 @@ func (a *Agent) publishLocked(ctx context.Context, sess *session, reason string)
 		mac = wire.MAC(a.cfg.StatusMACKey, body)
 	}
 	msg := amqpx.Publishing("phasecast-agent", wire.KindStatus, body, mac)
+	// A status left in the queue longer than a lease is no longer news:
+	// the broker drops it (the broadcaster checks sent_at too).
+	msg.Expiration = strconv.FormatInt(max(lease.Milliseconds(), 1), 10)
 	a.recordSent(st.Seq, time.Now())
 	ctx, cancel := context.WithTimeout(ctx, publishTimeout)
 	defer cancel()
@@ -142,6 +159,7 @@ func (a *Agent) syncLocked(ctx context.Context, reason string) error {
 		return err
 	}
 	a.resyncs.Add(1)
+	a.learnStore(state.StoreID)
 	a.apply(&state)
 	a.extendLease(t0, lease)
 	a.log.Debug().Str("reason", reason).Uint64("seq", st.Seq).Int64("epoch", state.Epoch).Msg("re-synced from the store")
@@ -180,9 +198,40 @@ func (a *Agent) confirm(ctx context.Context) error {
 		return err
 	}
 	a.resyncs.Add(1)
+	a.learnStore(state.StoreID)
 	a.apply(&state)
 	a.log.Debug().Int64("epoch", state.Epoch).Msg("state confirmed from the store")
 	return nil
+}
+
+// storeIdentity is the store id the agent's statuses name, empty while it
+// knows none.
+func (a *Agent) storeIdentity() string {
+	if id := a.storeID.Load(); id != nil {
+		return *id
+	}
+	return ""
+}
+
+// learnStore takes id as the store the agent's statuses belong to. With a
+// DB it comes from the store's own reads, never from a message (a state
+// message confirmed by digest says nothing about its store: the digest
+// leaves the id out); without one, from the states the agent applies. An
+// empty id (a store or broadcaster that predates store identities) leaves
+// the one known.
+func (a *Agent) learnStore(id string) {
+	if id == "" {
+		return
+	}
+	old := a.storeID.Swap(&id)
+	switch {
+	case old == nil:
+		a.log.Debug().Str("store_id", id).Msg("store identity learnt")
+	case *old != id:
+		// The store was dropped and migrated again, or a state of another
+		// store reached an agent without a DB.
+		a.log.Warn().Str("store_id", id).Str("previous_store_id", *old).Msg("the store's identity changed")
+	}
 }
 
 // offerCandidate keeps st for the confirmer if it is newer than the

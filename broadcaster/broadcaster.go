@@ -46,6 +46,9 @@ type Broadcaster struct {
 	lockKey string
 	stats   *counters
 	leader  atomic.Bool
+	// storeID is the store's identity, read by Start before any
+	// goroutine that uses it runs. It never changes (schema.Store.ID).
+	storeID string
 
 	mu       sync.Mutex // serializes Start and Stop
 	cancel   context.CancelFunc
@@ -151,10 +154,13 @@ func (b *Broadcaster) Stop(ctx context.Context) error {
 
 // preflight fails fast on what no retry will fix: an unmigrated store, a
 // LISTEN connection string that does not connect, a broker that refuses us.
+// It reads the store's identity, which statuses must name.
 func (b *Broadcaster) preflight(ctx context.Context) error {
-	if _, err := b.cfg.Store.Epoch(ctx); err != nil {
+	id, err := b.cfg.Store.ID(ctx)
+	if err != nil {
 		return fmt.Errorf("broadcaster: read the store: %w", err)
 	}
+	b.storeID = id
 	connector, err := pq.NewConnector(b.cfg.DatabaseURL)
 	if err != nil {
 		return fmt.Errorf("broadcaster: Config.DatabaseURL %s: %w", config.Redact(b.cfg.DatabaseURL), config.RedactError(err, b.cfg.DatabaseURL))

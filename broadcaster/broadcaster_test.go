@@ -199,9 +199,21 @@ func status(id string, seq uint64, queue string) wire.Status {
 	}
 }
 
+// storeID is the identity of the test's store, which statuses must name.
+func (tb *testBundle) storeID(t *testing.T) string {
+	t.Helper()
+	id, err := tb.store.ID(context.Background())
+	require.NoError(t, err)
+	return id
+}
+
 // sendStatus publishes st to the status queue, with a MAC when key is set.
+// A status that names no store is sent as of the test's store.
 func (tb *testBundle) sendStatus(t *testing.T, st wire.Status, key []byte) {
 	t.Helper()
+	if st.StoreID == "" {
+		st.StoreID = tb.storeID(t)
+	}
 	body, err := wire.EncodeStatus(st)
 	require.NoError(t, err)
 	var headers amqp.Table
@@ -267,7 +279,7 @@ func TestNew(t *testing.T) {
 		require.False(t, b.IsLeader())
 		require.NoError(t, b.Stop(context.Background()), "Stop before Start does nothing")
 		stats := b.Stats()
-		require.Len(t, stats.Rejected, 7)
+		require.Len(t, stats.Rejected, 9)
 	})
 
 	t.Run("Validates", func(t *testing.T) {

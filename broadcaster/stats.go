@@ -29,11 +29,22 @@ const (
 	// earns no grant. A status superseded by a newer one from the same
 	// agent in the same batch is not counted: the newer one answers it.
 	RejectStaleSeq = "stale_seq"
+	// RejectOtherStore: a status that names another store than the
+	// broadcaster's (schema.Store.ID), or none. The status queue is named
+	// by the exchange prefix alone and is durable, so it may still hold
+	// statuses of an earlier run against a store since dropped and
+	// migrated again; agents of a build that predates store identities
+	// name none.
+	RejectOtherStore = "other_store"
+	// RejectExpired: a status sent longer ago than the lease
+	// (Config.LeaseDuration), by its sent_at: the lease it asks for would
+	// already have run out, and its agent may be long gone.
+	RejectExpired = "expired"
 )
 
 var rejectReasons = []string{
 	RejectMalformed, RejectVersion, RejectKind, RejectTooLarge,
-	RejectUnsigned, RejectBadSignature, RejectStaleSeq,
+	RejectUnsigned, RejectBadSignature, RejectStaleSeq, RejectOtherStore, RejectExpired,
 }
 
 // Stats is a snapshot of a broadcaster's counters since New. Counters of

@@ -345,6 +345,23 @@ func (b *Broadcaster) decodeStatus(d amqp.Delivery) (wire.Status, string, error)
 	if err != nil {
 		return st, statusReason(err), err
 	}
+	return b.checkBelongs(st, time.Now())
+}
+
+// checkBelongs drops a status that is not news from this store's agents:
+// one that names another store (or none), or one sent longer ago than a
+// lease. The store is checked first: an earlier run's status is counted as
+// of another store however old it is.
+func (b *Broadcaster) checkBelongs(st wire.Status, now time.Time) (wire.Status, string, error) {
+	if st.StoreID != b.storeID {
+		return wire.Status{}, RejectOtherStore, fmt.Errorf("%w: status names store %q, this broadcaster's is %q", errOtherStore, st.StoreID, b.storeID)
+	}
+	// A clock behind the broadcaster's makes an agent's statuses look
+	// older: one more than a lease behind has them all dropped, counted
+	// and logged (README: the limits).
+	if age := now.Sub(st.SentAt); age > b.cfg.LeaseDuration {
+		return wire.Status{}, RejectExpired, fmt.Errorf("%w: sent %s ago (at %s), longer than the lease of %s", errExpired, age.Round(time.Millisecond), st.SentAt.Format(time.RFC3339Nano), b.cfg.LeaseDuration)
+	}
 	return st, "", nil
 }
 
@@ -357,3 +374,8 @@ func statusReason(err error) string {
 	}
 	return RejectMalformed
 }
+
+var (
+	errOtherStore = errors.New("status of another store")
+	errExpired    = errors.New("status expired")
+)

@@ -181,6 +181,7 @@ func TestStatus(t *testing.T) {
 		reply, grants := bundle.replyQueue(t)
 
 		encode := func(st wire.Status) []byte {
+			st.StoreID = bundle.storeID(t)
 			body, err := wire.EncodeStatus(st)
 			require.NoError(t, err)
 			return body

@@ -34,7 +34,7 @@ ORDER BY r.name`
 // default row estimates of never-analysed tables past jit_above_cost, and
 // JIT compilation took milliseconds per read.
 const stateSnapshotQuery = `
-SELECT (SELECT value FROM @schema.epoch), r.name, r.phase, r.removals
+SELECT (SELECT value FROM @schema.epoch), (` + storeIDQuery + `), r.name, r.phase, r.removals
 FROM (SELECT) AS one
 LEFT JOIN (` + stateQuery + `) AS r(name, phase, removals) ON true
 ORDER BY r.name`
@@ -61,7 +61,7 @@ func (s *Store) state(ctx context.Context, q sqlx.QueryerContext) (wire.State, e
 	for rows.Next() {
 		var name, ph sql.NullString
 		var removals []byte
-		if err := rows.Scan(&st.Epoch, &name, &ph, &removals); err != nil {
+		if err := rows.Scan(&st.Epoch, &st.StoreID, &name, &ph, &removals); err != nil {
 			return st, err
 		}
 		if !name.Valid {
@@ -96,9 +96,24 @@ func release(name, ph string, removals []byte) (wire.Release, error) {
 // epochQuery reads the global epoch.
 const epochQuery = `SELECT value FROM @schema.epoch`
 
-// lockedEpoch reads the epoch and holds its row FOR SHARE until the
-// transaction ends: no change can commit meanwhile, and a change that
-// commits afterwards is ordered after this transaction's writes.
+// storeIDQuery reads the store's identity, which migration 003 created and
+// nothing changes.
+const storeIDQuery = `SELECT store_id FROM @schema.store_identity`
+
+// ID returns the store's identity: a random id created once, when the
+// store was migrated to it, and never changed. The broadcaster sends it in
+// every state and drops statuses that name another store, such as an
+// earlier run's still in the status queue.
+func (s *Store) ID(ctx context.Context) (string, error) {
+	var id string
+	err := s.db.GetContext(ctx, &id, s.sql(storeIDQuery))
+	return id, notMigrated(err)
+}
+
+// lockedEpoch reads the epoch (and the store's identity) and holds the
+// epoch row FOR SHARE until the transaction ends: no change can commit
+// meanwhile, and a change that commits afterwards is ordered after this
+// transaction's writes.
 //
 // Every flip waits for that lock, so a client that stops in the middle of
 // such a transaction (a service syncing through the store, frozen by
@@ -108,7 +123,7 @@ const epochQuery = `SELECT value FROM @schema.epoch`
 // transaction's own idle_in_transaction_session_timeout (set in the same
 // statement, to cost no round trip) ends such a session, and its lock,
 // after 10 s of silence; these transactions take milliseconds.
-const lockedEpoch = epochQuery + `
+const lockedEpoch = `SELECT value, (` + storeIDQuery + `) FROM @schema.epoch
 	WHERE set_config('idle_in_transaction_session_timeout', '` + lockHoldLimitMS + `', true) IS NOT NULL
 	FOR SHARE`
 
@@ -116,11 +131,11 @@ const lockedEpoch = epochQuery + `
 // epoch row may sit idle before the server ends its session.
 const lockHoldLimitMS = "10000"
 
-// readState reads the epoch, holding its row FOR SHARE (lockedEpoch), then
-// the releases.
+// readState reads the epoch, holding its row FOR SHARE (lockedEpoch), and
+// the store's identity, then the releases.
 func (s *Store) readState(ctx context.Context, tx *sqlx.Tx) (wire.State, error) {
 	st := wire.State{V: wire.Version, Kind: wire.KindState, Releases: []wire.Release{}}
-	if err := tx.GetContext(ctx, &st.Epoch, s.sql(lockedEpoch)); err != nil {
+	if err := tx.QueryRowxContext(ctx, s.sql(lockedEpoch)).Scan(&st.Epoch, &st.StoreID); err != nil {
 		return st, err
 	}
 	rows, err := tx.QueryContext(ctx, s.sql(stateQuery))

@@ -92,16 +92,41 @@ func forgedState(t *testing.T, epoch int64, p phase.Phase, table string) []byte 
 	return body
 }
 
-func statusBody(t *testing.T, st wire.Status) []byte {
-	st.Service, st.Host, st.Releases, st.SentAt = "forger", "nowhere", []string{"L"}, time.Now()
+// statusBody is a forged status, of the test's store and sent now unless
+// st says otherwise. The store id is no secret (every state message
+// carries it): it tells stores and runs apart, it does not authenticate.
+func (e *env) statusBody(st wire.Status) []byte {
+	e.t.Helper()
+	if st.StoreID == "" {
+		id, err := e.store.ID(e.ctx)
+		require.NoError(e.t, err)
+		st.StoreID = id
+	}
+	if st.SentAt.IsZero() {
+		st.SentAt = time.Now()
+	}
+	st.Service, st.Host, st.Releases = "forger", "nowhere", []string{"L"}
 	body, err := wire.EncodeStatus(st)
-	require.NoError(t, err)
+	require.NoError(e.t, err)
 	return body
 }
 
 // jsonLogger logs to sink at warn and above, in JSON so tests can search it.
 func jsonLogger(sink *logSink) zerolog.Logger {
 	return zerolog.New(sink).Level(zerolog.WarnLevel).With().Timestamp().Logger()
+}
+
+// registered reports whether the store has a row for agent id.
+func (e *env) registered(id string) bool {
+	e.t.Helper()
+	agents, err := e.store.Agents(e.ctx)
+	require.NoError(e.t, err)
+	for _, a := range agents {
+		if a.ID == id {
+			return true
+		}
+	}
+	return false
 }
 
 // TestForgedStatesWithoutKeys: no keys anywhere, agents with a store
@@ -272,7 +297,7 @@ func TestSignedMessages(t *testing.T) {
 	})
 
 	t.Run("a forged acknowledgement is rejected", func(t *testing.T) {
-		forged := statusBody(t, wire.Status{AgentID: holder.ID(), Seq: math.MaxInt64, AppliedEpoch: contract, DrainedEpoch: contract})
+		forged := e.statusBody(wire.Status{AgentID: holder.ID(), Seq: math.MaxInt64, AppliedEpoch: contract, DrainedEpoch: contract})
 		x.toBroadcaster(forged, nil)
 		x.toBroadcaster(forged, amqp.Table{wire.MACHeader: wire.MAC([]byte("not the key, but long enough for hmac"), forged)})
 		x.toBroadcaster(forged, amqp.Table{wire.MACHeader: int32(7)})
@@ -315,7 +340,7 @@ func TestForgedAckWithoutMAC(t *testing.T) {
 	require.NoError(t, err)
 	defer g.Exit()
 	contract := e.flip(phase.Contract)
-	e.attacker().toBroadcaster(statusBody(t, wire.Status{AgentID: a.ID(), Seq: math.MaxInt64, AppliedEpoch: contract, DrainedEpoch: contract}), nil)
+	e.attacker().toBroadcaster(e.statusBody(wire.Status{AgentID: a.ID(), Seq: math.MaxInt64, AppliedEpoch: contract, DrainedEpoch: contract}), nil)
 	r, err := e.contract(e.ctx, e.store, func(o *schema.ContractOptions) { o.Timeout = wait })
 	require.NoError(t, err, "without a MAC key the forged acknowledgement is believed")
 	require.Equal(t, schema.OutcomeComplete, r.Outcome)
@@ -411,11 +436,16 @@ func TestHostileInputRejected(t *testing.T) {
 		x.toBroadcaster([]byte(`{"v":1,"kind":"status","agent_id":"x","seq":"12"}`), nil)
 		x.toBroadcaster([]byte(`{"v":2,"kind":"status","agent_id":"x","seq":12}`), nil)
 		x.toBroadcaster(big, nil)
-		x.toBroadcaster(statusBody(t, wire.Status{AgentID: retired.ID(), Seq: 1}), nil) // a replay
+		x.toBroadcaster(e.statusBody(wire.Status{AgentID: retired.ID(), Seq: 1}), nil) // a replay
+		// Left in the queue by an earlier run against another store, and
+		// sent longer ago than a lease.
+		x.toBroadcaster(e.statusBody(wire.Status{AgentID: "earlier-run", Seq: 1, StoreID: "5d0c6f0e-8a4b-4f61-9b7e-2c1f3a9d8e70"}), nil)
+		x.toBroadcaster(e.statusBody(wire.Status{AgentID: "long-gone", Seq: 1, SentAt: time.Now().Add(-time.Hour)}), nil)
 		x.flood("", amqpx.StatusQueue(e.prefix), []byte(`{not json`), floodSize)
 		want := map[string]int64{
 			broadcaster.RejectMalformed: 2 + floodSize, broadcaster.RejectKind: 1, broadcaster.RejectVersion: 1,
 			broadcaster.RejectTooLarge: 1, broadcaster.RejectStaleSeq: 1,
+			broadcaster.RejectOtherStore: 1, broadcaster.RejectExpired: 1,
 		}
 		waitFor(t, wait, "the broadcaster to work through the flood", func() bool {
 			s := b.Stats()
@@ -428,9 +458,10 @@ func TestHostileInputRejected(t *testing.T) {
 		})
 		after := b.Stats()
 		for reason, n := range want {
-			if reason == broadcaster.RejectStaleSeq {
+			if reason == broadcaster.RejectStaleSeq || reason == broadcaster.RejectExpired {
 				// Real agents' statuses can go stale too (a status through
-				// the store overtaking one through the broker).
+				// the store overtaking one through the broker), or wait out
+				// a lease behind the flood on a loaded machine.
 				require.GreaterOrEqual(t, after.Rejected[reason]-before.Rejected[reason], n, reason)
 				continue
 			}
@@ -439,6 +470,9 @@ func TestHostileInputRejected(t *testing.T) {
 		require.True(t, b.IsLeader())
 		require.Equal(t, epochBefore, mustEpoch(t, e), "nothing changed the epoch")
 		require.Equal(t, retiredRow, e.agentRow(retired.ID()), "the replay changed nothing")
+		for _, id := range []string{"earlier-run", "long-gone"} {
+			require.False(t, e.registered(id), "%s was recorded", id)
+		}
 		recorded := after.StatusesRecorded
 		waitFor(t, wait, "real statuses to be recorded after the flood", func() bool { return b.Stats().StatusesRecorded > recorded })
 		for _, reason := range []string{broadcaster.RejectMalformed, broadcaster.RejectKind, broadcaster.RejectVersion, broadcaster.RejectTooLarge} {
@@ -446,7 +480,7 @@ func TestHostileInputRejected(t *testing.T) {
 		}
 		lines := bsink.count("status rejected")
 		require.Less(t, lines, 200, "a flood of %d must not flood the log", floodSize)
-		figure(t, "messages_rejected", 2+floodSize+4)
+		figure(t, "messages_rejected", 2+floodSize+6)
 		figure(t, "rejected_log_lines", lines)
 		figure(t, "state_changes", 0)
 	})
@@ -457,8 +491,8 @@ func TestHostileInputRejected(t *testing.T) {
 		contract := e.flip(phase.Contract)
 		// A status from an id nobody saw registers a live agent: one that
 		// has not acknowledged, and one that claims it has.
-		x.toBroadcaster(statusBody(t, wire.Status{AgentID: "ghost-waiting", Seq: 1}), nil)
-		x.toBroadcaster(statusBody(t, wire.Status{AgentID: "ghost-acked", Seq: 1, AppliedEpoch: contract, DrainedEpoch: contract}), nil)
+		x.toBroadcaster(e.statusBody(wire.Status{AgentID: "ghost-waiting", Seq: 1}), nil)
+		x.toBroadcaster(e.statusBody(wire.Status{AgentID: "ghost-acked", Seq: 1, AppliedEpoch: contract, DrainedEpoch: contract}), nil)
 		waitFor(t, wait, "the ghosts to register", func() bool {
 			live, err := e.store.LiveAgents(e.ctx)
 			require.NoError(t, err)

@@ -8,12 +8,21 @@ import (
 )
 
 // Digest identifies what a state says: its epoch and every release's name,
-// phase and removals, in order (SentAt and the envelope are left out).
+// phase and removals, in order (SentAt, StoreID and the envelope are left
+// out).
 // The store writes the digest of its state with every change, so an agent
 // with a database confirms a state message by reading one row and
 // comparing digests, instead of reading the whole state back. SHA-256
 // over length-prefixed fields: no two different states share an encoding,
 // and a forger cannot find a second state with the same digest.
+//
+// StoreID is left out on purpose. The digest vouches for what an agent
+// applies (phases and removals at an epoch), which the store id does not
+// change; an agent with a database takes the store id from the store,
+// never from a message, so a message cannot teach it a wrong one. And
+// digests stay as they were: during an upgrade, an agent or broadcaster of
+// an older build and a store sealed by either still agree, and agents
+// keep confirming by digest.
 func (s *State) Digest() string {
 	h := sha256.New()
 	var buf [binary.MaxVarintLen64]byte

@@ -53,8 +53,13 @@ type Release struct {
 // State is the whole versioning state at one epoch. Agents apply a state
 // only if its epoch is higher than the one they hold.
 type State struct {
-	V        int       `json:"v"`
-	Kind     Kind      `json:"kind"`
+	V    int  `json:"v"`
+	Kind Kind `json:"kind"`
+	// StoreID is the identity of the store the state comes from
+	// (schema.Store.ID), so that agents without a database learn which
+	// store their statuses belong to. Empty from a broadcaster that
+	// predates store identities. The digest leaves it out (see Digest).
+	StoreID  string    `json:"store_id,omitempty"`
 	Epoch    int64     `json:"epoch"`
 	Releases []Release `json:"releases"`
 	SentAt   time.Time `json:"sent_at"`
@@ -63,8 +68,14 @@ type State struct {
 // Status is an agent's report: sent at start, after every drain (the
 // acknowledgement) and as a heartbeat.
 type Status struct {
-	V            int      `json:"v"`
-	Kind         Kind     `json:"kind"`
+	V    int  `json:"v"`
+	Kind Kind `json:"kind"`
+	// StoreID names the store the status belongs to: the StoreID of the
+	// states the agent holds, or of its own database. The broadcaster
+	// drops a status that names another store, or none: the status queue
+	// is named by the exchange prefix alone, and may still hold statuses
+	// of an earlier run against a store since dropped and migrated again.
+	StoreID      string   `json:"store_id,omitempty"`
 	AgentID      string   `json:"agent_id"`
 	Service      string   `json:"service"`
 	Host         string   `json:"host"`
@@ -81,8 +92,12 @@ type Status struct {
 	Queue string `json:"queue"`
 	// AppName is the application_name of the service's database sessions,
 	// so the contract runner can tell them from sessions nobody vouches for.
-	AppName string    `json:"app_name,omitempty"`
-	SentAt  time.Time `json:"sent_at"`
+	AppName string `json:"app_name,omitempty"`
+	// SentAt is when the agent sent the status, on its clock. A status
+	// older than a lease asks for a lease that would already have run
+	// out: the broadcaster drops it (and the agent sets the AMQP
+	// expiration to the lease, so the broker drops it too).
+	SentAt time.Time `json:"sent_at"`
 	// SkipGrant asks the broadcaster to record the status without a
 	// grant: the agent's lease is still fresh. Acks set it, so a flip
 	// costs each agent one message back, not a status and a grant. A

@@ -19,6 +19,8 @@ func FuzzDecodeState(f *testing.F) {
 		`{"v":1,"kind":"state","epoch":1,"releases":[{"name":"L","phase":"expand"},{"name":"L","phase":"migrate"}]}`,
 		`{"v":1,"kind":"state","epoch":-1}`,
 		`{"V":1,"KIND":"state","Epoch":3}`,
+		`{"v":1,"kind":"state","store_id":"","epoch":2,"releases":[]}`,
+		`{"v":1,"kind":"state","store_id":7,"epoch":2,"releases":[]}`,
 		validStatus,
 	} {
 		f.Add([]byte(s))
@@ -48,6 +50,8 @@ func FuzzDecodeStatus(f *testing.F) {
 		`{"v":1,"kind":"status","agent_id":"a","releases":[],"seq":18446744073709551615,"sent_at":"0001-01-01T00:00:00Z"}`,
 		`{"v":1,"kind":"status","agent_id":"a","applied_epoch":1,"drained_epoch":2}`,
 		`{"v":1,"kind":"status","agent_id":"a\u0000\ud800<>&","host":"\u2028"}`,
+		`{"v":1,"kind":"status","store_id":"\u0000\ud800","agent_id":"a"}`,
+		`{"v":1,"kind":"status","store_id":null,"agent_id":"a","leaving":true}`,
 		validGrant,
 	} {
 		f.Add([]byte(s))

@@ -15,8 +15,8 @@ import (
 
 // Valid messages of each kind, as a sender on the wire would write them.
 const (
-	validState  = `{"v":1,"kind":"state","epoch":7,"releases":[{"name":"L","phase":"contract","removals":[{"table":"nova.instances","columns":["name","display_name"]},{"table":"legacy_flavors"}]}],"sent_at":"2026-01-02T03:04:05.123456789Z"}`
-	validStatus = `{"v":1,"kind":"status","agent_id":"api-1","service":"api","host":"h1","pid":42,"version":"1.2.3","releases":["L"],"seq":3,"applied_epoch":7,"drained_epoch":6,"inflight":2,"queue":"phasecast.agent.api-1","sent_at":"2026-01-02T03:04:05Z"}`
+	validState  = `{"v":1,"kind":"state","store_id":"6f1c2a8e-3d4b-4c5a-9e7f-0a1b2c3d4e5f","epoch":7,"releases":[{"name":"L","phase":"contract","removals":[{"table":"nova.instances","columns":["name","display_name"]},{"table":"legacy_flavors"}]}],"sent_at":"2026-01-02T03:04:05.123456789Z"}`
+	validStatus = `{"v":1,"kind":"status","store_id":"6f1c2a8e-3d4b-4c5a-9e7f-0a1b2c3d4e5f","agent_id":"api-1","service":"api","host":"h1","pid":42,"version":"1.2.3","releases":["L"],"seq":3,"applied_epoch":7,"drained_epoch":6,"inflight":2,"queue":"phasecast.agent.api-1","sent_at":"2026-01-02T03:04:05Z"}`
 	validGrant  = `{"v":1,"kind":"grant","agent_id":"api-1","seq":3,"lease_ms":15000,"epoch":7}`
 )
 
@@ -172,7 +172,7 @@ func TestWireRoundTrip(t *testing.T) {
 	sentAt := time.Date(2026, 1, 2, 3, 4, 5, 123456789, time.UTC)
 
 	t.Run("state", func(t *testing.T) {
-		in := State{Epoch: 42, SentAt: sentAt, Releases: []Release{
+		in := State{StoreID: "6f1c2a8e-3d4b-4c5a-9e7f-0a1b2c3d4e5f", Epoch: 42, SentAt: sentAt, Releases: []Release{
 			{Name: "K", Phase: phase.Complete},
 			{Name: "L", Phase: phase.Contract, Removals: []Removal{
 				{Table: "nova.instances", Columns: []string{"Name", "display name"}},
@@ -196,6 +196,7 @@ func TestWireRoundTrip(t *testing.T) {
 	})
 	t.Run("status", func(t *testing.T) {
 		in := Status{
+			StoreID: "6f1c2a8e-3d4b-4c5a-9e7f-0a1b2c3d4e5f",
 			AgentID: "api-1", Service: "api", Host: "h1", PID: 42, Version: "1.2.3",
 			Releases: []string{"K", "L"}, Seq: 1<<63 - 1, AppliedEpoch: 7, DrainedEpoch: 7,
 			Inflight: 3, Queue: "phasecast.agent.api-1", SentAt: sentAt,
@@ -234,6 +235,38 @@ func TestWireRoundTrip(t *testing.T) {
 		require.NoError(t, json.Unmarshal(body, &h))
 		require.Equal(t, header{V: Version, Kind: KindState}, h)
 	})
+}
+
+// The store id is an optional field, not a new protocol version: a
+// message of a build that predates it decodes as before with no store id
+// (the broadcaster then drops such a status as naming no store), and one
+// without a store id encodes without the field.
+func TestStoreIDIsOptional(t *testing.T) {
+	withoutStoreID := func(body string) string {
+		out := strings.Replace(body, `"store_id":"6f1c2a8e-3d4b-4c5a-9e7f-0a1b2c3d4e5f",`, ``, 1)
+		require.NotEqual(t, body, out, "the replacement did not apply")
+		return out
+	}
+	st, err := DecodeState([]byte(withoutStoreID(validState)))
+	require.NoError(t, err)
+	require.Empty(t, st.StoreID)
+	status, err := DecodeStatus([]byte(withoutStoreID(validStatus)))
+	require.NoError(t, err)
+	require.Empty(t, status.StoreID)
+
+	st, err = DecodeState([]byte(validState))
+	require.NoError(t, err)
+	require.Equal(t, "6f1c2a8e-3d4b-4c5a-9e7f-0a1b2c3d4e5f", st.StoreID)
+	status, err = DecodeStatus([]byte(validStatus))
+	require.NoError(t, err)
+	require.Equal(t, "6f1c2a8e-3d4b-4c5a-9e7f-0a1b2c3d4e5f", status.StoreID)
+
+	body, err := EncodeStatus(Status{AgentID: "a"})
+	require.NoError(t, err)
+	require.NotContains(t, string(body), "store_id")
+	body, err = EncodeState(State{Epoch: 1})
+	require.NoError(t, err)
+	require.NotContains(t, string(body), "store_id")
 }
 
 func TestSignVerify(t *testing.T) {

@@ -152,6 +152,10 @@ func grantSink(prefix string) string { return prefix + ".bench.grants" }
 // has a backlog.
 func (e *env) statusIntake(ctx context.Context) (StatusIntake, error) {
 	const agents = 5000 // more than a batch, so a batch never holds one agent twice
+	storeID, err := e.store.ID(ctx) // which the statuses must name
+	if err != nil {
+		return StatusIntake{}, err
+	}
 	var wg sync.WaitGroup
 	defer wg.Wait() // last: the goroutines end when the connections close
 	conn, err := amqpx.Dial(e.opts.AMQPURL, "phasecast bench status intake")
@@ -193,7 +197,7 @@ func (e *env) statusIntake(ctx context.Context) (StatusIntake, error) {
 		for i := 0; pctx.Err() == nil; i++ {
 			seq++
 			body, err := wire.EncodeStatus(wire.Status{
-				AgentID: fmt.Sprintf("rate-%d", i%agents), Service: "bench-rate", Host: "bench", PID: 1, Version: "bench",
+				StoreID: storeID, AgentID: fmt.Sprintf("rate-%d", i%agents), Service: "bench-rate", Host: "bench", PID: 1, Version: "bench",
 				Releases: []string{"L"}, Seq: seq, AppliedEpoch: e.epoch, DrainedEpoch: e.epoch,
 				Queue: q.Name, SentAt: time.Now().UTC(),
 			})

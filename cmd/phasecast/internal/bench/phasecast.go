@@ -271,7 +271,7 @@ func (e *env) messageSizes(ctx context.Context) (int, int, error) {
 		return 0, 0, err
 	}
 	status, err := wire.EncodeStatus(wire.Status{
-		AgentID: "bench-db-1000-999", Service: "bench", Host: "bench", PID: 123456, Version: "bench",
+		StoreID: st.StoreID, AgentID: "bench-db-1000-999", Service: "bench", Host: "bench", PID: 123456, Version: "bench",
 		Releases: []string{"L"}, Seq: uint64(time.Now().UnixNano()), AppliedEpoch: 10, DrainedEpoch: 10,
 		Queue: "amq.gen-JzTY20BRgKO-HjmUJj0wLg", AppName: "phasecast:bench-db-1000-999", SentAt: time.Now().UTC(),
 	})
