@@ -58,6 +58,11 @@
 // so the lease) is not authenticated. Bad messages are logged, counted
 // (Stats.RejectedMessages) and dropped.
 //
+// Every status names the store it belongs to (Stats.StoreID): read from
+// the store with a DB, learnt from the states without one. An agent sends
+// no status before it holds a state. Each status expires after a lease,
+// in the queue (its AMQP expiration) and at the broadcaster (its sent_at).
+//
 // # Lease and fencing
 //
 // The broadcaster answers the agent's statuses with grants, each of which

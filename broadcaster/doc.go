@@ -17,8 +17,12 @@
 //     heartbeats) to the durable status queue. The broadcaster checks each
 //     one's MAC (when StatusMACKey is set) and decodes it strictly; a bad
 //     message is logged, counted in Stats by reason and dropped, and never
-//     changes anything. Good ones are recorded in batches, one transaction
-//     per batch (StatusBatchMax, StatusBatchWait), each extending the
+//     changes anything. So is a status that names another store than the
+//     broadcaster's (schema.Store.ID), or none, or one sent longer ago
+//     than LeaseDuration: the queue is named by the prefix alone and may
+//     still hold an earlier run's statuses. Good ones are recorded in
+//     batches, one transaction per batch (StatusBatchMax,
+//     StatusBatchWait), each extending the
 //     agent's lease on the database clock. A recorded status is answered
 //     with a grant on the agent's own queue, carrying its seq, the lease
 //     and the epoch current when it was recorded, unless the agent asked
