@@ -46,9 +46,11 @@ type Broadcaster struct {
 	lockKey string
 	stats   *counters
 	leader  atomic.Bool
-	// storeID is the store's identity, read by Start before any
-	// goroutine that uses it runs. It never changes (schema.Store.ID).
-	storeID string
+	// storeID is the store's identity (schema.Store.ID), which statuses
+	// must name: read by Start, then with every state the relay reads, so
+	// the check follows a store dropped and migrated again under a
+	// running broadcaster, as the states the agents learn it from do.
+	storeID atomic.Pointer[string]
 
 	mu       sync.Mutex // serializes Start and Stop
 	cancel   context.CancelFunc
@@ -160,7 +162,7 @@ func (b *Broadcaster) preflight(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("broadcaster: read the store: %w", err)
 	}
-	b.storeID = id
+	b.noteStoreID(id)
 	connector, err := pq.NewConnector(b.cfg.DatabaseURL)
 	if err != nil {
 		return fmt.Errorf("broadcaster: Config.DatabaseURL %s: %w", config.Redact(b.cfg.DatabaseURL), config.RedactError(err, b.cfg.DatabaseURL))
@@ -176,6 +178,18 @@ func (b *Broadcaster) preflight(ctx context.Context) error {
 	}
 	_ = ac.Close()
 	return nil
+}
+
+// noteStoreID records the store's identity as last read. A change means
+// the store was dropped and migrated again: statuses of the old one are
+// dropped from now on.
+func (b *Broadcaster) noteStoreID(id string) {
+	if id == "" {
+		return // a store that predates identities cannot be read at all
+	}
+	if old := b.storeID.Swap(&id); old != nil && *old != id {
+		b.log.Warn().Str("store_id", id).Str("previous_store_id", *old).Msg("the store's identity changed (dropped and migrated again?): statuses of the previous store are dropped")
+	}
 }
 
 // connName is how a connection shows in the broker's management UI.

@@ -211,6 +211,7 @@ func (l *leader) relay(ctx context.Context, ch *amqp.Channel, reason string) err
 	if err != nil {
 		return fmt.Errorf("read the state: %w", err)
 	}
+	l.b.noteStoreID(st.StoreID)
 	st.SentAt = time.Now().UTC()
 	body, err := wire.EncodeState(st)
 	if err != nil {

@@ -353,8 +353,8 @@ func (b *Broadcaster) decodeStatus(d amqp.Delivery) (wire.Status, string, error)
 // lease. The store is checked first: an earlier run's status is counted as
 // of another store however old it is.
 func (b *Broadcaster) checkBelongs(st wire.Status, now time.Time) (wire.Status, string, error) {
-	if st.StoreID != b.storeID {
-		return wire.Status{}, RejectOtherStore, fmt.Errorf("%w: status names store %q, this broadcaster's is %q", errOtherStore, st.StoreID, b.storeID)
+	if own := *b.storeID.Load(); st.StoreID != own {
+		return wire.Status{}, RejectOtherStore, fmt.Errorf("%w: status names store %q, this broadcaster's is %q", errOtherStore, st.StoreID, own)
 	}
 	// A clock behind the broadcaster's makes an agent's statuses look
 	// older: one more than a lease behind has them all dropped, counted

@@ -13,6 +13,8 @@ import (
 
 	"github.com/phasecast/phasecast/broadcaster"
 	"github.com/phasecast/phasecast/internal/amqpx"
+	"github.com/phasecast/phasecast/internal/pgadmin"
+	"github.com/phasecast/phasecast/internal/wire"
 )
 
 // rawStatus is a status as JSON, written out field by field so the test
@@ -120,4 +122,35 @@ func TestStatusesFromAnotherStoreOrRunAreNotApplied(t *testing.T) {
 	require.EqualValues(t, 2, stats.StatusesRecorded)
 	require.EqualValues(t, 4, stats.Rejected[broadcaster.RejectOtherStore])
 	require.EqualValues(t, 1, stats.Rejected[broadcaster.RejectExpired])
+}
+
+// A store dropped and migrated again under a running broadcaster is
+// another store: the broadcaster's states name the new one within a
+// beacon, and from then on it records the new store's statuses and drops
+// the old one's.
+func TestStoreMigratedAgainUnderARunningBroadcaster(t *testing.T) {
+	t.Parallel()
+	bundle := setup(t)
+	states := bundle.stateConsumer(t)
+	b := start(t, bundle.config(t))
+	old := bundle.storeID(t)
+
+	// The drop may deadlock with the broadcaster's own writes (the
+	// liveness row, a status batch); the server then aborts it: again.
+	require.Eventually(t, func() bool {
+		return pgadmin.DropSchemas(context.Background(), bundle.store.DB(), bundle.store.Schema()) == nil
+	}, 10*time.Second, 50*time.Millisecond)
+	_, err := bundle.store.Migrate(context.Background())
+	require.NoError(t, err)
+	renewed := bundle.storeID(t)
+	require.NotEqual(t, old, renewed)
+	waitState(t, states, nil, 10*time.Second, func(st wire.State) bool { return st.StoreID == renewed })
+
+	reply, grants := bundle.replyQueue(t)
+	bundle.publishConfirmed(t,
+		rawStatus(t, "of-the-old-store", map[string]any{"store_id": old, "queue": reply}),
+		rawStatus(t, "of-the-new-store", map[string]any{"store_id": renewed, "queue": reply}))
+	require.Equal(t, "of-the-new-store", waitGrant(t, grants, nil, 10*time.Second).AgentID)
+	require.Equal(t, []string{"of-the-new-store"}, bundle.agentIDs(t))
+	require.EqualValues(t, 1, b.Stats().Rejected[broadcaster.RejectOtherStore])
 }

@@ -152,7 +152,8 @@ func grantSink(prefix string) string { return prefix + ".bench.grants" }
 // has a backlog.
 func (e *env) statusIntake(ctx context.Context) (StatusIntake, error) {
 	const agents = 5000 // more than a batch, so a batch never holds one agent twice
-	storeID, err := e.store.ID(ctx) // which the statuses must name
+	// The statuses must name the store, or the broadcaster drops them.
+	storeID, err := e.store.ID(ctx)
 	if err != nil {
 		return StatusIntake{}, err
 	}
