@@ -67,7 +67,7 @@ func (s *Store) ApplyRelease(ctx context.Context, m *Manifest, actor string) (Ap
 			INSERT INTO @schema.releases (name, description, phase, manifest, digest, phase_epoch)
 			VALUES ($1, $2, 'expand', $3, $4, $5)
 			ON CONFLICT (name) DO UPDATE SET description = $2, manifest = $3, digest = $4, phase_epoch = $5, updated_at = now()`),
-			m.Release, m.Description, manifestJSON, digest, epoch); err != nil {
+			m.Release, m.Description, jsonParam(manifestJSON), digest, epoch); err != nil {
 			return err
 		}
 		if _, err := tx.ExecContext(ctx, s.sql(`DELETE FROM @schema.removals WHERE release = $1`), m.Release); err != nil {

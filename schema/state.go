@@ -209,6 +209,14 @@ ON CONFLICT (id) DO UPDATE SET
 WHERE a.seq < EXCLUDED.seq
 RETURNING a.id`
 
+// jsonParam passes encoded JSON as a query parameter. A string goes in
+// text format whatever lib/pq's binary_parameters says, and the server
+// parses it for $1::jsonb; a []byte would go in binary format under
+// binary_parameters=yes (which lib/pq needs behind a transaction pooler)
+// and jsonb's binary input would reject it ("unsupported jsonb version
+// number").
+func jsonParam(b []byte) string { return string(b) }
+
 // RecordStatuses records a batch of agent statuses in one transaction and
 // returns the epoch current at that moment and the ids recorded (replayed
 // or stale statuses are left out). Holding the epoch row FOR SHARE orders
@@ -238,7 +246,7 @@ func (s *Store) RecordStatuses(ctx context.Context, statuses []wire.Status, leas
 		return 0, nil, err
 	}
 	var ids pq.StringArray
-	err = s.db.QueryRowContext(ctx, s.sql(recordStatusesQuery), payload, lease.Milliseconds()).Scan(&epoch, &ids)
+	err = s.db.QueryRowContext(ctx, s.sql(recordStatusesQuery), jsonParam(payload), lease.Milliseconds()).Scan(&epoch, &ids)
 	return epoch, ids, notMigrated(err)
 }
 
@@ -271,7 +279,7 @@ func (s *Store) SyncAgent(ctx context.Context, st wire.Status, lease time.Durati
 			return err
 		}
 		var recorded []string
-		return tx.SelectContext(ctx, &recorded, s.sql(upsertAgents), payload, lease.Milliseconds())
+		return tx.SelectContext(ctx, &recorded, s.sql(upsertAgents), jsonParam(payload), lease.Milliseconds())
 	})
 	return state, err
 }
