@@ -337,10 +337,14 @@ func (e *errAcksStale) Error() string {
 // On error the result, when not nil, holds the plan as far as it got.
 // Errors: *TransitionError, *PreconditionError, *UnsafeError,
 // ErrNoBroadcaster, *AckTimeoutError, *OutsideSessionsError (Strict),
-// ErrRunnerBusy, ErrContractingUnverified; once in contracting,
-// *DDLTimeoutError and *DependentsChangedError (an ErrUnsafe).
-func (s *Store) Contract(ctx context.Context, release string, opts ContractOptions) (*ContractResult, error) {
-	opts, err := opts.withDefaults()
+// ErrRunnerBusy, ErrContractingUnverified, *PoolerError
+// (ErrTransactionPooler: the store's connections go through a transaction
+// pooler, on which the lock cannot be proven held; see SessionLock); once
+// in contracting, *DDLTimeoutError and *DependentsChangedError (an
+// ErrUnsafe); and an error releasing the lock, which also closes the
+// lock's connection.
+func (s *Store) Contract(ctx context.Context, release string, opts ContractOptions) (_ *ContractResult, err error) {
+	opts, err = opts.withDefaults()
 	if err != nil {
 		return nil, err
 	}
@@ -353,21 +357,33 @@ func (s *Store) Contract(ctx context.Context, release string, opts ContractOptio
 
 	// One dedicated connection carries the session-level advisory lock for
 	// the whole run, and the DDL, so that one runner at a time works on a
-	// release; the lock goes with the session if the runner dies.
+	// release; the lock goes with the session if the runner dies. The run
+	// goes on only while it can prove its session holds the lock
+	// (SessionLock), which a transaction pooler's shared sessions cannot.
 	conn, err := s.dedicatedConn(ctx)
 	if err != nil {
 		return nil, notMigrated(err)
 	}
 	defer conn.Close()
+	var lock *SessionLock
 	if !opts.DryRun {
-		var locked bool
-		if err := conn.GetContext(ctx, &locked, `SELECT pg_try_advisory_lock(hashtext($1))`, s.LockKey("contract:"+release)); err != nil {
-			return nil, err
+		l, locked, lerr := s.TryLockSession(ctx, conn.Conn, "contract:"+release, "the contract lock")
+		if lerr != nil {
+			Discard(conn.Conn)
+			if errors.Is(lerr, ErrTransactionPooler) {
+				return fail(OutcomeRefused, fmt.Errorf("release %q: nothing was done: %w", release, lerr))
+			}
+			return nil, notMigrated(lerr)
 		}
 		if !locked {
 			return fail(OutcomeRefused, fmt.Errorf("%w: release %q is being contracted by another 'phasecast contract'; wait for it to finish", ErrRunnerBusy, release))
 		}
-		defer s.unlockContract(conn, release, log)
+		lock = l
+		defer func() {
+			if uerr := s.unlockContract(lock, log); uerr != nil {
+				err = errors.Join(err, uerr)
+			}
+		}()
 	}
 
 	rel, err := s.Release(ctx, release)
@@ -458,7 +474,7 @@ func (s *Store) Contract(ctx context.Context, release string, opts ContractOptio
 	} else {
 		start := time.Now()
 		for {
-			agents, err := s.waitForAcks(ctx, conn, res, release, start, opts, log)
+			agents, err := s.waitForAcks(ctx, conn, lock, res, release, start, opts, log)
 			res.Waited = time.Since(start)
 			if err != nil {
 				var timeout *AckTimeoutError
@@ -512,7 +528,7 @@ func (s *Store) Contract(ctx context.Context, release string, opts ContractOptio
 			return fail(OutcomeFailed, err)
 		}
 	}
-	if err := s.runDDL(ctx, conn, res, m, opts, log); err != nil {
+	if err := s.lockedDDL(ctx, lock, conn, res, m, opts, log); err != nil {
 		outcome := OutcomeFailed
 		if errors.Is(err, ErrDDLTimeout) {
 			outcome = OutcomeDDLTimeout
@@ -533,19 +549,28 @@ func (s *Store) Contract(ctx context.Context, release string, opts ContractOptio
 	return res, nil
 }
 
-// unlockContract releases the runner's advisory lock. If that fails the
-// connection is discarded rather than returned to the pool still holding
-// the lock.
-func (s *Store) unlockContract(conn *sqlx.Conn, release string, log zerolog.Logger) {
+// unlockContract releases the runner's advisory lock. A failure is the
+// run's error, and SessionLock.Release has then closed the connection
+// rather than return it to the pool still holding the lock.
+func (s *Store) unlockContract(lock *SessionLock, log zerolog.Logger) error {
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
-	var unlocked bool
-	err := conn.GetContext(ctx, &unlocked, `SELECT pg_advisory_unlock(hashtext($1))`, s.LockKey("contract:"+release))
-	if err == nil && unlocked {
-		return
+	err := lock.Release(ctx)
+	if err != nil {
+		log.Error().Err(err).Msg("releasing the contract lock failed")
 	}
-	log.Warn().Err(err).Msg("releasing the contract lock failed; discarding the connection")
-	_ = conn.Raw(func(any) error { return driver.ErrBadConn })
+	return err
+}
+
+// lockedDDL runs the DDL once the lock is proven still held (a dry run
+// holds none and runs no DDL).
+func (s *Store) lockedDDL(ctx context.Context, lock *SessionLock, conn *sqlx.Conn, res *ContractResult, m *Manifest, opts ContractOptions, log zerolog.Logger) error {
+	if lock != nil {
+		if err := lock.Verify(ctx); err != nil {
+			return fmt.Errorf("the runner cannot prove it still holds the contract lock, so it ran no DDL: %w", err)
+		}
+	}
+	return s.runDDL(ctx, conn, res, m, opts, log)
 }
 
 // leaderGrace bounds how long the runner waits for a live broadcaster
@@ -603,12 +628,20 @@ func (s *Store) dedicatedConn(ctx context.Context) (*sqlx.Conn, error) {
 // waitForAcks polls the live agents until every one of them knows the
 // release and has drained its contract epoch, and returns them. A dry run
 // reads them once. It reads on conn, the session that holds the contract
-// lock: if that session dies the lock goes with it and another runner may
-// start, so the wait stops at the next poll instead of running on
-// unguarded.
-func (s *Store) waitForAcks(ctx context.Context, conn *sqlx.Conn, res *ContractResult, release string, start time.Time, opts ContractOptions, log zerolog.Logger) ([]Agent, error) {
+// lock, and proves on each poll that the lock is still held there: if that
+// session dies the lock goes with it and another runner may start, so the
+// wait stops at the next poll instead of running on unguarded.
+func (s *Store) waitForAcks(ctx context.Context, conn *sqlx.Conn, lock *SessionLock, res *ContractResult, release string, start time.Time, opts ContractOptions, log zerolog.Logger) ([]Agent, error) {
 	deadline := start.Add(opts.Timeout)
 	for {
+		if lock != nil {
+			if err := lock.Verify(ctx); err != nil {
+				if ctx.Err() != nil {
+					return nil, err
+				}
+				return nil, fmt.Errorf("release %q: the runner cannot prove it still holds the contract lock; nothing was dropped: run 'phasecast contract %s' again: %w", release, release, err)
+			}
+		}
 		agents, err := s.agents(ctx, conn, true)
 		if err != nil {
 			if ctx.Err() != nil {
