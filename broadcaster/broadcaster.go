@@ -39,13 +39,12 @@ const (
 // Broadcaster relays the store's state to agents and records their
 // statuses. Create one with New; its methods are safe for concurrent use.
 type Broadcaster struct {
-	cfg     *Config
-	log     zerolog.Logger
-	host    string
-	pid     int
-	lockKey string
-	stats   *counters
-	leader  atomic.Bool
+	cfg    *Config
+	log    zerolog.Logger
+	host   string
+	pid    int
+	stats  *counters
+	leader atomic.Bool
 	// storeID is the store's identity (schema.Store.ID), which statuses
 	// must name: read by Start, then with every state the relay reads, so
 	// the check follows a store dropped and migrated again under a
@@ -69,12 +68,11 @@ func New(cfg *Config) (*Broadcaster, error) {
 		return nil, err
 	}
 	return &Broadcaster{
-		cfg:     c,
-		log:     c.Logger.With().Str("component", "broadcaster").Str("broadcaster_id", c.ID).Str("schema", c.Store.Schema()).Logger(),
-		host:    config.Hostname(),
-		pid:     os.Getpid(),
-		lockKey: c.Store.LockKey("leader"),
-		stats:   newCounters(),
+		cfg:   c,
+		log:   c.Logger.With().Str("component", "broadcaster").Str("broadcaster_id", c.ID).Str("schema", c.Store.Schema()).Logger(),
+		host:  config.Hostname(),
+		pid:   os.Getpid(),
+		stats: newCounters(),
 	}, nil
 }
 
@@ -94,6 +92,9 @@ func (b *Broadcaster) Stats() Stats { return b.stats.snapshot() }
 // running in the background: as leader if it won the lock, else as a
 // standby that keeps trying. ctx bounds the start-up only; the broadcaster
 // runs until Stop. Calling Start on a running broadcaster does nothing.
+// Behind a transaction pooler, where neither the leader lock nor LISTEN
+// stays on the broadcaster's session, it refuses to start with a
+// *schema.PoolerError (schema.ErrTransactionPooler) that says what to do.
 func (b *Broadcaster) Start(ctx context.Context) error {
 	b.mu.Lock()
 	defer b.mu.Unlock()
@@ -116,6 +117,11 @@ func (b *Broadcaster) Start(ctx context.Context) error {
 		r.shutdown(runCtx)
 		cancel()
 		return fmt.Errorf("broadcaster: start: %w", ctx.Err())
+	}
+	if r.refused != nil {
+		r.shutdown(runCtx)
+		cancel()
+		return fmt.Errorf("broadcaster: %w", r.refused)
 	}
 	if b.IsLeader() {
 		b.log.Info().Msg("broadcaster started as leader")
@@ -155,8 +161,9 @@ func (b *Broadcaster) Stop(ctx context.Context) error {
 }
 
 // preflight fails fast on what no retry will fix: an unmigrated store, a
-// LISTEN connection string that does not connect, a broker that refuses us.
-// It reads the store's identity, which statuses must name.
+// LISTEN connection string that does not connect or whose LISTEN does not
+// hear a NOTIFY (probeListen), a broker that refuses us. It reads the
+// store's identity, which statuses must name.
 func (b *Broadcaster) preflight(ctx context.Context) error {
 	id, err := b.cfg.Store.ID(ctx)
 	if err != nil {
@@ -172,6 +179,9 @@ func (b *Broadcaster) preflight(ctx context.Context) error {
 		return fmt.Errorf("broadcaster: connect to Config.DatabaseURL %s: %w", config.Redact(b.cfg.DatabaseURL), config.RedactError(err, b.cfg.DatabaseURL))
 	}
 	_ = conn.Close()
+	if err := b.probeListen(ctx); err != nil {
+		return fmt.Errorf("broadcaster: %w", err)
+	}
 	ac, err := amqpx.Dial(b.cfg.AMQPURL, b.connName("preflight"))
 	if err != nil {
 		return fmt.Errorf("broadcaster: %w", err)

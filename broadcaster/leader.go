@@ -3,7 +3,6 @@ package broadcaster
 import (
 	"context"
 	"database/sql"
-	"database/sql/driver"
 	"errors"
 	"sync"
 	"sync/atomic"
@@ -15,21 +14,12 @@ import (
 	"github.com/phasecast/phasecast/schema"
 )
 
+// leaderLock is the leader lock's purpose (Store.LockKey) and its name in
+// errors.
 const (
-	tryLockQuery = `SELECT pg_try_advisory_lock(hashtext($1))`
-	unlockQuery  = `SELECT pg_advisory_unlock(hashtext($1))`
-	// holdsLockQuery asks whether this session still holds the leader lock.
-	// A single bigint key is stored as classid (high half) and objid (low
-	// half) with objsubid 1.
-	holdsLockQuery = `SELECT EXISTS (
-		SELECT 1 FROM pg_locks
-		WHERE locktype = 'advisory' AND granted AND pid = pg_backend_pid() AND objsubid = 1
-		  AND ((classid::bigint << 32) | objid::bigint) = hashtext($1)::bigint)`
+	leaderLockPurpose = "leader"
+	leaderLockName    = "the leader lock"
 )
-
-// errLockLost means the lock connection answered but no longer holds the
-// leader lock.
-var errLockLost = errors.New("the leader lock is no longer held by its connection")
 
 func newRunner(b *Broadcaster) *runner {
 	return &runner{b: b, lockLog: failureLog{what: "leader lock attempt"}, touchLog: failureLog{what: "liveness write"}}
@@ -43,12 +33,16 @@ type runner struct {
 	retryAt  time.Time // a standby does not try for the lock before this
 	lockLog  failureLog
 	touchLog failureLog
+	// refused is why the last attempt for the lock refused to lead (a
+	// transaction pooler), nil otherwise. Start returns it.
+	refused error
 }
 
 // term is one period of leadership: the connection that holds the lock and
 // the leader work, which ends when the term does.
 type term struct {
 	conn   *sql.Conn
+	lock   *schema.SessionLock
 	cancel context.CancelFunc
 	wg     sync.WaitGroup
 }
@@ -98,31 +92,45 @@ func (r *runner) tryLead(ctx context.Context) {
 		}
 		return
 	}
-	var got bool
-	if err := conn.QueryRowContext(octx, tryLockQuery, r.b.lockKey).Scan(&got); err != nil {
+	lock, got, err := r.b.cfg.Store.TryLockSession(octx, conn, leaderLockPurpose, leaderLockName)
+	if err != nil {
 		// The server may have granted the lock before the error reached
 		// us: such a session must never go back to the pool.
-		discard(conn)
-		if ctx.Err() == nil {
+		schema.Discard(conn)
+		switch {
+		case ctx.Err() != nil:
+		case errors.Is(err, schema.ErrTransactionPooler):
+			// Leading on a lock it cannot prove it holds would let two
+			// broadcasters lead at once: refuse, loudly, and try again
+			// later in case the connection string is fixed underneath.
+			if r.refused == nil {
+				r.b.log.Error().Err(err).Msg("refusing to lead")
+			} else {
+				r.b.log.Debug().Err(err).Msg("refusing to lead, again")
+			}
+			r.refused = err
+			r.retryAt = time.Now().Add(2 * r.b.cfg.LivenessInterval)
+		default:
 			r.lockLog.report(r.b.log, err)
 		}
 		return
 	}
+	r.refused = nil
 	r.lockLog.report(r.b.log, nil)
 	if !got {
 		_ = conn.Close()
 		return
 	}
-	r.lead(ctx, conn)
+	r.lead(ctx, conn, lock)
 }
 
 // lead starts a term: the relay (publisher and listener) and the status
 // consumer, all ended by the term's context.
-func (r *runner) lead(ctx context.Context, conn *sql.Conn) {
+func (r *runner) lead(ctx context.Context, conn *sql.Conn, lock *schema.SessionLock) {
 	n := r.b.stats.takeovers.Add(1)
 	r.b.leader.Store(true)
 	tctx, cancel := context.WithCancel(ctx)
-	t := &term{conn: conn, cancel: cancel}
+	t := &term{conn: conn, lock: lock, cancel: cancel}
 	l := newLeader(r.b)
 	t.wg.Go(func() { l.listen(tctx) })
 	t.wg.Go(func() { l.publish(tctx) })
@@ -131,19 +139,13 @@ func (r *runner) lead(ctx context.Context, conn *sql.Conn) {
 	r.b.log.Info().Int64("takeovers", n).Msg("became leader: relaying state and consuming statuses")
 }
 
-// checkLock makes sure the term's connection is alive and still holds the
-// lock. If it is not, another broadcaster may already lead.
+// checkLock makes sure the term's connection is alive and its session
+// still holds the lock (SessionLock.Verify). If not, another broadcaster
+// may already lead.
 func (r *runner) checkLock(ctx context.Context) error {
 	octx, cancel := context.WithTimeout(ctx, dbTimeout)
 	defer cancel()
-	var held bool
-	if err := r.term.conn.QueryRowContext(octx, holdsLockQuery, r.b.lockKey).Scan(&held); err != nil {
-		return err
-	}
-	if !held {
-		return errLockLost
-	}
-	return nil
+	return r.term.lock.Verify(octx)
 }
 
 // stepDown ends the term: leader work is cancelled and waited for, then
@@ -160,15 +162,16 @@ func (r *runner) stepDown(ctx context.Context, cause error) {
 		r.retryAt = time.Now().Add(2 * r.b.cfg.LivenessInterval)
 		r.b.log.Warn().Err(cause).Msg("lost leadership: the leader lock's connection failed; leader work stopped, standing by")
 	} else {
-		var released bool
-		if err := t.conn.QueryRowContext(ctx, unlockQuery, r.b.lockKey).Scan(&released); err != nil {
-			r.b.log.Warn().Err(err).Msg("releasing the leader lock failed; closing its connection releases it")
+		if err := t.lock.Release(ctx); err != nil {
+			r.b.log.Error().Err(err).Msg("stepped down, but releasing the leader lock failed")
+		} else {
+			r.b.log.Info().Msg("stepped down: leader lock released")
 		}
-		r.b.log.Info().Msg("stepped down: leader lock released")
 	}
-	// Never pool a session that held the lock: closing it guarantees the
+	// Never pool a session that held the lock: closing it ends the
+	// session, and PostgreSQL releases a session's locks with it, so the
 	// lock is gone whatever happened above.
-	discard(t.conn)
+	schema.Discard(t.conn)
 }
 
 // shutdown runs when Stop cancelled the run: it ends the term and removes
@@ -183,11 +186,6 @@ func (r *runner) shutdown(ctx context.Context) {
 	if err := r.b.cfg.Store.RemoveBroadcaster(cctx, r.b.cfg.ID); err != nil {
 		r.b.log.Warn().Err(err).Msg("removing the liveness row failed; it ages out")
 	}
-}
-
-// discard closes conn's session instead of returning it to the pool.
-func discard(conn *sql.Conn) {
-	_ = conn.Raw(func(any) error { return driver.ErrBadConn })
 }
 
 // leader is the shared state of one term's goroutines.

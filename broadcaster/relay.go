@@ -2,6 +2,8 @@ package broadcaster
 
 import (
 	"context"
+	"crypto/rand"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"net"
@@ -44,16 +46,8 @@ func (l *leader) listen(ctx context.Context) {
 	channel := l.b.cfg.Store.NotifyChannel()
 	log := l.log.With().Str("channel", channel).Logger()
 	attempts := failureLog{what: "LISTEN connection attempt"}
-	// The LISTEN session carries the store's application_name, as the
-	// store's own sessions do, or every contract run would list it as a
-	// session outside any agent and --strict could never pass while a
-	// broadcaster runs.
-	dsn, err := config.WithApplicationName(l.b.cfg.DatabaseURL, schema.ApplicationName)
-	if err != nil {
-		dsn = l.b.cfg.DatabaseURL // preflight connected with it as it is
-	}
 	// The callback runs on the Listener's one dispatching goroutine.
-	pl := pq.NewListener(dsn, 100*time.Millisecond, 2*time.Second, func(ev pq.ListenerEventType, err error) {
+	pl := pq.NewListener(l.b.listenDSN(), 100*time.Millisecond, 2*time.Second, func(ev pq.ListenerEventType, err error) {
 		switch ev {
 		case pq.ListenerEventConnected:
 			attempts.report(log, nil)
@@ -91,6 +85,75 @@ func (l *leader) listen(ctx context.Context) {
 	<-ctx.Done()
 	_ = pl.Close()
 	wg.Wait()
+}
+
+// listenDSN is Config.DatabaseURL for LISTEN sessions. They carry the
+// store's application_name, as the store's own sessions do, or every
+// contract run would list them as sessions outside any agent and --strict
+// could never pass while a broadcaster runs.
+func (b *Broadcaster) listenDSN() string {
+	dsn, err := config.WithApplicationName(b.cfg.DatabaseURL, schema.ApplicationName)
+	if err != nil {
+		return b.cfg.DatabaseURL // preflight connected with it as it is
+	}
+	return dsn
+}
+
+// listenProbeTimeout bounds how long probeListen waits for its own NOTIFY,
+// which on a sound connection arrives in a millisecond or two.
+const listenProbeTimeout = 3 * time.Second
+
+// probeListen proves that a LISTEN on Config.DatabaseURL hears a NOTIFY
+// sent through the store, on a channel of its own so that no running
+// broadcaster hears it. Behind a transaction pooler the LISTEN stays on a
+// server session that the pooler hands to other clients, and nothing
+// reaches the listener: no error, no notification (the outbox poll would
+// hide that as slowness). That is refused as a *schema.PoolerError.
+func (b *Broadcaster) probeListen(ctx context.Context) error {
+	nonce := make([]byte, 8)
+	_, _ = rand.Read(nonce)
+	channel := "phasecast.probe." + hex.EncodeToString(nonce)
+	pl := pq.NewListener(b.listenDSN(), 100*time.Millisecond, time.Second, nil)
+	var wg sync.WaitGroup
+	heard := make(chan struct{})
+	// Drain Notify until the Listener closes it.
+	wg.Go(func() {
+		closed := false
+		for n := range pl.Notify {
+			if n != nil && n.Channel == channel && !closed {
+				close(heard)
+				closed = true
+			}
+		}
+	})
+	defer func() {
+		_ = pl.Close()
+		wg.Wait()
+	}()
+	// Listen blocks until the connection is up: bound it by ctx.
+	listened := make(chan error, 1)
+	wg.Go(func() { listened <- pl.Listen(channel) })
+	select {
+	case err := <-listened:
+		if err != nil {
+			return fmt.Errorf("LISTEN on Config.DatabaseURL %s: %w", config.Redact(b.cfg.DatabaseURL), config.RedactError(err, b.cfg.DatabaseURL))
+		}
+	case <-ctx.Done():
+		return fmt.Errorf("LISTEN on Config.DatabaseURL %s: %w", config.Redact(b.cfg.DatabaseURL), ctx.Err())
+	}
+	if err := b.cfg.Store.Notify(ctx, channel, "probe"); err != nil {
+		return fmt.Errorf("NOTIFY through the store: %w", err)
+	}
+	wait := time.NewTimer(listenProbeTimeout)
+	defer wait.Stop()
+	select {
+	case <-heard:
+		return nil
+	case <-wait.C:
+		return &schema.PoolerError{What: "LISTEN", Detail: fmt.Sprintf("a LISTEN on Config.DatabaseURL heard nothing of a NOTIFY sent through the store within %s, with no error", listenProbeTimeout)}
+	case <-ctx.Done():
+		return ctx.Err()
+	}
 }
 
 // publish runs publishing sessions until the term ends.

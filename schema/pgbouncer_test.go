@@ -113,7 +113,6 @@ func TestContractUnlockFailureIsAnError(t *testing.T) {
 	require.Equal(t, schema.OutcomeComplete, res.Outcome, "the DDL ran and the release is complete; only the unlock failed")
 }
 
-
 // TestSessionLockRefusesReentryOnSharedSession: advisory locks are
 // re-entrant, so a lock another client left on a pooled server session
 // would be granted again to whoever lands there. TryLockSession refuses

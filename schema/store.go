@@ -79,6 +79,12 @@ func (s *Store) Close() error { return s.db.Close() }
 // each new epoch.
 func (s *Store) NotifyChannel() string { return "phasecast." + s.schema }
 
+// Notify sends a NOTIFY on channel through the store's pool.
+func (s *Store) Notify(ctx context.Context, channel, payload string) error {
+	_, err := s.db.ExecContext(ctx, `SELECT pg_notify($1, $2)`, channel, payload)
+	return err
+}
+
 // sql renders a query: every "@schema" becomes the quoted schema name.
 func (s *Store) sql(query string) string {
 	return strings.ReplaceAll(query, "@schema", s.quoted)
