@@ -60,7 +60,12 @@ func PgBouncer(t testing.TB, mode string) string {
 	}
 	password, _ := server.User.Password()
 
-	dir, err := os.MkdirTemp("", "pgbouncer-")
+	// As root, under /tmp, which user postgres can reach whatever TMPDIR says.
+	base := ""
+	if os.Geteuid() == 0 {
+		base = "/tmp"
+	}
+	dir, err := os.MkdirTemp(base, "pgbouncer-")
 	require.NoError(t, err)
 	t.Cleanup(func() { _ = os.RemoveAll(dir) })
 	port := freePort(t)
