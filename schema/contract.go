@@ -7,7 +7,6 @@ import (
 	"fmt"
 	"os"
 	"slices"
-	"sort"
 	"strings"
 	"time"
 	"unicode"
@@ -65,6 +64,12 @@ type ContractOptions struct {
 	// Strict refuses when sessions outside any agent are connected, instead
 	// of warning. Defaults to false.
 	Strict bool
+	// Poolers names connection poolers' client addresses (an IP address
+	// or a CIDR range) and roles. A session from one is a pooled server
+	// session that no single client owns: it is listed only if it holds a
+	// lock on a removed table or its query names a removed column, whatever
+	// its application_name says. Defaults to none.
+	Poolers []string
 	// LockTimeout is the lock_timeout of each DDL statement; a statement
 	// that cannot get its lock in time is retried with backoff, so it never
 	// queues for long in front of live traffic. Defaults to 2s.
@@ -131,6 +136,9 @@ func (o ContractOptions) withDefaults() (ContractOptions, error) {
 	if o.LockTimeout < time.Millisecond {
 		return o, fmt.Errorf("ContractOptions.LockTimeout is %s: it must be at least 1ms", o.LockTimeout)
 	}
+	if _, _, err := parsePoolers(o.Poolers); err != nil {
+		return o, err
+	}
 	if o.Actor == "" {
 		o.Actor = "contract runner"
 	}
@@ -159,6 +167,15 @@ type Session struct {
 	// NamesRemoved: the session's current or last query names a removed
 	// column and its table (a plain, case-insensitive text match).
 	NamesRemoved bool `json:"names_removed"`
+	// CanUse: the session's role may use a removed table or column (it
+	// has a privilege on it and USAGE on its schema).
+	CanUse bool `db:"can_use" json:"can_use"`
+	// HoldsLock: the session holds or waits for a lock on a removed table.
+	HoldsLock bool `db:"holds_lock" json:"holds_lock"`
+	// Pooled: the session comes from a pooler named in Poolers.
+	Pooled bool `db:"pooled" json:"pooled,omitempty"`
+	// Reasons says why the session is listed.
+	Reasons []string `json:"reasons"`
 }
 
 // Plan is what a contract run does, or would do.
@@ -324,11 +341,14 @@ func (e *errAcksStale) Error() string {
 // broadcaster, Strict with outside sessions); missing acks are listed, not
 // waited for.
 //
-// Outside sessions are told apart by application_name: sessions of live
-// agents (their AppName) are left out, and so are idle sessions with the
-// runner's own application_name, which are taken to be its connection
-// pool. Give services and the runner distinct application names for an
-// exact list.
+// Outside sessions are the ones that could touch the removed tables
+// (listSessions): their role may use them, or they hold a lock on them,
+// or their query names them. Of those, sessions of live agents (told
+// apart by application_name) are left out, and so are idle sessions with
+// the runner's own application_name, which are taken to be its connection
+// pool; sessions from a pooler (ContractOptions.Poolers) are judged by
+// their locks and queries alone. Give services and the runner distinct
+// application names for an exact list.
 //
 // The run holds one connection of the store's pool throughout (it carries
 // the advisory lock and the DDL) and uses others besides, so the pool must
@@ -465,7 +485,7 @@ func (s *Store) Contract(ctx context.Context, release string, opts ContractOptio
 			return nil, err
 		}
 		res.Acked, res.Missing, res.OldCode = classifyAgents(agents, release, res.ContractEpoch)
-		if err := s.listSessions(ctx, conn, res, m, agents); err != nil {
+		if err := s.listSessions(ctx, conn, res, m, agents, opts); err != nil {
 			return nil, err
 		}
 		if opts.DryRun {
@@ -483,7 +503,7 @@ func (s *Store) Contract(ctx context.Context, release string, opts ContractOptio
 				}
 				return nil, err
 			}
-			if err := s.listSessions(ctx, conn, res, m, agents); err != nil {
+			if err := s.listSessions(ctx, conn, res, m, agents, opts); err != nil {
 				return nil, err
 			}
 			if len(res.OutsideSessions) > 0 {
@@ -785,45 +805,6 @@ func (s *Store) claimContracting(ctx context.Context, release, runner string, ch
 		_, err = tx.ExecContext(ctx, s.sql(`UPDATE @schema.releases SET contracting_by = $2, updated_at = now() WHERE name = $1`), release, runner)
 		return err
 	})
-}
-
-// outsideSessionsQuery lists the client sessions on this database other
-// than the runner's own and the agents'. Idle sessions with the runner's
-// own application_name are taken to be the runner's connection pool.
-const outsideSessionsQuery = `
-SELECT pid, COALESCE(application_name, '') AS application_name, COALESCE(usename::text, '') AS usename,
-       COALESCE(host(client_addr), '') AS client_addr, COALESCE(state, '') AS state, COALESCE(query, '') AS query
-FROM pg_stat_activity
-WHERE datname = current_database() AND pid <> pg_backend_pid() AND backend_type = 'client backend'
-  AND NOT (application_name = ANY ($1::text[]))
-  AND NOT (state = 'idle' AND application_name = current_setting('application_name'))
-ORDER BY pid`
-
-// maxSessionQuery bounds the query text kept for a session.
-const maxSessionQuery = 200
-
-func (s *Store) listSessions(ctx context.Context, conn *sqlx.Conn, res *ContractResult, m *Manifest, agents []Agent) error {
-	// Never nil: a nil pq.StringArray is SQL NULL, and "NOT (x = ANY
-	// (NULL))" is NULL, which would hide every session when no agent is live.
-	appNames := []string{}
-	for _, a := range agents {
-		if a.AppName != "" {
-			appNames = append(appNames, a.AppName)
-		}
-	}
-	var sessions []Session
-	if err := conn.SelectContext(ctx, &sessions, outsideSessionsQuery, pq.StringArray(appNames)); err != nil {
-		return err
-	}
-	for i := range sessions {
-		sessions[i].NamesRemoved = namesRemoved(sessions[i].Query, m)
-		if q := []rune(sessions[i].Query); len(q) > maxSessionQuery {
-			sessions[i].Query = string(q[:maxSessionQuery])
-		}
-	}
-	sort.SliceStable(sessions, func(i, j int) bool { return sessions[i].NamesRemoved && !sessions[j].NamesRemoved })
-	res.OutsideSessions = sessions
-	return nil
 }
 
 // namesRemoved is a plain text match: the query names a removed table, or a

@@ -31,7 +31,9 @@ func newContractCmd(g *globals) *cobra.Command {
   2. waits until every agent with an unexpired lease has drained the contract
      flip's epoch, and runs code built for RELEASE (exit 2 on --timeout, with
      the missing agents named; nothing is dropped);
-  3. lists database sessions that belong to no agent (--strict refuses);
+  3. lists database sessions that belong to no agent and could touch the
+     removed tables: their role may use them, they hold a lock on them, or
+     their query names them (--strict refuses; --pooler names poolers);
   4. takes the release to contracting and runs the DDL with a short
      lock_timeout, retrying on lock timeouts so the DROP never queues in
      front of live traffic, until --ddl-timeout (exit 5, the release stays
@@ -75,6 +77,7 @@ older binary) is refused, since nothing says its agents acknowledged:
 	f.DurationVar(&opts.Timeout, "timeout", 10*time.Minute, "how long to wait for acknowledgements (exit 2 after)")
 	f.BoolVar(&opts.DryRun, "dry-run", false, "print the plan (DDL, agents acknowledged and missing, outside sessions) and change nothing")
 	f.BoolVar(&opts.Strict, "strict", false, "refuse when database sessions outside any agent are connected")
+	f.StringSliceVar(&opts.Poolers, "pooler", nil, "a connection pooler's client address, address range (CIDR) or role: its server sessions are listed as outside only for a lock or a query on a removed table (repeatable)")
 	f.DurationVar(&opts.LockTimeout, "lock-timeout", 2*time.Second, "lock_timeout of each DROP; retried with backoff on timeout")
 	f.DurationVar(&opts.DDLTimeout, "ddl-timeout", 10*time.Minute, "how long the DDL may keep retrying for its locks (exit 5 after; the release stays in contracting)")
 	f.DurationVar(&opts.LeaderWithin, "broadcaster-within", 15*time.Second, "refuse unless a leading broadcaster was alive this recently")
@@ -158,6 +161,9 @@ func printContract(w io.Writer, res *schema.ContractResult) {
 			mark = " NAMES A REMOVED COLUMN"
 		}
 		fmt.Fprintf(w, "outside session: pid %d, application %q, user %s, %s%s: %s\n", s.PID, s.ApplicationName, s.User, s.State, mark, s.Query)
+		if len(s.Reasons) > 0 {
+			fmt.Fprintf(w, "  listed because %s\n", strings.Join(s.Reasons, "; "))
+		}
 	}
 	for _, p := range res.Problems {
 		fmt.Fprintf(w, "problem: %s\n", p.Detail)
