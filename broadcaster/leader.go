@@ -158,10 +158,20 @@ func (r *runner) stepDown(ctx context.Context, cause error) {
 	r.b.leader.Store(false)
 	t.cancel()
 	t.wg.Wait()
-	if cause != nil {
+	switch {
+	case errors.Is(cause, schema.ErrTransactionPooler):
+		// The session moved under the term: closing the connection would
+		// not end the server session that holds the lock, so release it
+		// there if it can be reached.
+		r.retryAt = time.Now().Add(2 * r.b.cfg.LivenessInterval)
+		r.b.log.Error().Err(cause).Msg("lost leadership: the leader lock's session is shared; leader work stopped, refusing to lead")
+		if err := t.lock.Release(ctx); err != nil {
+			r.b.log.Error().Err(err).Msg("cleaning up the leader lock on the shared session")
+		}
+	case cause != nil:
 		r.retryAt = time.Now().Add(2 * r.b.cfg.LivenessInterval)
 		r.b.log.Warn().Err(cause).Msg("lost leadership: the leader lock's connection failed; leader work stopped, standing by")
-	} else {
+	default:
 		if err := t.lock.Release(ctx); err != nil {
 			r.b.log.Error().Err(err).Msg("stepped down, but releasing the leader lock failed")
 		} else {
