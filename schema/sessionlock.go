@@ -120,14 +120,16 @@ func (s *Store) TryLockSession(ctx context.Context, conn *sql.Conn, purpose, wha
 		return nil, false, l.poolerOr(ctx, err, true)
 	}
 	if reached.Bool {
-		err := l.pooler(fmt.Sprintf("another connection reached backend %d, which holds the lock for this one", l.pid))
-		if !released.Bool {
-			err = l.release(ctx, err)
-		}
-		return nil, false, err
+		// That statement ran on l.pid and released the lock there.
+		return nil, false, l.released(l.pooler(fmt.Sprintf("another connection reached backend %d, which holds the lock for this one", l.pid)), released.Bool)
 	}
 	if err := l.Verify(ctx); err != nil {
-		return nil, false, l.release(ctx, err)
+		if errors.Is(err, ErrTransactionPooler) {
+			err = l.release(ctx, err)
+		}
+		// Otherwise the connection failed or lost the lock; the caller
+		// closes it, which ends the session and any lock it held.
+		return nil, false, err
 	}
 	return l, true, nil
 }
@@ -197,7 +199,7 @@ func (l *SessionLock) release(ctx context.Context, cause error) error {
 		}
 		var released sql.NullBool
 		if err := q.QueryRowContext(ctx, unlockOnQuery, l.key, l.pid).Scan(&released); err == nil && released.Valid {
-			return fmt.Errorf("%w (the lock was released on backend %d)", cause, l.pid)
+			return l.released(cause, released.Bool)
 		}
 		if ctx.Err() != nil {
 			break
@@ -205,6 +207,15 @@ func (l *SessionLock) release(ctx context.Context, cause error) error {
 	}
 	return fmt.Errorf("%w; the lock could not be released and stays with the pooler's server session, backend %d, until the pooler closes it (or run SELECT pg_terminate_backend(%d) when no transaction runs there)",
 		cause, l.pid, l.pid)
+}
+
+// released adds to cause what a statement that reached the lock's backend
+// found: the lock released there, or already gone.
+func (l *SessionLock) released(cause error, released bool) error {
+	if released {
+		return fmt.Errorf("%w (the lock was released on backend %d)", cause, l.pid)
+	}
+	return fmt.Errorf("%w (backend %d no longer held the lock)", cause, l.pid)
 }
 
 // pooler builds the PoolerError for this lock.
