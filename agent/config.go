@@ -54,7 +54,10 @@ type Config struct {
 	// against the store before anything is applied (a forged state changes
 	// nothing), a fenced Enter re-syncs from the store, and
 	// acknowledgements reach the store even without the broker. The agent
-	// never closes it.
+	// never closes it. It keeps no state in a database session (one
+	// transaction or one statement at a time), so DB may go through a
+	// transaction pooler such as PgBouncer in transaction mode; lib/pq
+	// needs binary_parameters=yes there (docs/deploying.md).
 	DB *sql.DB
 
 	// Schema is the store's PostgreSQL schema. Defaults to "phasecast".
