@@ -3,7 +3,9 @@
 // both removed when the test ends. A server that cannot be reached fails the
 // test; it never skips it, because CI has the servers. NewLeastPrivilege
 // sets up the RabbitMQ users docs/rabbitmq-permissions.md describes, parsed
-// from that document, in a vhost of the test's own.
+// from that document, in a vhost of the test's own. PgBouncer starts a
+// PgBouncer of the test's own in front of the test database, in session or
+// transaction mode; a missing pgbouncer binary fails the test too.
 //
 // It is test support, not plumbing: it is the one package under internal/
 // that imports one of phasecast's own (schema, to hand each test a migrated
