@@ -137,3 +137,24 @@ func TestSessionLockRefusesReentryOnSharedSession(t *testing.T) {
 	require.ErrorIs(t, err, schema.ErrTransactionPooler)
 	require.Contains(t, err.Error(), "already held the lock")
 }
+
+// TestStoreWithBinaryParameters: with lib/pq's binary_parameters=yes, as
+// behind a transaction pooler, every JSON parameter the store sends (a
+// manifest, statuses, the runner's removals) goes as text: jsonb's binary
+// input used to reject them ("unsupported jsonb version number").
+func TestStoreWithBinaryParameters(t *testing.T) {
+	t.Parallel()
+	b := setupContract(t)
+	b.instances()
+	binary, err := schema.Open(b.ctx, testenv.WithParam(testenv.DatabaseURL(), "binary_parameters", "yes"), b.store.Schema())
+	require.NoError(t, err)
+	t.Cleanup(func() { binary.Close() })
+	b.store = binary // the bundle's helpers now go through binary parameters
+
+	_, epoch := b.toContract(releaseL) // ApplyRelease: the manifest
+	b.leader()
+	b.agent(agentSpec{id: "a1", drained: epoch, releases: []string{"L"}}) // RecordStatuses
+	res, err := binary.Contract(b.ctx, "L", fast(schema.ContractOptions{})) // the session list's removals
+	require.NoError(t, err)
+	require.Equal(t, schema.OutcomeComplete, res.Outcome)
+}
