@@ -66,9 +66,10 @@ type ContractOptions struct {
 	Strict bool
 	// Poolers names connection poolers' client addresses (an IP address
 	// or a CIDR range) and roles. A session from one is a pooled server
-	// session that no single client owns: it is listed only if it holds a
-	// lock on a removed table or its query names a removed column, whatever
-	// its application_name says. Defaults to none.
+	// session that no single client owns: it is listed only for its query
+	// naming a removed table or column or a lock on a table removed whole,
+	// whatever its application_name says, or for a lock on a table losing
+	// columns under no live agent's application_name. Defaults to none.
 	Poolers []string
 	// LockTimeout is the lock_timeout of each DDL statement; a statement
 	// that cannot get its lock in time is retried with backoff, so it never

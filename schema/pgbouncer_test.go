@@ -153,7 +153,7 @@ func TestStoreWithBinaryParameters(t *testing.T) {
 
 	_, epoch := b.toContract(releaseL) // ApplyRelease: the manifest
 	b.leader()
-	b.agent(agentSpec{id: "a1", drained: epoch, releases: []string{"L"}}) // RecordStatuses
+	b.agent(agentSpec{id: "a1", drained: epoch, releases: []string{"L"}})   // RecordStatuses
 	res, err := binary.Contract(b.ctx, "L", fast(schema.ContractOptions{})) // the session list's removals
 	require.NoError(t, err)
 	require.Equal(t, schema.OutcomeComplete, res.Outcome)

@@ -41,6 +41,9 @@ SELECT a.pid, COALESCE(a.application_name, '') AS application_name, COALESCE(a.u
                  END) AS can_use,
        EXISTS (SELECT 1 FROM pg_locks l JOIN removed rm ON l.relation = rm.rel
                WHERE l.pid = a.pid AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())) AS holds_lock,
+       EXISTS (SELECT 1 FROM pg_locks l JOIN removed rm ON l.relation = rm.rel
+               WHERE l.pid = a.pid AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+                 AND jsonb_array_length(rm.columns) = 0) AS holds_table_lock,
        COALESCE(a.client_addr <<= ANY ($2::text[]::inet[]) OR a.usename = ANY ($3::text[]), false) AS pooled,
        COALESCE(a.application_name = ANY ($4::text[]), false) AS agent_app,
        COALESCE(a.state = 'idle' AND a.application_name = current_setting('application_name'), false) AS runner_pool
@@ -51,8 +54,9 @@ ORDER BY a.pid`
 // sessionRow is one row of outsideSessionsQuery.
 type sessionRow struct {
 	Session
-	AgentApp   bool `db:"agent_app"`   // application_name of a live agent
-	RunnerPool bool `db:"runner_pool"` // idle, with the runner's application_name
+	AgentApp       bool `db:"agent_app"`        // application_name of a live agent
+	RunnerPool     bool `db:"runner_pool"`      // idle, with the runner's application_name
+	HoldsTableLock bool `db:"holds_table_lock"` // a lock on a table removed whole
 }
 
 // maxSessionQuery bounds the query text kept for a session.
@@ -63,7 +67,7 @@ const (
 	reasonNamesRemoved = "its query names a removed column or table"
 	reasonHoldsLock    = "it holds or waits for a lock on a removed table"
 	reasonCanUse       = "its role %q may use a removed table or column"
-	reasonPooled       = "a pooled server session (a pooler named by --pooler): listed for its lock or query, whatever its application_name"
+	reasonPooled       = "a pooled server session (a pooler named by --pooler): listed for its query or its locks, not its role"
 )
 
 // listSessions lists the sessions outside any live agent that could touch
@@ -71,8 +75,10 @@ const (
 // removed column first. A session of a live agent (its application_name)
 // or the runner's idle pool is left out, unless it comes from a pooler:
 // a pooled server session carries the application_name of whichever
-// client used it last, so it is judged by its locks and its query alone,
-// and not listed merely because the pooler's role may read the tables.
+// client used it last, so it is judged by its query and its locks (on a
+// table removed whole, or on any removed table when no live agent's name
+// is on it), and not listed merely because the pooler's role may read the
+// tables.
 func (s *Store) listSessions(ctx context.Context, conn *sqlx.Conn, res *ContractResult, m *Manifest, agents []Agent, opts ContractOptions) error {
 	// Never nil: a nil pq.StringArray is SQL NULL.
 	appNames := []string{}
@@ -108,7 +114,10 @@ func (s *Store) listSessions(ctx context.Context, conn *sqlx.Conn, res *Contract
 		sess.NamesRemoved = namesRemoved(sess.Query, m)
 		switch {
 		case sess.Pooled:
-			if !sess.HoldsLock && !sess.NamesRemoved {
+			// A lock on a table that only loses columns is what every
+			// service querying it holds: it counts only when no live
+			// agent's name is on the session.
+			if !sess.NamesRemoved && !r.HoldsTableLock && !(sess.HoldsLock && !r.AgentApp) {
 				continue
 			}
 		case r.AgentApp || r.RunnerPool:

@@ -77,7 +77,7 @@ older binary) is refused, since nothing says its agents acknowledged:
 	f.DurationVar(&opts.Timeout, "timeout", 10*time.Minute, "how long to wait for acknowledgements (exit 2 after)")
 	f.BoolVar(&opts.DryRun, "dry-run", false, "print the plan (DDL, agents acknowledged and missing, outside sessions) and change nothing")
 	f.BoolVar(&opts.Strict, "strict", false, "refuse when database sessions outside any agent are connected")
-	f.StringSliceVar(&opts.Poolers, "pooler", nil, "a connection pooler's client address, address range (CIDR) or role: its server sessions are listed as outside only for a lock or a query on a removed table (repeatable)")
+	f.StringSliceVar(&opts.Poolers, "pooler", nil, "a connection pooler's client address, address range (CIDR) or role: its server sessions are listed as outside only for a query or a lock on a removed table, whatever their application_name (repeatable)")
 	f.DurationVar(&opts.LockTimeout, "lock-timeout", 2*time.Second, "lock_timeout of each DROP; retried with backoff on timeout")
 	f.DurationVar(&opts.DDLTimeout, "ddl-timeout", 10*time.Minute, "how long the DDL may keep retrying for its locks (exit 5 after; the release stays in contracting)")
 	f.DurationVar(&opts.LeaderWithin, "broadcaster-within", 15*time.Second, "refuse unless a leading broadcaster was alive this recently")
