@@ -139,7 +139,7 @@ func (w *world) check() checkResult {
 				res.byState[u.sqlstate]++
 			}
 			if u.sqlstate == "42703" || u.sqlstate == "42P01" {
-				add(violationUndefined, "%s (pid %d) epoch %d on %s at %s: %s", h.p.name, h.p.cmd.Process.Pid, u.epoch, u.table, w.at(u.begin), u.err)
+				add(violationUndefined, "%s (pid %d) epoch %d on %s at %s: %s", h.p.name, h.p.pid, u.epoch, u.table, w.at(u.begin), u.err)
 			}
 		}
 	}
@@ -166,7 +166,7 @@ func (w *world) check() checkResult {
 					state = "never ended; process gone " + w.at(u.end)
 				}
 				add(violationGuardAcross, "%s: %s (pid %d) held a guard on epoch %d naming %s from %s (%s), across the DDL %s..%s of contract epoch %d; outcome %q %s",
-					c.rel.name, h.p.name, h.p.cmd.Process.Pid, u.epoch, c.rel.what(), w.at(u.begin), state, w.at(from), w.at(to), c.epoch, u.outcome, u.sqlstate)
+					c.rel.name, h.p.name, h.p.pid, u.epoch, c.rel.what(), w.at(u.begin), state, w.at(from), w.at(to), c.epoch, u.outcome, u.sqlstate)
 			}
 		}
 	}
@@ -214,12 +214,12 @@ func (w *world) check() checkResult {
 					continue // its agent had not started: not yet one of the fleet
 				}
 				if !h.appliedBy(c.epoch, at) {
-					add(violationFalseAck, "%s: agent %s counted as acknowledged epoch %d at %s, but its process %s (pid %d) had not applied it", c.rel.name, id, c.epoch, w.at(at), h.p.name, h.p.cmd.Process.Pid)
+					add(violationFalseAck, "%s: agent %s counted as acknowledged epoch %d at %s, but its process %s (pid %d) had not applied it", c.rel.name, id, c.epoch, w.at(at), h.p.name, h.p.pid)
 					continue
 				}
 				for _, u := range h.units {
 					if u.epoch < c.epoch && u.begin < at && u.end > at {
-						add(violationFalseAck, "%s: agent %s counted as acknowledged epoch %d at %s, but its process %s (pid %d) held a guard on epoch %d from %s to %s", c.rel.name, id, c.epoch, w.at(at), h.p.name, h.p.cmd.Process.Pid, u.epoch, w.at(u.begin), w.at(u.end))
+						add(violationFalseAck, "%s: agent %s counted as acknowledged epoch %d at %s, but its process %s (pid %d) held a guard on epoch %d from %s to %s", c.rel.name, id, c.epoch, w.at(at), h.p.name, h.p.pid, u.epoch, w.at(u.begin), w.at(u.end))
 						break
 					}
 				}

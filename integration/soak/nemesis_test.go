@@ -177,7 +177,7 @@ func (n *nemesis) inject(kind string, target int, jitter time.Duration) {
 		}
 		p := s.current()
 		d := 200*time.Millisecond + 2*jitter
-		note("SIGKILL %s (pid %d), restarted under the same ID after %s", p.name, p.cmd.Process.Pid, d)
+		note("SIGKILL %s (pid %d), restarted under the same ID after %s", p.name, p.pid, d)
 		p.signal(syscall.SIGKILL)
 		n.later(d, func() {
 			<-p.done
@@ -194,7 +194,7 @@ func (n *nemesis) inject(kind string, target int, jitter time.Duration) {
 		}
 		p, id, l := b.current()
 		d := 500*time.Millisecond + 2*jitter
-		note("SIGKILL the leading broadcaster %s (pid %d), restarted after %s", id, p.cmd.Process.Pid, d)
+		note("SIGKILL the leading broadcaster %s (pid %d), restarted after %s", id, p.pid, d)
 		p.signal(syscall.SIGKILL)
 		n.later(d, func() {
 			<-p.done
@@ -211,7 +211,7 @@ func (n *nemesis) inject(kind string, target int, jitter time.Duration) {
 		}
 		p := s.current()
 		d := lease + 500*time.Millisecond + 2*jitter
-		note("SIGSTOP %s (pid %d) for %s, longer than the lease %s", p.name, p.cmd.Process.Pid, d, lease)
+		note("SIGSTOP %s (pid %d) for %s, longer than the lease %s", p.name, p.pid, d, lease)
 		p.signal(syscall.SIGSTOP)
 		n.later(d, func() { p.signal(syscall.SIGCONT); s.release(); w.logf("HEAL %s: SIGCONT %s", kind, p.name) })
 	case faultReLease:
@@ -276,6 +276,7 @@ func (n *nemesis) wrongOrder(target int, note func(string, ...any)) {
 	type cmd struct {
 		args []string
 		why  string
+		runs bool // may legitimately succeed
 	}
 	var cmds []cmd
 	// A release two or more ahead of the driver is still in expand and
@@ -283,22 +284,33 @@ func (n *nemesis) wrongOrder(target int, note func(string, ...any)) {
 	if ahead := i + 2 + target%3; ahead < len(w.releases) {
 		r := w.releases[ahead].name
 		cmds = append(cmds,
-			cmd{[]string{"contract", r, "--timeout", "2s"}, "contract of a release in expand"},
-			cmd{[]string{"flip", r, "contract"}, "expand straight to contract"},
-			cmd{[]string{"flip", r, "complete"}, "complete by flip"},
-			cmd{[]string{"rollback", r}, "rollback of a release in expand"},
+			cmd{[]string{"contract", r, "--timeout", "2s"}, "contract of a release in expand", false},
+			cmd{[]string{"flip", r, "contract"}, "expand straight to contract", false},
+			cmd{[]string{"flip", r, "complete"}, "complete by flip", false},
+			cmd{[]string{"rollback", r}, "rollback of a release in expand", false},
 		)
 	}
 	if i > 0 {
 		r := w.releases[i-1-target%min(i, 3)].name
 		cmds = append(cmds,
-			cmd{[]string{"flip", r, "migrate"}, "migrate after complete"},
-			cmd{[]string{"flip", r, "contract"}, "contract after complete"},
-			cmd{[]string{"rollback", r}, "rollback after complete"},
+			cmd{[]string{"flip", r, "migrate"}, "migrate after complete", false},
+			cmd{[]string{"flip", r, "contract"}, "contract after complete", false},
+			cmd{[]string{"rollback", r}, "rollback after complete", false},
 		)
 	}
-	cmds = append(cmds, cmd{[]string{"flip", "NOSUCH", "migrate"}, "an unknown release"})
+	if i >= 0 && i < len(w.releases) {
+		// A second runner beside the driver's: refused while the first
+		// holds the release, a no-op once it is complete, or the one that
+		// completes it (recorded like any other).
+		cmds = append(cmds, cmd{[]string{"contract", w.releases[i].name}, "a second contract runner", true})
+	}
+	cmds = append(cmds, cmd{[]string{"flip", "NOSUCH", "migrate"}, "an unknown release", false})
 	c := cmds[target%len(cmds)]
+	if c.runs {
+		doc := w.contract(w.releases[i], "nemesis")
+		note("%s (phasecast %s): %s, exit %d %s", c.why, strings.Join(c.args, " "), doc.Outcome, doc.ExitCode, doc.Error)
+		return
+	}
 	code, stdout, stderr := w.cli(n.ctx, append(c.args, "--actor", "nemesis")...)
 	note("%s (phasecast %s): exit %d %s", c.why, strings.Join(c.args, " "), code, strings.TrimSpace(stderr))
 	// contract of a release that is already complete is a no-op (exit 0);

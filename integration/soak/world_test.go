@@ -111,8 +111,10 @@ type contractRecord struct {
 func newWorld(t *testing.T, seed uint64, duration time.Duration) *world {
 	t.Helper()
 	store := testenv.Store(t)
-	store.DB().SetMaxOpenConns(6)
-	store.DB().SetMaxIdleConns(3)
+	// The database's connections are shared with every other test on
+	// the machine: the soak keeps to about 50 in all.
+	store.DB().SetMaxOpenConns(3)
+	store.DB().SetMaxIdleConns(1)
 	w := &world{
 		t: t, ctx: context.Background(), seed: seed, store: store, db: store.DB(),
 		prefix: testenv.Prefix(t), app: testenv.Schema(t, store.DB(), "soak"), dir: t.TempDir(),
@@ -264,6 +266,7 @@ type proc struct {
 	history string // the history file, for service processes
 	logPath string
 	cmd     *exec.Cmd
+	pid     int
 	started time.Time
 	done    chan struct{}
 
@@ -289,6 +292,7 @@ func (w *world) startProc(name, path string, args ...string) (*proc, error) {
 		f.Close()
 		return nil, err
 	}
+	p.pid = p.cmd.Process.Pid
 	go func() {
 		err := p.cmd.Wait()
 		f.Close()

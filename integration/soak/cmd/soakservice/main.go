@@ -90,7 +90,7 @@ func run(path string) error {
 		}
 		defer storeDB.Close()
 		storeDB.SetMaxOpenConns(2)
-		storeDB.SetMaxIdleConns(2)
+		storeDB.SetMaxIdleConns(1)
 	}
 
 	var histErr atomic.Pointer[error]
