@@ -57,9 +57,11 @@ func TestCheckerFindsEachViolation(t *testing.T) {
 			started: time.Unix(0, at(0)), exited: time.Unix(0, at(10_000)), done: make(chan struct{})})
 	}
 	// The contract of R0001 at epoch 10: decided at 1140 ms, DDL from
-	// 1150 to 1200 ms, counting a1 and b1.
+	// 1150 to 1200 ms, committed between 1170 and 1180 ms, counting a1
+	// and b1.
 	w.contracts = append(w.contracts, contractRecord{rel: r1, epoch: 10,
-		ackedAt: time.Unix(0, at(1140)), ddlStart: time.Unix(0, at(1150)), ddlEnd: time.Unix(0, at(1200)), acked: []string{"a1", "b1"}})
+		ackedAt: time.Unix(0, at(1140)), ddlStart: time.Unix(0, at(1150)), ddlEnd: time.Unix(0, at(1200)),
+		commitAfter: time.Unix(0, at(1170)), commitBefore: time.Unix(0, at(1180)), acked: []string{"a1", "b1"}})
 	// a1 never applied epoch 10 (a false ack), held a guard naming the
 	// column across the DDL, and then failed on it.
 	history("a1.1", "a1",
@@ -80,12 +82,22 @@ func TestCheckerFindsEachViolation(t *testing.T) {
 		Event{Kind: EventBegin, At: at(1120), Unit: 2, Epoch: 10, Table: r1.table, Columns: hidden},
 		Event{Kind: EventEnd, At: at(1250), Unit: 2, Outcome: OutcomeOK},
 	)
+	// c1 (not counted) held a guard naming the column while the DDL ran
+	// that ended before the commit may have happened: the DROP waited
+	// for it. Listed, not a violation.
+	history("c1.1", "c1",
+		Event{Kind: EventStart, At: at(10), Agent: "c1", Epoch: 5},
+		Event{Kind: EventBegin, At: at(1100), Unit: 1, Epoch: 5, Table: r1.table, Columns: named},
+		Event{Kind: EventEnd, At: at(1175), Unit: 1, Outcome: OutcomeOK},
+	)
 
 	got := w.check()
 	require.Equal(t, map[string]int{
 		violationUndefined: 1, violationGuardAcross: 1, violationNotDropped: 1, violationEarlyDrop: 1, violationFalseAck: 1,
 	}, got.violations, "findings: %v", got.findings)
-	require.Equal(t, 4, got.units)
+	require.Equal(t, 5, got.units)
+	require.Len(t, got.openDuringDDL, 1)
+	require.Contains(t, got.openDuringDDL[0], "c1.1")
 	for _, f := range got.findings {
 		if f.kind == violationFalseAck {
 			require.Contains(t, f.detail, "agent a1")

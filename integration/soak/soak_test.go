@@ -54,6 +54,7 @@ type summary struct {
 	UnitsChecked     int            `json:"units_checked"`
 	UnitsFailed      int            `json:"units_failed"`
 	FailedBySQLSTATE map[string]int `json:"units_failed_by_sqlstate,omitempty"`
+	OpenDuringDDL    int            `json:"guards_open_during_ddl"`
 	Violations       map[string]int `json:"violations"`
 	Stalls           int            `json:"stalls"`
 }
@@ -101,7 +102,7 @@ func runSoak(t *testing.T, seed uint64, duration time.Duration) summary {
 	s := summary{
 		Seed: seed, Duration: duration.String(), Releases: completed, ContractRuns: runs, Faults: w.faults,
 		ServiceProcs: len(w.procs), UnitsChecked: res.units, UnitsFailed: res.failed, FailedBySQLSTATE: res.byState,
-		Violations: res.violations, Stalls: w.stalls,
+		Violations: res.violations, Stalls: w.stalls, OpenDuringDDL: len(res.openDuringDDL),
 	}
 	for _, v := range w.faults {
 		s.FaultsTotal += v
@@ -109,8 +110,11 @@ func runSoak(t *testing.T, seed uint64, duration time.Duration) summary {
 	raw, err := json.Marshal(s)
 	require.NoError(t, err)
 	t.Logf("SOAK %s", raw)
-	t.Logf("soak: %d releases completed in %d contract runs; %d faults %v; %d units of work checked (%d failed: %v); violations %v",
-		completed, runs, s.FaultsTotal, w.faults, res.units, res.failed, res.byState, res.violations)
+	t.Logf("soak: %d releases completed in %d contract runs; %d faults %v; %d units of work checked (%d failed: %v); %d guards open during a DDL but not across its commit; violations %v",
+		completed, runs, s.FaultsTotal, w.faults, res.units, res.failed, res.byState, len(res.openDuringDDL), res.violations)
+	for _, d := range res.openDuringDDL {
+		t.Logf("open during the DDL, not across its commit: %s", d)
+	}
 	for i, f := range res.findings {
 		if i == 30 {
 			t.Errorf("... and %d more violations", len(res.findings)-i)
@@ -208,22 +212,25 @@ type contractDoc struct {
 
 // contract runs 'phasecast contract' and records a run that completed.
 func (w *world) contract(rel release, actor string) contractDoc {
+	watch := w.watchDrop(rel)
 	code, stdout, stderr := w.cli(w.ctx, "contract", rel.name, "--json", "--timeout", "30s", "--lock-timeout", "200ms", "--actor", actor)
 	var doc contractDoc
 	if err := json.Unmarshal([]byte(stdout), &doc); err != nil {
 		doc.Outcome, doc.Error = "unparsed", fmt.Sprintf("exit %d, stdout %q, stderr %q", code, stdout, stderr)
 	}
 	doc.ExitCode = code
+	after, before := watch.bounds(doc.DDLStart, doc.DDLEnd)
 	if doc.Outcome == schema.OutcomeComplete {
-		rec := contractRecord{rel: rel, epoch: doc.ContractEpoch, ackedAt: doc.AckedAt, ddlStart: doc.DDLStart, ddlEnd: doc.DDLEnd}
+		rec := contractRecord{rel: rel, epoch: doc.ContractEpoch, ackedAt: doc.AckedAt, ddlStart: doc.DDLStart, ddlEnd: doc.DDLEnd,
+			commitAfter: after, commitBefore: before}
 		for _, a := range doc.Acked {
 			rec.acked = append(rec.acked, a.ID)
 		}
 		w.mu.Lock()
 		w.contracts = append(w.contracts, rec)
 		w.mu.Unlock()
-		w.logf("contract %s complete (%s): epoch %d, %d acked, waited %s, DDL %s..%s", rel.name, actor, doc.ContractEpoch, len(rec.acked),
-			doc.Waited.Round(time.Millisecond), w.at(doc.DDLStart.UnixNano()), w.at(doc.DDLEnd.UnixNano()))
+		w.logf("contract %s complete (%s): epoch %d, %d acked, waited %s, DDL %s..%s, committed %s..%s", rel.name, actor, doc.ContractEpoch, len(rec.acked),
+			doc.Waited.Round(time.Millisecond), w.at(doc.DDLStart.UnixNano()), w.at(doc.DDLEnd.UnixNano()), w.at(after.UnixNano()), w.at(before.UnixNano()))
 	}
 	return doc
 }

@@ -22,6 +22,7 @@ import (
 	"github.com/phasecast/phasecast/cmd/phasecast/cli"
 	"github.com/phasecast/phasecast/internal/faultproxy"
 	"github.com/phasecast/phasecast/internal/phase"
+	"github.com/phasecast/phasecast/internal/retry"
 	"github.com/phasecast/phasecast/internal/testenv"
 	"github.com/phasecast/phasecast/schema"
 )
@@ -31,13 +32,13 @@ import (
 // cores.
 const (
 	numAgents     = 12
-	numItemTables = 4
+	numItemTables = 2
 	heartbeat     = 500 * time.Millisecond
 	leaseMargin   = 500 * time.Millisecond
 	initialLease  = 3 * time.Second
 	confirmIvl    = 50 * time.Millisecond
 	workerPause   = 60 * time.Millisecond
-	workerHold    = 30 * time.Millisecond
+	workerHold    = 80 * time.Millisecond
 	startLease    = 3 * time.Second
 )
 
@@ -105,7 +106,11 @@ type contractRecord struct {
 	ackedAt  time.Time
 	ddlStart time.Time
 	ddlEnd   time.Time
-	acked    []string
+	// The DROP committed after commitAfter and before commitBefore: the
+	// DDL window, narrowed by watching the catalog from outside.
+	commitAfter  time.Time
+	commitBefore time.Time
+	acked        []string
 }
 
 func newWorld(t *testing.T, seed uint64, duration time.Duration) *world {
@@ -113,7 +118,7 @@ func newWorld(t *testing.T, seed uint64, duration time.Duration) *world {
 	store := testenv.Store(t)
 	// The database's connections are shared with every other test on
 	// the machine: the soak keeps to about 50 in all.
-	store.DB().SetMaxOpenConns(3)
+	store.DB().SetMaxOpenConns(4)
 	store.DB().SetMaxIdleConns(1)
 	w := &world{
 		t: t, ctx: context.Background(), seed: seed, store: store, db: store.DB(),
@@ -201,14 +206,70 @@ func (w *world) phaseOf(name string) phase.Phase {
 // present reports whether what rel removes is still in the database.
 func (w *world) present(rel release) bool {
 	w.t.Helper()
+	ok, err := w.presentErr(w.ctx, rel)
+	require.NoError(w.t, err)
+	return ok
+}
+
+func (w *world) presentErr(ctx context.Context, rel release) (bool, error) {
 	var ok bool
 	if rel.column == "" {
-		require.NoError(w.t, w.db.GetContext(w.ctx, &ok, `SELECT to_regclass($1) IS NOT NULL`, schema.QuoteTable(rel.table)))
-		return ok
+		err := w.db.GetContext(ctx, &ok, `SELECT to_regclass($1) IS NOT NULL`, schema.QuoteTable(rel.table))
+		return ok, err
 	}
-	require.NoError(w.t, w.db.GetContext(w.ctx, &ok, `SELECT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass($1) AND attname = $2 AND attnum > 0 AND NOT attisdropped)`,
-		schema.QuoteTable(rel.table), rel.column))
-	return ok
+	err := w.db.GetContext(ctx, &ok, `SELECT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass($1) AND attname = $2 AND attnum > 0 AND NOT attisdropped)`,
+		schema.QuoteTable(rel.table), rel.column)
+	return ok, err
+}
+
+// dropWatch brackets the moment a DROP commits, seen from outside the
+// runner: a catalog read that still sees the column was sent before the
+// commit, one that no longer sees it was answered after it.
+type dropWatch struct {
+	lastPresent time.Time // when the last read that saw it was sent
+	firstGone   time.Time // when the first read that did not see it was answered
+	stop        context.CancelFunc
+	done        chan struct{}
+}
+
+func (w *world) watchDrop(rel release) *dropWatch {
+	ctx, cancel := context.WithCancel(w.ctx)
+	d := &dropWatch{stop: cancel, done: make(chan struct{})}
+	go func() {
+		defer close(d.done)
+		for {
+			sent := time.Now()
+			ok, err := w.presentErr(ctx, rel)
+			switch {
+			case err != nil && ctx.Err() != nil:
+				return
+			case err == nil && ok:
+				d.lastPresent = sent
+			case err == nil:
+				d.firstGone = time.Now()
+				return
+			}
+			if retry.Sleep(ctx, 5*time.Millisecond) != nil {
+				return
+			}
+		}
+	}()
+	return d
+}
+
+// bounds stops the watch and narrows the DDL window [start, end] to the
+// commit.
+func (d *dropWatch) bounds(start, end time.Time) (after, before time.Time) {
+	d.stop()
+	<-d.done
+	after, before = start, end
+	if d.lastPresent.After(after) {
+		after = d.lastPresent
+	}
+	if !d.firstGone.IsZero() && d.firstGone.Before(before) {
+		before = d.firstGone
+	}
+	return after, before
 }
 
 func (w *world) countFault(kind string) {
