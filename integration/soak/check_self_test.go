@@ -91,11 +91,22 @@ func TestCheckerFindsEachViolation(t *testing.T) {
 		Event{Kind: EventEnd, At: at(1175), Unit: 1, Outcome: OutcomeOK},
 	)
 
+	// d1 (not counted) was frozen inside a guard naming the column, and
+	// the DROP committed while it was: the pause limit, listed apart.
+	history("d1.1", "d1",
+		Event{Kind: EventStart, At: at(10), Agent: "d1", Epoch: 5},
+		Event{Kind: EventBegin, At: at(1050), Unit: 1, Epoch: 5, Table: r1.table, Columns: named},
+		Event{Kind: EventEnd, At: at(4100), Unit: 1, Outcome: OutcomeOK},
+	)
+	w.procs[len(w.procs)-1].frozen = []freeze{{from: at(1060), to: at(4090)}}
+
 	got := w.check()
 	require.Equal(t, map[string]int{
 		violationUndefined: 1, violationGuardAcross: 1, violationNotDropped: 1, violationEarlyDrop: 1, violationFalseAck: 1,
 	}, got.violations, "findings: %v", got.findings)
-	require.Equal(t, 5, got.units)
+	require.Equal(t, 6, got.units)
+	require.Len(t, got.pauseLimit, 1)
+	require.Contains(t, got.pauseLimit[0], "d1.1")
 	require.Len(t, got.openDuringDDL, 1)
 	require.Contains(t, got.openDuringDDL[0], "c1.1")
 	for _, f := range got.findings {

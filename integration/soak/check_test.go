@@ -78,6 +78,8 @@ type checkResult struct {
 	byState    map[string]int
 	findings   []finding
 	violations map[string]int
+	// pauseLimit lists the hits of the pause limit (pauseLimit).
+	pauseLimit []string
 	// openDuringDDL lists guards on a snapshot naming what a DROP removed
 	// that were open while its DDL ran but not provably across its commit.
 	openDuringDDL []string
@@ -155,7 +157,12 @@ func (w *world) check() checkResult {
 				res.byState[u.sqlstate]++
 			}
 			if u.sqlstate == "42703" || u.sqlstate == "42P01" {
-				add(violationUndefined, "%s (pid %d) epoch %d on %s at %s: %s", h.p.name, h.p.pid, u.epoch, u.table, w.at(u.begin), u.err)
+				detail := fmt.Sprintf("%s (pid %d) epoch %d on %s from %s to %s: %s", h.p.name, h.p.pid, u.epoch, u.table, w.at(u.begin), w.at(u.end), u.err)
+				if h.p.frozenWhile(u.begin, u.end) {
+					res.pauseLimit = append(res.pauseLimit, "query failed after a freeze inside its guard: "+detail)
+				} else {
+					add(violationUndefined, "%s", detail)
+				}
 			}
 		}
 	}
@@ -186,9 +193,12 @@ func (w *world) check() checkResult {
 			}
 			detail := fmt.Sprintf("%s: %s (pid %d) held a guard on epoch %d naming %s from %s (%s); DDL of contract epoch %d %s..%s, committed between %s and %s; outcome %q %s",
 				c.rel.name, h.p.name, h.p.pid, u.epoch, c.rel.what(), w.at(u.begin), state, c.epoch, w.at(from), w.at(to), w.at(after), w.at(before), u.outcome, u.sqlstate)
-			if u.begin < after && u.end > before {
+			switch {
+			case u.begin < after && u.end > before && h.p.frozenWhile(u.begin, after):
+				res.pauseLimit = append(res.pauseLimit, "guard frozen across a DROP: "+detail)
+			case u.begin < after && u.end > before:
 				add(violationGuardAcross, "%s", detail)
-			} else {
+			default:
 				// Open while the DDL ran, but not provably across its
 				// commit: most often a transaction whose lock the DROP
 				// had to wait for. Safe, but the runner had gone ahead.

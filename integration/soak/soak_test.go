@@ -55,6 +55,7 @@ type summary struct {
 	UnitsFailed      int            `json:"units_failed"`
 	FailedBySQLSTATE map[string]int `json:"units_failed_by_sqlstate,omitempty"`
 	OpenDuringDDL    int            `json:"guards_open_during_ddl"`
+	PauseLimit       int            `json:"pause_limit_hits"`
 	Violations       map[string]int `json:"violations"`
 	Stalls           int            `json:"stalls"`
 }
@@ -102,7 +103,7 @@ func runSoak(t *testing.T, seed uint64, duration time.Duration) summary {
 	s := summary{
 		Seed: seed, Duration: duration.String(), Releases: completed, ContractRuns: runs, Faults: w.faults,
 		ServiceProcs: len(w.procs), UnitsChecked: res.units, UnitsFailed: res.failed, FailedBySQLSTATE: res.byState,
-		Violations: res.violations, Stalls: w.stalls, OpenDuringDDL: len(res.openDuringDDL),
+		Violations: res.violations, Stalls: w.stalls, OpenDuringDDL: len(res.openDuringDDL), PauseLimit: len(res.pauseLimit),
 	}
 	for _, v := range w.faults {
 		s.FaultsTotal += v
@@ -110,8 +111,11 @@ func runSoak(t *testing.T, seed uint64, duration time.Duration) summary {
 	raw, err := json.Marshal(s)
 	require.NoError(t, err)
 	t.Logf("SOAK %s", raw)
-	t.Logf("soak: %d releases completed in %d contract runs; %d faults %v; %d units of work checked (%d failed: %v); %d guards open during a DDL but not across its commit; violations %v",
-		completed, runs, s.FaultsTotal, w.faults, res.units, res.failed, res.byState, len(res.openDuringDDL), res.violations)
+	t.Logf("soak: %d releases completed in %d contract runs; %d faults %v; %d units of work checked (%d failed: %v); %d guards open during a DDL but not across its commit; %d hits of the pause limit; violations %v",
+		completed, runs, s.FaultsTotal, w.faults, res.units, res.failed, res.byState, len(res.openDuringDDL), len(res.pauseLimit), res.violations)
+	for _, d := range res.pauseLimit {
+		t.Logf("the pause limit (not a violation): %s", d)
+	}
 	for _, d := range res.openDuringDDL {
 		t.Logf("open during the DDL, not across its commit: %s", d)
 	}

@@ -331,11 +331,11 @@ type proc struct {
 	started time.Time
 	done    chan struct{}
 
-	mu      sync.Mutex
-	killed  time.Time
-	exited  time.Time
-	stopped bool // under SIGSTOP now
-	err     error
+	mu     sync.Mutex
+	killed time.Time
+	exited time.Time
+	frozen []freeze // SIGSTOP to SIGCONT
+	err    error
 }
 
 func (w *world) startProc(name, path string, args ...string) (*proc, error) {
@@ -385,12 +385,34 @@ func (p *proc) signal(sig syscall.Signal) {
 			p.killed = time.Now()
 		}
 	case syscall.SIGSTOP:
-		p.stopped = true
+		// Taken before the signal is sent: whatever was open now was
+		// open when the process froze.
+		p.frozen = append(p.frozen, freeze{from: time.Now().UnixNano()})
 	case syscall.SIGCONT:
-		p.stopped = false
+		if n := len(p.frozen); n > 0 && p.frozen[n-1].to == 0 {
+			p.frozen[n-1].to = time.Now().UnixNano()
+		}
 	}
 	p.mu.Unlock()
 	_ = p.cmd.Process.Signal(sig)
+}
+
+// freeze is one SIGSTOP of a process, in Unix nanoseconds; to is 0 while
+// it lasts.
+type freeze struct{ from, to int64 }
+
+// frozenWhile reports whether the process was frozen at some moment after
+// begin and before end: a unit of work open across that moment was
+// frozen inside its guard.
+func (p *proc) frozenWhile(begin, end int64) bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	for _, f := range p.frozen {
+		if f.from > begin && f.from < end {
+			return true
+		}
+	}
+	return false
 }
 
 // end is the latest moment the process is known to have been running.
