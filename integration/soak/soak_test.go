@@ -19,8 +19,9 @@ import (
 	"github.com/phasecast/phasecast/schema"
 )
 
-// ciSeed is the seed CI runs. A seed that ever fails becomes a named
-// regression test in regression_test.go.
+// ciSeed is the seed CI runs, fixed before any run. A seed that ever
+// fails becomes a test of its own, named for what it found, that calls
+// runSoak with that seed and duration.
 const ciSeed = 1
 
 var (
@@ -63,6 +64,12 @@ type summary struct {
 func runSoak(t *testing.T, seed uint64, duration time.Duration) summary {
 	t.Logf("soak: seed %d, duration %s; reproduce with: go test -count=1 -run '%s$' ./integration/soak -soak.seed %d -soak.duration %s -v",
 		seed, duration, t.Name(), seed, duration)
+	// Setting up, stopping the fleet and checking take a minute or two
+	// beyond the faults themselves.
+	if deadline, ok := t.Deadline(); ok && time.Until(deadline) < duration+2*time.Minute {
+		t.Fatalf("-soak.duration %s does not fit in the test binary's -timeout (%s left): add -timeout %s",
+			duration, time.Until(deadline).Round(time.Second), (duration + 5*time.Minute).Round(time.Minute))
+	}
 	binaries(t)
 	w := newWorld(t, seed, duration)
 	w.newServices()
