@@ -36,13 +36,16 @@
 // by SIGSTOP past its lease across a DROP is the pause limit: reported
 // apart, not a failure (docs/RELIABILITY.md).
 //
-// CI runs the fixed seed for 45 s (about a minute and a half in all):
+// CI runs the fixed seed for 45 s of faults (about 50 s in all):
 //
 //	go test -race -count=1 ./integration/soak/
 //
 // Longer runs, and other seeds:
 //
-//	go test -count=1 ./integration/soak -soak.duration 10m -soak.seed 7 -v
+//	go test -count=1 -timeout 20m ./integration/soak -soak.duration 10m -soak.seed 7 -v
+//
+// (a duration that does not fit in the test binary's -timeout fails at
+// once and says so).
 //
 // A seed that fails becomes a named regression test: a test named for
 // what it found that calls runSoak with that seed and duration.
