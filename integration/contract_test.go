@@ -12,12 +12,9 @@ import (
 	"testing"
 	"time"
 
-	"github.com/lib/pq"
 	"github.com/stretchr/testify/require"
 
 	"github.com/phasecast/phasecast/cmd/phasecast/cli"
-	"github.com/phasecast/phasecast/cmd/phasecast/fleet"
-	"github.com/phasecast/phasecast/examples/novalike"
 	"github.com/phasecast/phasecast/internal/config"
 	"github.com/phasecast/phasecast/internal/phase"
 	"github.com/phasecast/phasecast/internal/testenv"
@@ -36,33 +33,7 @@ func TestContractUnderLoad(t *testing.T) {
 	e.apply(e2eReleaseL) // expand
 	e.startBroadcaster(true, nil)
 
-	startCtx, cancel := context.WithTimeout(e.ctx, 60*time.Second)
-	defer cancel()
-	services, err := fleet.StartServices(startCtx, 20, func(i int) novalike.Config {
-		return e.serviceConfig(fmt.Sprintf("nova-api-%02d", i), 2)
-	})
-	require.NoError(t, err)
-	stopped := false
-	t.Cleanup(func() {
-		if !stopped {
-			_, _ = services.Stop(context.Background())
-		}
-	})
-	queries := func() int64 {
-		var n int64
-		for _, s := range services.List {
-			n += s.Result().Queries
-		}
-		return n
-	}
-	e2eWaitFor(t, e2eWait, "every service to run queries", func() bool {
-		for _, s := range services.List {
-			if s.Result().Queries == 0 {
-				return false
-			}
-		}
-		return true
-	})
+	load := e.startLoad(20, 2)
 
 	e.toMigrate() // migrate, then the backfill
 	epoch := e.flipChecked("L")
@@ -78,25 +49,8 @@ func TestContractUnderLoad(t *testing.T) {
 	require.Equal(t, phase.Complete, e.phase("L"))
 
 	// Traffic after the drop must succeed too.
-	after := queries()
-	e2eWaitFor(t, e2eWait, "traffic after the drop", func() bool { return queries() >= after+200 })
-
-	stopCtx, cancelStop := context.WithTimeout(e.ctx, 30*time.Second)
-	defer cancelStop()
-	totals, err := services.Stop(stopCtx)
-	stopped = true
-	require.NoError(t, err)
-	exhausted := 0 // too_many_connections: the environment, not the invariant
-	for _, f := range totals.Failures {
-		var pqErr *pq.Error
-		if errors.As(f, &pqErr) && pqErr.Code == "53300" {
-			exhausted++
-		}
-	}
-	require.Zero(t, exhausted, "PostgreSQL ran out of connections during the test (max_connections is shared with every test process): %v", totals.Failures)
-	require.Zero(t, totals.Failed, "failures: %v", totals.Failures)
-	require.Empty(t, totals.Failures)
-	require.Positive(t, totals.Queries)
+	load.waitQueries(200)
+	totals := load.stop()
 	t.Logf("%d queries, %d failed, %d refused; waited %s for acknowledgements, DDL %s in %d attempt(s)",
 		totals.Queries, totals.Failed, totals.Refused, res.Waited.Round(time.Millisecond), res.DDLEnd.Sub(res.DDLStart).Round(time.Millisecond), res.Attempts)
 

@@ -109,6 +109,12 @@ type ContractOptions struct {
 	// and before the DDL; an error stops the run there, as a crash would.
 	// For tests. Defaults to none.
 	BeforeDDL func() error
+	// Exec, when set, runs the team's own contract tool in place of the
+	// runner's DDL, once the release is in contracting; the release is
+	// complete only if it exits 0 and leaves none of the removed columns
+	// and tables. DDLTimeout bounds it; LockTimeout does not apply.
+	// Defaults to none: the runner's own DDL.
+	Exec *ExecSpec
 	// BeforeComplete, when set, is called after the DDL ran and before the
 	// release is marked complete; an error stops the run there, as a crash
 	// would. For tests. Defaults to none.
@@ -142,6 +148,9 @@ func (o ContractOptions) withDefaults() (ContractOptions, error) {
 	}
 	if o.Actor == "" {
 		o.Actor = "contract runner"
+	}
+	if o.Exec != nil && strings.TrimSpace(o.Exec.Command) == "" {
+		return o, errors.New("ContractOptions.Exec.Command is empty: name the contract command, or leave Exec nil for the runner's own DDL")
 	}
 	return o, nil
 }
@@ -200,6 +209,8 @@ type Plan struct {
 	// none, so each registered since; such code may still name the
 	// removed columns and cannot be waited for any more.
 	OldCodeDuringDDL []Agent `json:"old_code_during_ddl"`
+	// ExecCommand, when set, runs in place of DDL (ContractOptions.Exec).
+	ExecCommand string `json:"exec_command,omitempty"`
 }
 
 // ContractResult reports a contract run. Times are the runner's clock.
@@ -212,6 +223,8 @@ type ContractResult struct {
 	AckedAt  time.Time     `json:"acked_at,omitzero"`
 	DDLStart time.Time     `json:"ddl_start,omitzero"`
 	DDLEnd   time.Time     `json:"ddl_end,omitzero"`
+	// Exec is how the contract command ran, when one did.
+	Exec *ExecReport `json:"exec,omitempty"`
 }
 
 // AckTimeoutError lists the agents the runner was still waiting for.
@@ -362,8 +375,13 @@ func (e *errAcksStale) Error() string {
 // (ErrTransactionPooler: the store's connections go through a transaction
 // pooler, on which the lock cannot be proven held; see SessionLock); once
 // in contracting, *DDLTimeoutError and *DependentsChangedError (an
-// ErrUnsafe); and an error releasing the lock, which also closes the
-// lock's connection.
+// ErrUnsafe), or with Exec, *ExecFailedError (an ErrDDLTimeout too when
+// the command was killed at DDLTimeout) and *ExecIncompleteError; and an
+// error releasing the lock, which also closes the lock's connection.
+//
+// With Exec the team's command runs in place of the DDL, with the same
+// lock held and the same waiting and checks before it. A run that stops
+// before complete, and every re-run of it, runs the command again.
 func (s *Store) Contract(ctx context.Context, release string, opts ContractOptions) (_ *ContractResult, err error) {
 	opts, err = opts.withDefaults()
 	if err != nil {
@@ -426,6 +444,9 @@ func (s *Store) Contract(ctx context.Context, release string, opts ContractOptio
 		return nil, err
 	}
 	res.DDL = m.DDL()
+	if opts.Exec != nil {
+		res.ExecCommand = opts.Exec.Command
+	}
 	res.ContractEpoch = rel.ContractEpoch.Int64
 	runner := runnerIdentity(opts.Actor)
 	// Resume at the DDL only what a runner took to contracting: it got
@@ -551,8 +572,16 @@ func (s *Store) Contract(ctx context.Context, release string, opts ContractOptio
 	}
 	if err := s.lockedDDL(ctx, lock, conn, res, m, opts, log); err != nil {
 		outcome := OutcomeFailed
-		if errors.Is(err, ErrDDLTimeout) {
+		switch {
+		case errors.Is(err, ErrDDLTimeout):
 			outcome = OutcomeDDLTimeout
+		case errors.Is(err, ErrExecFailed):
+			outcome = OutcomeExecFailed
+		case errors.Is(err, ErrExecIncomplete):
+			outcome = OutcomeExecIncomplete
+		}
+		if opts.Exec != nil {
+			return fail(outcome, err) // its message says what to do, with the command
 		}
 		return fail(outcome, fmt.Errorf("release %q is in contracting; run 'phasecast contract %s' again to resume: %w", release, release, err))
 	}
@@ -583,13 +612,17 @@ func (s *Store) unlockContract(lock *SessionLock, log zerolog.Logger) error {
 	return err
 }
 
-// lockedDDL runs the DDL once the lock is proven still held (a dry run
+// lockedDDL runs the DDL, or the contract command in its place (Exec),
+// once the lock is proven still held (a dry run
 // holds none and runs no DDL).
 func (s *Store) lockedDDL(ctx context.Context, lock *SessionLock, conn *sqlx.Conn, res *ContractResult, m *Manifest, opts ContractOptions, log zerolog.Logger) error {
 	if lock != nil {
 		if err := lock.Verify(ctx); err != nil {
 			return fmt.Errorf("the runner cannot prove it still holds the contract lock, so it ran no DDL: %w", err)
 		}
+	}
+	if opts.Exec != nil {
+		return s.runExec(ctx, conn, res, m, opts, log)
 	}
 	return s.runDDL(ctx, conn, res, m, opts, log)
 }

@@ -82,3 +82,7 @@ func secrets(conn string) []string {
 	}
 	return kept
 }
+
+// Secrets lists the passwords conn carries, to take out of text that may
+// quote them (a child process's output) where Redact cannot be applied.
+func Secrets(conn string) []string { return secrets(conn) }

@@ -145,17 +145,18 @@ func (g *globals) openStore(ctx context.Context) (*schema.Store, error) {
 func init() { zerolog.TimeFieldFormat = "2006-01-02T15:04:05.000Z07:00" }
 
 // logger builds the zerolog logger the flags ask for, writing to stderr.
-func (g *globals) logger() (zerolog.Logger, error) {
+func (g *globals) logger() (zerolog.Logger, error) { return g.loggerTo(g.stderr) }
+
+// loggerTo builds the zerolog logger the flags ask for, writing to w.
+func (g *globals) loggerTo(w io.Writer) (zerolog.Logger, error) {
 	level, err := zerolog.ParseLevel(g.logLevel)
 	if err != nil {
 		return zerolog.Nop(), fmt.Errorf("--log-level: %w", err)
 	}
-	var w io.Writer
 	switch g.logFormat {
 	case "json":
-		w = g.stderr
 	case "console":
-		w = zerolog.ConsoleWriter{Out: g.stderr, TimeFormat: "15:04:05.000"}
+		w = zerolog.ConsoleWriter{Out: w, TimeFormat: "15:04:05.000"}
 	default:
 		return zerolog.Nop(), fmt.Errorf("--log-format: %q is not console or json", g.logFormat)
 	}

@@ -4,11 +4,9 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"os"
 	"strings"
 	"time"
 
-	"github.com/mattn/go-isatty"
 	"github.com/spf13/cobra"
 
 	"github.com/phasecast/phasecast/schema"
@@ -18,8 +16,9 @@ func init() { extraCommands = append(extraCommands, newContractCmd) }
 
 func newContractCmd(g *globals) *cobra.Command {
 	var (
-		opts   schema.ContractOptions
-		asJSON bool
+		opts        schema.ContractOptions
+		asJSON      bool
+		execCommand string
 	)
 	cmd := &cobra.Command{
 		Use:   "contract RELEASE",
@@ -47,12 +46,30 @@ Re-running is safe at every step: after a crash, run the same command again.
 A release a runner took to contracting resumes at the DDL (step 4). One in
 contracting that no runner took there (a 'flip RELEASE contracting' by an
 older binary) is refused, since nothing says its agents acknowledged:
---recheck runs steps 1 to 3 on it, as from contract, before dropping.`,
+--recheck runs steps 1 to 3 on it, as from contract, before dropping.
+
+--exec CMD runs the team's own contract tool in step 4 instead of phasecast's
+DDL (alembic upgrade contract@head, neutron-db-manage upgrade --contract,
+pgroll complete): through sh -c, in a process group of its own, with
+PHASECAST_RELEASE, PHASECAST_EPOCH (the contract epoch every live agent
+acknowledged), PHASECAST_DATABASE_URL and DATABASE_URL in its environment,
+its output streamed to stderr under "exec| ", bounded by --ddl-timeout
+(exit 5) and killed if the runner is stopped. The release is complete only
+if CMD exits 0 and every removed column and table is gone; otherwise it
+stays in contracting and the error says why (CMD's exit status, or what is
+still there). A re-run runs CMD again: it must be idempotent.`,
 		Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			log, err := g.logger()
+			// Logs, the command's output and the final error go through
+			// the progress line, so each starts a line of its own.
+			stderr := newStatusLine(g.stderr)
+			defer stderr.End()
+			log, err := g.loggerTo(stderr)
 			if err != nil {
 				return err
+			}
+			if cmd.Flags().Changed("exec") {
+				opts.Exec = &schema.ExecSpec{Command: execCommand, DatabaseURL: g.databaseURL, Output: stderr}
 			}
 			store, err := g.openStore(cmd.Context())
 			if err != nil {
@@ -61,7 +78,7 @@ older binary) is refused, since nothing says its agents acknowledged:
 			defer store.Close()
 			opts.Log = log
 			if !asJSON && !opts.DryRun {
-				opts.Progress = progressPrinter(g.stderr)
+				opts.Progress = progressPrinter(stderr)
 			}
 			res, err := store.Contract(cmd.Context(), args[0], opts)
 			if asJSON {
@@ -83,17 +100,14 @@ older binary) is refused, since nothing says its agents acknowledged:
 	f.DurationVar(&opts.LeaderWithin, "broadcaster-within", 15*time.Second, "refuse unless a leading broadcaster was alive this recently")
 	f.StringVar(&opts.Actor, "actor", defaultActor(), "who runs the contract, for the audit log")
 	f.BoolVar(&opts.Recheck, "recheck", false, "take a release that no runner took to contracting: check and wait for acknowledgements as from contract, then drop")
+	f.StringVar(&execCommand, "exec", "", "run this command (with sh -c) in place of phasecast's DDL, once in contracting; it runs again on a re-run, so it must be idempotent")
 	f.BoolVar(&asJSON, "json", false, "print one JSON document at the end")
 	return cmd
 }
 
 // progressPrinter shows live progress: one line redrawn in place on a
 // terminal, plain lines when something changes elsewhere.
-func progressPrinter(w io.Writer) func(schema.Progress) {
-	tty := false
-	if f, ok := w.(*os.File); ok {
-		tty = isatty.IsTerminal(f.Fd())
-	}
+func progressPrinter(w *statusLine) func(schema.Progress) {
 	last := ""
 	var lastPrinted time.Time
 	return func(p schema.Progress) {
@@ -102,14 +116,14 @@ func progressPrinter(w io.Writer) func(schema.Progress) {
 		if missing := describeMissing(p.Missing, p.OldCode); missing != "" {
 			line += "; missing: " + missing
 		}
-		if tty {
-			fmt.Fprintf(w, "\r\033[K%s", line)
+		if w.tty {
+			w.Redraw(line)
 			return
 		}
 		// Elsewhere, one line per change, and a reminder every 10 s.
 		key := fmt.Sprint(p.Acked, p.Live, describeMissing(p.Missing, p.OldCode))
 		if key != last || time.Since(lastPrinted) >= 10*time.Second {
-			fmt.Fprintln(w, line)
+			w.Redraw(line)
 			last, lastPrinted = key, time.Now()
 		}
 	}
@@ -132,7 +146,16 @@ func describeMissing(missing, oldCode []schema.Agent) string {
 
 func printContract(w io.Writer, res *schema.ContractResult) {
 	fmt.Fprintf(w, "\nrelease %s: %s\n", res.Release, res.Outcome)
-	if len(res.DDL) > 0 {
+	if res.ExecCommand != "" {
+		fmt.Fprintf(w, "contract command, in place of the DDL: %s\n", res.ExecCommand)
+		if e := res.Exec; e != nil {
+			how := fmt.Sprintf("exit status %d", e.ExitCode)
+			if e.Signal != "" {
+				how = "ended by signal " + e.Signal
+			}
+			fmt.Fprintf(w, "  ran for %s: %s\n", e.Duration.Round(time.Millisecond), how)
+		}
+	} else if len(res.DDL) > 0 {
 		fmt.Fprintln(w, "DDL:")
 		for _, s := range res.DDL {
 			fmt.Fprintf(w, "  %s;\n", s)
@@ -171,7 +194,9 @@ func printContract(w io.Writer, res *schema.ContractResult) {
 			fmt.Fprintf(w, "  fix: add to expand: %s\n", p.Fix)
 		}
 	}
-	if len(res.Dropped) > 0 {
+	if len(res.Dropped) > 0 && res.Exec != nil {
+		fmt.Fprintf(w, "dropped by the contract command: %s (waited %s for acknowledgements)\n", strings.Join(res.Dropped, ", "), res.Waited.Round(time.Millisecond))
+	} else if len(res.Dropped) > 0 {
 		fmt.Fprintf(w, "dropped: %s (%d DDL attempt(s), waited %s for acknowledgements)\n", strings.Join(res.Dropped, ", "), res.Attempts, res.Waited.Round(time.Millisecond))
 	}
 }
