@@ -3,6 +3,7 @@ module github.com/phasecast/phasecast
 go 1.26.8
 
 require (
+	github.com/creack/pty v1.1.24
 	github.com/jmoiron/sqlx v1.4.0
 	github.com/lib/pq v1.12.3
 	github.com/mattn/go-isatty v0.0.20

@@ -6,6 +6,7 @@ import (
 	"database/sql"
 	"errors"
 	"fmt"
+	"io"
 	"slices"
 	"strings"
 	"sync"
@@ -367,8 +368,15 @@ func WaitFor(t testing.TB, limit time.Duration, what string, cond func() bool) {
 func (e *Env) CLI(args ...string) (code int, stdout, stderr string) {
 	e.T.Helper()
 	var out, errOut bytes.Buffer
+	code = e.CLIWith(e.Ctx, &out, &errOut, args...)
+	return code, out.String(), errOut.String()
+}
+
+// CLIWith runs the phasecast command in-process against the env's schema
+// and prefix, until ctx ends, writing to stdout and stderr: a terminal's
+// file, say.
+func (e *Env) CLIWith(ctx context.Context, stdout, stderr io.Writer, args ...string) int {
 	full := append([]string{"--database-url", testenv.DatabaseURL(), "--amqp-url", testenv.AMQPURL(),
 		"--schema", e.Store.Schema(), "--exchange-prefix", e.Prefix, "--log-level", "warn"}, args...)
-	code = cli.Main(e.Ctx, full, &out, &errOut)
-	return code, out.String(), errOut.String()
+	return cli.Main(ctx, full, stdout, stderr)
 }

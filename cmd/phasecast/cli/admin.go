@@ -1,6 +1,7 @@
 package cli
 
 import (
+	"errors"
 	"fmt"
 	"io"
 	"strings"
@@ -196,17 +197,45 @@ func newStatusCmd(g *globals) *cobra.Command {
 	var (
 		asJSON bool
 		flips  int
+		watch  bool
+		wopts  watchOptions
 	)
 	cmd := &cobra.Command{
 		Use:   "status",
 		Short: "Show releases, phases, the epoch, agents, broadcasters and recent flips",
-		Args:  cobra.NoArgs,
+		Long: `Shows releases, phases and removals, the epoch, every agent with its epochs,
+lease and acknowledgements, broadcasters and recent flips.
+
+--watch keeps a live fleet view until interrupted: each release's phase, each
+agent's standing in every pending contract (acknowledged, draining with guards
+open, behind, old code, fenced, expired), who leads and the last flips. It
+redraws at once on every flip (LISTEN) and every --refresh for agent statuses
+and lease expiry, which send no notification. On a terminal it redraws in
+place; elsewhere it writes the view as plain lines each time it changes.`,
+		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
+			if watch && asJSON {
+				return errors.New("--watch and --json do not go together: poll 'phasecast status --json' instead")
+			}
+			if !watch && cmd.Flags().Changed("refresh") {
+				return errors.New("--refresh goes with --watch")
+			}
+			if watch && wopts.refresh < 10*time.Millisecond {
+				return fmt.Errorf("--refresh is %s: it must be at least 10ms", wopts.refresh)
+			}
 			store, err := g.openStore(cmd.Context())
 			if err != nil {
 				return err
 			}
 			defer store.Close()
+			if watch {
+				log, err := g.logger()
+				if err != nil {
+					return err
+				}
+				wopts.flips = flips
+				return g.watchStatus(cmd.Context(), store, g.stdout, wopts, log)
+			}
 			rep, err := store.Report(cmd.Context(), flips)
 			if err != nil {
 				return err
@@ -219,6 +248,8 @@ func newStatusCmd(g *globals) *cobra.Command {
 	}
 	cmd.Flags().BoolVar(&asJSON, "json", false, "print the report as JSON")
 	cmd.Flags().IntVar(&flips, "flips", 10, "how many recent flips to show")
+	cmd.Flags().BoolVar(&watch, "watch", false, "keep a live fleet view, redrawn on every change, until interrupted")
+	cmd.Flags().DurationVar(&wopts.refresh, "refresh", time.Second, "with --watch: how often agents and leases are re-read between flips")
 	return cmd
 }
 

@@ -19,14 +19,14 @@ func terminal(w io.Writer) (fd int, ok bool) {
 	return int(f.Fd()), true
 }
 
-// terminalWidth is the terminal's width in columns, or 0 when it will not
-// say.
-func terminalWidth(fd int) int {
+// terminalSize is the terminal's width in columns and height in rows,
+// each 0 when it will not say.
+func terminalSize(fd int) (cols, rows int) {
 	ws, err := unix.IoctlGetWinsize(fd, unix.TIOCGWINSZ)
 	if err != nil {
-		return 0
+		return 0, 0
 	}
-	return int(ws.Col)
+	return int(ws.Col), int(ws.Row)
 }
 
 // fitWidth cuts s to fit in cols columns (one rune a column), marking a
@@ -68,7 +68,8 @@ func (s *statusLine) Redraw(line string) {
 	}
 	// The last column stays free: writing into it leaves some terminals
 	// waiting to wrap.
-	_, _ = io.WriteString(s.w, "\r\033[K"+fitWidth(line, terminalWidth(s.fd)-1))
+	cols, _ := terminalSize(s.fd)
+	_, _ = io.WriteString(s.w, "\r\033[K"+fitWidth(line, cols-1))
 	s.open = true
 }
 
