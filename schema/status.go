@@ -121,6 +121,10 @@ type Report struct {
 	Agents       []Agent         `json:"agents"`
 	Broadcasters []Broadcaster   `json:"broadcasters"`
 	RecentFlips  []AuditEntry    `json:"recent_flips"`
+
+	// Now is when the report was read, on the database clock, which
+	// leases and liveness are measured on.
+	Now time.Time `json:"now"`
 }
 
 // Report reads a status report in one read-only snapshot, so its parts
@@ -136,6 +140,9 @@ func (s *Store) Report(ctx context.Context, recentFlips int) (*Report, error) {
 			return err
 		}
 		if err := tx.GetContext(ctx, &rep.Epoch, s.sql(epochQuery)); err != nil {
+			return err
+		}
+		if err := tx.GetContext(ctx, &rep.Now, `SELECT now()`); err != nil {
 			return err
 		}
 		var unpublished *int64

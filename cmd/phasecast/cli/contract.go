@@ -69,6 +69,9 @@ still there). A re-run runs CMD again: it must be idempotent.`,
 				return err
 			}
 			if cmd.Flags().Changed("exec") {
+				if strings.TrimSpace(execCommand) == "" {
+					return errors.New("--exec is empty: name the contract command, or leave --exec out for phasecast's own DDL")
+				}
 				opts.Exec = &schema.ExecSpec{Command: execCommand, DatabaseURL: g.databaseURL, Output: stderr}
 			}
 			store, err := g.openStore(cmd.Context())

@@ -201,7 +201,7 @@ func renderWatch(rep *schema.Report, countdown bool) string {
 		fmt.Fprintf(&b, " (changes up to epoch %d not yet published)", rep.Unpublished)
 	}
 	b.WriteString("\n")
-	b.WriteString(describeLeader(rep.Broadcasters) + "\n\n")
+	b.WriteString(describeLeader(rep.Broadcasters, rep.Now, countdown) + "\n\n")
 
 	w := tabwriter.NewWriter(&b, 0, 4, 2, ' ', 0)
 	var pending []schema.ReleaseStatus
@@ -276,11 +276,27 @@ func renderWatch(rep *schema.Report, countdown bool) string {
 	return b.String()
 }
 
-// describeLeader says which broadcaster leads, and which stand by.
-func describeLeader(bs []schema.Broadcaster) string {
+// broadcasterFresh is how recently a broadcaster must have written its
+// liveness to be shown as running: the runner's --broadcaster-within.
+const broadcasterFresh = 15 * time.Second
+
+// describeLeader says which broadcaster leads and which stand by, of
+// those alive at now (the database clock); rows of broadcasters that
+// stopped writing their liveness are counted apart. With ages, it says
+// how long ago each was seen.
+func describeLeader(bs []schema.Broadcaster, now time.Time, ages bool) string {
 	var leaders, standby []string
+	gone := 0
 	for _, b := range bs {
+		ago := now.Sub(b.LastSeen)
+		if ago > broadcasterFresh {
+			gone++
+			continue
+		}
 		s := fmt.Sprintf("%s (%s/%d)", b.ID, b.Host, b.PID)
+		if ages {
+			s += fmt.Sprintf(" seen %s ago", max(ago, 0).Round(100*time.Millisecond))
+		}
 		if b.Leader {
 			leaders = append(leaders, s)
 		} else {
@@ -293,6 +309,9 @@ func describeLeader(bs []schema.Broadcaster) string {
 	}
 	if len(standby) > 0 {
 		line += "; standing by: " + strings.Join(standby, ", ")
+	}
+	if gone > 0 {
+		line += fmt.Sprintf("; %d not seen for over %s", gone, broadcasterFresh)
 	}
 	return line
 }

@@ -27,7 +27,7 @@ func TestWatchShowsEveryStanding(t *testing.T) {
 	}
 	epoch := int64(7)
 	rep := &schema.Report{
-		Schema: "phasecast", Epoch: 9,
+		Schema: "phasecast", Epoch: 9, Now: seen,
 		Releases: []schema.ReleaseStatus{
 			{ReleaseRow: schema.ReleaseRow{Name: "L", Phase: phase.Contract, PhaseEpoch: epoch}, ContractEpoch: &epoch},
 			{ReleaseRow: schema.ReleaseRow{Name: "M", Phase: phase.Migrate, PhaseEpoch: 9}},
@@ -42,7 +42,11 @@ func TestWatchShowsEveryStanding(t *testing.T) {
 			agent("left", []string{"L"}, 9, 9, 0, -10_000, true),
 			agent("gone", []string{"L"}, 9, 9, 0, -int64(time.Hour/time.Millisecond), false),
 		},
-		Broadcasters: []schema.Broadcaster{{ID: "b1", Host: "h", PID: 2, Leader: true}, {ID: "b2", Host: "h", PID: 3}},
+		Broadcasters: []schema.Broadcaster{
+			{ID: "b1", Host: "h", PID: 2, Leader: true, LastSeen: seen.Add(-time.Second)},
+			{ID: "b2", Host: "h", PID: 3, LastSeen: seen.Add(-2 * time.Second)},
+			{ID: "b0", Host: "h", PID: 4, Leader: true, LastSeen: seen.Add(-time.Hour)}, // crashed while leading
+		},
 	}
 	view := renderWatch(rep, false)
 	for id, want := range map[string]string{
@@ -60,11 +64,12 @@ func TestWatchShowsEveryStanding(t *testing.T) {
 	require.Contains(t, view, "(1 more expired over 10m0s ago)")
 	require.Regexp(t, `(?m)^L +contract +7 +1/5 live agents \(contract epoch 7\)$`, view)
 	require.Regexp(t, `(?m)^M +migrate +9 +-$`, view)
-	require.Contains(t, view, "leader: b1 (h/2); standing by: b2 (h/3)")
+	require.Contains(t, view, "leader: b1 (h/2); standing by: b2 (h/3); 1 not seen for over 15s")
 	require.Regexp(t, `(?m)^AGENT +SERVICE +HOST/PID +APPLIED/DRAINED +LEASE +L$`, view, "one column per pending contract")
 
 	withCountdown := renderWatch(rep, true)
 	require.Regexp(t, `(?m)^acked +svc +h/1 +9/9 +2s +acknowledged`, withCountdown)
+	require.Contains(t, withCountdown, "leader: b1 (h/2) seen 1s ago; standing by: b2 (h/3) seen 2s ago")
 
 	require.Contains(t, renderWatch(&schema.Report{Schema: "phasecast"}, false), "leader: none")
 }
