@@ -16,8 +16,10 @@ import (
 	"github.com/lib/pq"
 	"github.com/rs/zerolog"
 
+	"github.com/phasecast/phasecast/internal/config"
 	"github.com/phasecast/phasecast/internal/phase"
 	"github.com/phasecast/phasecast/internal/retry"
+	"github.com/phasecast/phasecast/internal/shellcmd"
 )
 
 // Contract runner errors callers branch on.
@@ -445,7 +447,9 @@ func (s *Store) Contract(ctx context.Context, release string, opts ContractOptio
 	}
 	res.DDL = m.DDL()
 	if opts.Exec != nil {
-		res.ExecCommand = opts.Exec.Command
+		// Shown and logged: without the database's password, should the
+		// command spell it out.
+		res.ExecCommand = shellcmd.Mask(opts.Exec.Command, config.Secrets(opts.Exec.DatabaseURL))
 	}
 	res.ContractEpoch = rel.ContractEpoch.Int64
 	runner := runnerIdentity(opts.Actor)

@@ -66,7 +66,8 @@ type ExecSpec struct {
 
 // ExecReport is how the contract command ran.
 type ExecReport struct {
-	Command string `json:"command"`
+	Command string `json:"command"` // with the database's password masked
+
 	shellcmd.Result
 }
 
@@ -164,20 +165,20 @@ func (s *Store) runExec(ctx context.Context, conn *sqlx.Conn, res *ContractResul
 	if spec.DatabaseURL != "" {
 		env = append(env, ExecEnvDatabaseURL+"="+spec.DatabaseURL, ExecEnvDatabaseURLPlain+"="+spec.DatabaseURL)
 	}
-	log.Info().Str("exec", spec.Command).Int64("epoch", res.ContractEpoch).Str("database_url", config.Redact(spec.DatabaseURL)).
+	log.Info().Str("exec", res.ExecCommand).Int64("epoch", res.ContractEpoch).Str("database_url", config.Redact(spec.DatabaseURL)).
 		Msg("running the contract command in place of the DDL")
 	res.Attempts++
 	ran, runErr := shellcmd.Run(execCtx, shellcmd.Spec{
 		Command: spec.Command, Env: env, Output: spec.Output, Prefix: ExecOutputPrefix,
 		Redact: config.Secrets(spec.DatabaseURL),
 	})
-	res.Exec = &ExecReport{Command: spec.Command, Result: ran}
+	res.Exec = &ExecReport{Command: res.ExecCommand, Result: ran}
 	log.Info().Int("exit_code", ran.ExitCode).Str("signal", ran.Signal).Dur("duration", ran.Duration).Msg("the contract command ended")
 	if err := s.watchOldCode(ctx, conn, res, log); err != nil {
 		log.Warn().Err(err).Msg("reading the agents after the contract command failed")
 	}
 	if runErr != nil {
-		failed := &ExecFailedError{Release: res.Release, Command: spec.Command, ExitCode: ran.ExitCode, Signal: ran.Signal, Tail: ran.Tail, Err: runErr}
+		failed := &ExecFailedError{Release: res.Release, Command: res.ExecCommand, ExitCode: ran.ExitCode, Signal: ran.Signal, Tail: ran.Tail, Err: runErr}
 		if ctx.Err() == nil && errors.Is(execCtx.Err(), context.DeadlineExceeded) {
 			failed.Deadline = opts.DDLTimeout
 		}

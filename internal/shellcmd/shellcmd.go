@@ -142,6 +142,16 @@ func Run(ctx context.Context, spec Spec) (Result, error) {
 	return res, err
 }
 
+// Mask replaces each of secrets in s with "xxxxx".
+func Mask(s string, secrets []string) string {
+	for _, secret := range secrets {
+		if secret != "" {
+			s = strings.ReplaceAll(s, secret, "xxxxx")
+		}
+	}
+	return s
+}
+
 // lineWriter cuts output into lines, writes each under a prefix, and keeps
 // the last ones. os/exec writes to it from one goroutine; the mutex keeps
 // tail safe to read after Wait.
@@ -178,13 +188,8 @@ func (w *lineWriter) Write(p []byte) (int, error) {
 // emit writes and keeps the partial line. Output errors are dropped: a
 // closed terminal must not fail the command.
 func (w *lineWriter) emit() {
-	line := strings.TrimSuffix(string(w.partial), "\r")
+	line := Mask(strings.TrimSuffix(string(w.partial), "\r"), w.redact)
 	w.partial = w.partial[:0]
-	for _, s := range w.redact {
-		if s != "" {
-			line = strings.ReplaceAll(line, s, "xxxxx")
-		}
-	}
 	_, _ = io.WriteString(w.out, w.prefix+line+"\n")
 	if len(w.kept) < w.keep {
 		w.kept = append(w.kept, line)
