@@ -617,8 +617,8 @@ func (s *Store) unlockContract(lock *SessionLock, log zerolog.Logger) error {
 }
 
 // lockedDDL runs the DDL, or the contract command in its place (Exec),
-// once the lock is proven still held (a dry run
-// holds none and runs no DDL).
+// once the lock is proven still held (a dry run holds none and runs no
+// DDL).
 func (s *Store) lockedDDL(ctx context.Context, lock *SessionLock, conn *sqlx.Conn, res *ContractResult, m *Manifest, opts ContractOptions, log zerolog.Logger) error {
 	if lock != nil {
 		if err := lock.Verify(ctx); err != nil {
