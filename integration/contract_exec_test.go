@@ -1,6 +1,7 @@
 package integration
 
 import (
+	"context"
 	"fmt"
 	"net/url"
 	"os"
@@ -137,6 +138,45 @@ func TestContractExecKilledAtDDLTimeout(t *testing.T) {
 	require.NoError(t, err)
 	pid := strings.TrimSpace(string(b))
 	require.Eventually(t, func() bool { return !processRuns(pid) }, 5*time.Second, 10*time.Millisecond, "the command's background child %s is gone", pid)
+}
+
+// TestContractExecKilledWhenRunnerStops: a runner stopped (SIGINT) while
+// the command runs kills it and its process group, and leaves the
+// release in contracting; a re-run runs the command again.
+func TestContractExecKilledWhenRunnerStops(t *testing.T) {
+	t.Parallel()
+	e := e2eSetup(t)
+	e.execReady()
+	dir := t.TempDir()
+	pidFile := filepath.Join(dir, "pid")
+	ctx, stop := context.WithCancel(e.ctx)
+	defer stop()
+	var stdout, stderr lockedBuffer
+	exited := make(chan int, 1)
+	go func() {
+		exited <- e.h.CLIWith(ctx, &stdout, &stderr, "contract", "L", "--exec", `sh -c 'echo $$ > `+pidFile+`; exec sleep 60' & wait`)
+	}()
+	e2eWaitFor(t, e2eWait, "the command to start", func() bool {
+		b, err := os.ReadFile(pidFile)
+		return err == nil && len(strings.TrimSpace(string(b))) > 0
+	})
+	b, err := os.ReadFile(pidFile)
+	require.NoError(t, err)
+	pid := strings.TrimSpace(string(b))
+	stop()
+	select {
+	case code := <-exited:
+		require.Equal(t, cli.ExitError, code, "stdout:\n%s\nstderr:\n%s", stdout.String(), stderr.String())
+	case <-time.After(e2eWait):
+		t.Fatal("the runner did not stop")
+	}
+	require.Contains(t, stderr.String(), "the contract command was stopped with the runner (signal ")
+	require.Eventually(t, func() bool { return !processRuns(pid) }, 5*time.Second, 10*time.Millisecond, "the command's background child %s is gone", pid)
+	require.Equal(t, phase.Contracting, e.phase("L"))
+
+	code, out, errOut := e.cli("contract", "L", "--exec", e.psqlDrop("name", "display_name"))
+	require.Zero(t, code, "stdout:\n%s\nstderr:\n%s", out, errOut)
+	require.Equal(t, phase.Complete, e.phase("L"))
 }
 
 // processRuns reports whether process pid exists and is not a zombie

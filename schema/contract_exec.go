@@ -80,6 +80,7 @@ type ExecFailedError struct {
 	Signal   string // the signal that ended it, if one did
 	Tail     []string
 	Deadline time.Duration // the DDL phase's deadline, when it was passed
+	Stopped  bool          // the run was stopped (its ctx ended) while the command ran
 	Err      error
 }
 
@@ -88,6 +89,11 @@ func (e *ExecFailedError) Error() string {
 	switch {
 	case e.Deadline > 0:
 		how = fmt.Sprintf("was killed at the DDL phase's deadline of %s (--ddl-timeout)", e.Deadline)
+	case e.Stopped:
+		how = "was stopped with the runner"
+		if e.Signal != "" {
+			how += " (signal " + e.Signal + ")"
+		}
 	case e.Signal != "":
 		how = "was ended by signal " + e.Signal
 	case e.ExitCode < 0:
@@ -179,7 +185,10 @@ func (s *Store) runExec(ctx context.Context, conn *sqlx.Conn, res *ContractResul
 	}
 	if runErr != nil {
 		failed := &ExecFailedError{Release: res.Release, Command: res.ExecCommand, ExitCode: ran.ExitCode, Signal: ran.Signal, Tail: ran.Tail, Err: runErr}
-		if ctx.Err() == nil && errors.Is(execCtx.Err(), context.DeadlineExceeded) {
+		switch {
+		case ctx.Err() != nil:
+			failed.Stopped = true
+		case errors.Is(execCtx.Err(), context.DeadlineExceeded):
 			failed.Deadline = opts.DDLTimeout
 		}
 		return failed
