@@ -79,7 +79,7 @@ func TestIgnoredStatusLeavesAgentFenced(t *testing.T) {
 			g.Exit()
 			require.Positive(t, row.LeaseRemainingMS, "the agent serves while the store's lease for it expired %d ms ago (seq %d recorded)", -row.LeaseRemainingMS, row.Seq)
 		}
-		time.Sleep(50 * time.Millisecond)
+		time.Sleep(150 * time.Millisecond)
 	}
 	// The status above came from no incarnation of this agent's, so once
 	// its 300 ms were over the agent's own took the row back.
@@ -95,7 +95,7 @@ func TestIgnoredStatusLeavesAgentFenced(t *testing.T) {
 	require.Eventually(t, func() bool {
 		_, err := a.Enter()
 		return errors.Is(err, schema.ErrStatusIgnored)
-	}, 10*time.Second, 20*time.Millisecond, "the agent never refused with the store's reason")
+	}, 10*time.Second, 100*time.Millisecond, "the agent never refused with the store's reason")
 	_, err = a.Enter()
 	require.ErrorIs(t, err, ErrStale)
 	require.Positive(t, a.Stats().StatusesIgnored)
@@ -146,7 +146,7 @@ func TestDuplicateIDLoserStaysFenced(t *testing.T) {
 		require.False(t, err1 == nil && err2 == nil, "both processes claiming ID %s serve", cfg.ID)
 		row := agentRow(t, b.store, cfg.ID)
 		require.False(t, row.Acked("L", epoch), "ID %s counts as acknowledged while two live processes claim it", cfg.ID)
-		time.Sleep(50 * time.Millisecond)
+		time.Sleep(150 * time.Millisecond)
 	}
 	// The store shows both processes, and the loser knows why it waits.
 	row := agentRow(t, b.store, cfg.ID)
