@@ -246,6 +246,12 @@ func (a *Agent) Column(table, column string) ColumnRef {
 // state (the broadcaster sends one every few seconds as a beacon) and then
 // for a grant of a lease on it.
 //
+// If another live process holds Config.ID, the store reads out the state
+// but records none of this agent's statuses (schema.ErrStatusIgnored):
+// Start then waits, fenced, until that process's lease ends or it says
+// goodbye and a status of this one is recorded, and the error on timeout
+// says who holds the ID.
+//
 // ctx bounds the wait; if it ends first, Start undoes everything and
 // returns an error. Calling Start on a running agent does nothing. An
 // agent may be started again after Stop.
