@@ -14,6 +14,11 @@ import (
 	"github.com/phasecast/phasecast/schema"
 )
 
+// The tests here do not run in parallel: a fenced agent whose statuses
+// the store ignores re-syncs on every heartbeat and every Enter, and they
+// poll; alongside the parallel tests they would crowd out the single,
+// serial fake broadcasters those depend on for their grants.
+
 // storeAhead checks the README's lease guarantee at one moment: the lease
 // the store holds for the agent (on the database clock) runs out no
 // earlier than the agent's own deadline, so the runner counts the agent
@@ -34,7 +39,6 @@ func storeAhead(t *testing.T, a *Agent) (agentLeft, storeLeft time.Duration) {
 // broadcaster that grants a much shorter lease must not cut the store's
 // expiry below the agent's own deadline, which only moves later.
 func TestShortBroadcasterLeaseKeepsStoreAheadOfAgent(t *testing.T) {
-	t.Parallel()
 	b := setup(t, fakeOptions{lease: time.Second})
 	cfg := b.config(t, true)
 	cfg.InitialLease = 10 * time.Second
@@ -57,7 +61,6 @@ func TestShortBroadcasterLeaseKeepsStoreAheadOfAgent(t *testing.T) {
 // agent that extended its lease anyway would serve while the store counts
 // it gone.
 func TestIgnoredStatusLeavesAgentFenced(t *testing.T) {
-	t.Parallel()
 	b := setup(t, fakeOptions{lease: time.Second})
 	cfg := b.config(t, true)
 	cfg.InitialLease = time.Second
@@ -112,7 +115,6 @@ func TestIgnoredStatusLeavesAgentFenced(t *testing.T) {
 // old one). The store keeps one of them; the other must not serve, and
 // the ID must not count as acknowledged while both claim it.
 func TestDuplicateIDLoserStaysFenced(t *testing.T) {
-	t.Parallel()
 	b := setup(t, fakeOptions{})
 	applyRelease(t, b.store, manifestL)
 	epoch := flip(t, b.store, "L", phase.Migrate, phase.Contract)

@@ -159,6 +159,7 @@ func (a *Agent) syncLocked(ctx context.Context, reason string) error {
 		// out (or has): Enter refuses until a status of ours is recorded.
 		a.lastSyncFail = time.Now()
 		a.ignoredSyncs.Add(1)
+		a.learnStore(state.StoreID)
 		a.apply(&state)
 		a.logIgnoredLocked(err, reason, st.Seq)
 		return err
