@@ -187,8 +187,8 @@ func New(cfg Config) (*Agent, error) {
 	// restarted agent is never taken for a replay of its former self,
 	// whatever the wall clock did across the restart. Seqs still start at
 	// the creation time in nanoseconds, which is what ordered a successor
-	// above its predecessor before incarnations, for stores that predate
-	// them.
+	// above its predecessor before incarnations, for broadcasters built
+	// before them, which order by seq alone.
 	a.incarnation = randomHex(8)
 	a.seqBase = uint64(time.Now().UnixNano())
 	a.seq.Store(a.seqBase)
