@@ -47,6 +47,9 @@ type Agent struct {
 	store *schema.Store // nil without Config.DB
 	reg   *registry
 	pid   int
+	// incarnation is random per New: this process's identity beside
+	// Config.ID (wire.Status.Incarnation).
+	incarnation string
 
 	drain       chan struct{} // wakes the drainer; 1-buffered
 	leasePoke   chan struct{} // wakes the lease timer; 1-buffered
@@ -71,6 +74,8 @@ type Agent struct {
 	syncGen      atomic.Uint64 // bumped by every Store.SyncAgent attempt
 	lastSyncErr  error         // under statusMu
 	lastSyncFail time.Time     // under statusMu
+	ignoredNote  string        // under statusMu: the last ignored-status reason logged at warn
+	ignoredAt    time.Time     // under statusMu: when it was
 
 	sentMu sync.Mutex
 	sent   [sentRing]sentStatus
@@ -174,13 +179,17 @@ func New(cfg Config) (*Agent, error) {
 		}
 		a.store = store
 	}
-	// The store keeps an agent's status only if its seq is higher than the
-	// one recorded (replays and reorderings are ignored). Were seq to start
-	// at 1, a service restarted under a fixed Config.ID would have every
-	// status, and every lease renewal through the store, silently ignored
-	// while it believed itself renewed. Starting at the creation time in
-	// nanoseconds puts a successor above any predecessor: one status per
-	// nanosecond is more than any agent sends.
+	// The incarnation tells this process from any other configured with
+	// the same ID (a hard-coded ID, a replaced pod overlapping the old
+	// one): the store orders seqs within one incarnation only, keeps one
+	// incarnation per ID while its lease is live, and reports the other as
+	// a conflict (schema.Agent.Rivals) instead of recording it. So a
+	// restarted agent is never taken for a replay of its former self,
+	// whatever the wall clock did across the restart. Seqs still start at
+	// the creation time in nanoseconds, which is what ordered a successor
+	// above its predecessor before incarnations, for broadcasters built
+	// before them, which order by seq alone.
+	a.incarnation = randomHex(8)
 	a.seqBase = uint64(time.Now().UnixNano())
 	a.seq.Store(a.seqBase)
 	a.fenced.Store(true)
@@ -237,6 +246,12 @@ func (a *Agent) Column(table, column string) ColumnRef {
 // state (the broadcaster sends one every few seconds as a beacon) and then
 // for a grant of a lease on it.
 //
+// If another live process holds Config.ID, the store reads out the state
+// but records none of this agent's statuses (schema.ErrStatusIgnored):
+// Start then waits, fenced, until that process's lease ends or it says
+// goodbye and a status of this one is recorded, and the error on timeout
+// says who holds the ID.
+//
 // ctx bounds the wait; if it ends first, Start undoes everything and
 // returns an error. Calling Start on a running agent does nothing. An
 // agent may be started again after Stop.
@@ -257,10 +272,18 @@ func (a *Agent) Start(ctx context.Context) error {
 	a.setRunning(true)
 	a.runPtr.Store(r)
 
+	// ignored is set when the store read out the state but ignored the
+	// start status (another live process holds the ID): the agent stays
+	// fenced and waits, like an agent without a DB, for a grant, which
+	// comes once the store records one of its statuses.
+	var ignored error
 	if a.store != nil {
 		a.statusMu.Lock()
 		err := a.syncLocked(ctx, "start")
 		a.statusMu.Unlock()
+		if errors.Is(err, schema.ErrStatusIgnored) {
+			ignored, err = err, nil
+		}
 		if err != nil {
 			a.halt(r)
 			return fmt.Errorf("agent: start: load state from the store (schema %q): %w", a.cfg.Schema, err)
@@ -288,6 +311,17 @@ func (a *Agent) Start(ctx context.Context) error {
 	r.wg.Go(func() { a.amqpLoop(r, conn) })
 
 	if dialErr != nil {
+		if a.store != nil && ignored != nil {
+			// The heartbeats retry through the store; the ID is ours once
+			// the other process's lease is over.
+			if err := a.awaitLease(ctx); err != nil {
+				a.halt(r)
+				a.statusMu.Lock()
+				ignored = a.lastSyncErr
+				a.statusMu.Unlock()
+				return fmt.Errorf("agent: start: broker unreachable (%v), and waiting for a lease from the store: %w (%w)", dialErr, err, ignored)
+			}
+		}
 		if a.store != nil {
 			a.log.Warn().Err(dialErr).Msg("broker unreachable; running on the store's lease and reconnecting in the background")
 			a.run = r
@@ -307,8 +341,31 @@ func (a *Agent) Start(ctx context.Context) error {
 		if a.store == nil {
 			what = "the first state (beacon) and a lease grant from the broadcaster"
 		}
+		if ignored != nil {
+			a.statusMu.Lock()
+			if a.lastSyncErr != nil {
+				ignored = a.lastSyncErr
+			}
+			a.statusMu.Unlock()
+			return fmt.Errorf("agent: start: waiting for %s: %w (%w)", what, ctx.Err(), ignored)
+		}
 		return fmt.Errorf("agent: start: waiting for %s: %w", what, ctx.Err())
 	}
+}
+
+// awaitLease waits until the lease is valid (the agent is unfenced) or
+// ctx ends.
+func (a *Agent) awaitLease(ctx context.Context) error {
+	t := time.NewTicker(max(a.cfg.HeartbeatInterval/4, time.Millisecond))
+	defer t.Stop()
+	for a.fenced.Load() {
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-t.C:
+		}
+	}
+	return nil
 }
 
 // Stop stops the agent and waits, bounded by ctx, for every goroutine it
@@ -408,6 +465,7 @@ func (a *Agent) Stats() Stats {
 		Fencings:       a.fencings.Load(),
 		StoreID:        a.storeIdentity(),
 	}
+	st.StatusesIgnored = a.ignoredSyncs.Load()
 	a.leaseMu.Lock()
 	if !a.deadline.IsZero() {
 		st.LeaseRemaining = time.Until(a.deadline)

@@ -26,7 +26,10 @@ type Config struct {
 	Service string
 
 	// ID identifies this agent in the store and on the wire; at most 200
-	// bytes. Defaults to NewID(Service): "<service>-<host>-<pid>-<random4hex>".
+	// bytes. Give each process its own: while one process holds an ID with
+	// a live lease, a second one started under it stays fenced and the
+	// store reports the conflict. Defaults to NewID(Service):
+	// "<service>-<host>-<pid>-<random4hex>".
 	ID string
 
 	// Host is reported in status. Defaults to os.Hostname().

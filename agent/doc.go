@@ -72,7 +72,19 @@
 // not (wire.Status.SkipGrant), since the heartbeats renew the lease anyway
 // and a grant per ack doubled a flip's messages back. The store
 // records the lease on the database clock when it writes the status, which
-// is later, so the agent's lease always runs out first. When it runs out
+// is later, and never moves an expiry earlier than one it granted, so the
+// agent's lease always runs out first, whatever lease lengths granted it.
+// Only a status the store recorded extends the lease: one it ignored earns
+// no grant, and a sync through the store that it ignored
+// (schema.ErrStatusIgnored) extends nothing and is logged.
+//
+// Each agent draws a random incarnation in New and sends it with every
+// status: the store orders seqs within one incarnation, and while one
+// process holds an ID with a live lease, a second process under the same
+// Config.ID is refused and stays fenced (its Start waits for the ID,
+// bounded by its context), and the store reports the conflict.
+//
+// When the lease runs out
 // the agent is fenced: Enter re-reads the state from the store and renews
 // the lease there when there is a DB, and returns ErrStale when there is
 // not. The runner treats an agent whose lease expired as gone, so a

@@ -19,7 +19,7 @@ import (
 
 // fakeBroadcaster plays the broadcaster in these tests, with raw amqp091
 // on the real broker and the real store: it records each status with
-// Store.RecordStatuses and answers with a grant (unless the status skips
+// Store.RecordStatusBatch and answers with a grant (unless the status skips
 // it, as the broadcaster does), and publishes the store's
 // state as beacons. Tests turn each duty on and off, and publish what a
 // broadcaster never would.
@@ -143,16 +143,17 @@ func (f *fakeBroadcaster) onStatus(ctx context.Context, d amqp.Delivery) {
 	if !f.answering.Load() {
 		return
 	}
-	epoch, recorded, err := f.store.RecordStatuses(ctx, []wire.Status{st}, f.lease)
+	rec, err := f.store.RecordStatusBatch(ctx, []wire.Status{st}, f.lease)
 	if err != nil {
 		if ctx.Err() == nil {
-			f.t.Errorf("fake broadcaster: RecordStatuses: %v", err)
+			f.t.Errorf("fake broadcaster: RecordStatusBatch: %v", err)
 		}
 		return
 	}
-	if len(recorded) == 0 || st.Queue == "" {
-		return // a replayed status: no grant
+	if !rec.Has(st.AgentID, st.Incarnation) || st.Queue == "" {
+		return // a replayed or conflicting status: no grant
 	}
+	epoch := rec.Epoch
 	if !st.WantsGrant(epoch) {
 		return // as the broadcaster: an ack on a fresh lease
 	}

@@ -1,8 +1,11 @@
 package agent
 
 import (
+	"errors"
 	"fmt"
 	"time"
+
+	"github.com/phasecast/phasecast/schema"
 )
 
 // Guard pins one snapshot for one unit of work (a request, a transaction):
@@ -182,7 +185,9 @@ func (a *Agent) resyncFenced(r *runState) error {
 	if a.lastSyncErr != nil && (a.syncGen.Load() != gen || time.Since(a.lastSyncFail) < a.cfg.ConfirmInterval) {
 		return fmt.Errorf("%w; re-sync from the store failed: %w", ErrStale, a.lastSyncErr)
 	}
-	if err := a.syncLocked(r.ctx, "fenced_enter"); err != nil {
+	if err := a.syncLocked(r.ctx, "fenced_enter"); errors.Is(err, schema.ErrStatusIgnored) {
+		return fmt.Errorf("%w; the store read out the state but renewed no lease: %w", ErrStale, err)
+	} else if err != nil {
 		return fmt.Errorf("%w; re-sync from the store failed: %w", ErrStale, err)
 	}
 	if a.fenced.Load() {

@@ -65,6 +65,7 @@ type counters struct {
 	digestConfirms atomic.Int64
 	reconnects     atomic.Int64
 	fencings       atomic.Int64
+	ignoredSyncs   atomic.Int64
 }
 
 // Stats is a point-in-time view of an agent, for metrics and tests.
@@ -84,8 +85,8 @@ type Stats struct {
 	LeaseRemaining time.Duration
 	// StatusesSent counts statuses sent, over AMQP or through the store;
 	// Seq is the seq of the last one. Seqs start at the agent's creation
-	// time in nanoseconds, so that an agent restarted under the same ID
-	// numbers its statuses above its predecessor's.
+	// time in nanoseconds; the store orders them within this process's
+	// incarnation only.
 	StatusesSent, Seq uint64
 	// StaleRefusals counts Enter calls refused with ErrStale.
 	StaleRefusals int64
@@ -113,4 +114,8 @@ type Stats struct {
 	// read from the store with a DB, else learnt from the states. Empty
 	// until the agent holds a state.
 	StoreID string
+	// StatusesIgnored counts syncs through the store that the store did
+	// not record (schema.ErrStatusIgnored), most often because another
+	// live process holds this agent's ID; none extended the lease.
+	StatusesIgnored int64
 }

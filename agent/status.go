@@ -51,6 +51,7 @@ func (a *Agent) statusLocked(queue string) wire.Status {
 		Kind:         wire.KindStatus,
 		StoreID:      a.storeIdentity(),
 		AgentID:      a.cfg.ID,
+		Incarnation:  a.incarnation,
 		Service:      a.cfg.Service,
 		Host:         a.cfg.Host,
 		PID:          a.pid,
@@ -152,6 +153,17 @@ func (a *Agent) syncLocked(ctx context.Context, reason string) error {
 	state, err := a.store.SyncAgent(ctx, st, lease)
 	a.syncGen.Add(1)
 	a.lastSyncErr = err
+	if errors.Is(err, schema.ErrStatusIgnored) {
+		// The state is the store's truth, read in the same transaction;
+		// but no lease was granted, so the lease is left as it is and runs
+		// out (or has): Enter refuses until a status of ours is recorded.
+		a.lastSyncFail = time.Now()
+		a.ignoredSyncs.Add(1)
+		a.learnStore(state.StoreID)
+		a.apply(&state)
+		a.logIgnoredLocked(err, reason, st.Seq)
+		return err
+	}
 	if err != nil {
 		a.lastSyncFail = time.Now()
 		a.resyncFailures.Add(1)
@@ -165,6 +177,23 @@ func (a *Agent) syncLocked(ctx context.Context, reason string) error {
 	a.log.Debug().Str("reason", reason).Uint64("seq", st.Seq).Int64("epoch", state.Epoch).Msg("re-synced from the store")
 	return nil
 }
+
+// logIgnoredLocked says why the store ignored a status: at warn when the
+// reason is new or the last warning is half a minute old (a conflicted
+// agent syncs on every heartbeat), else at debug.
+func (a *Agent) logIgnoredLocked(err error, reason string, seq uint64) {
+	ev := a.log.Debug()
+	if note := err.Error(); note != a.ignoredNote || time.Since(a.ignoredAt) >= ignoredWarnEvery {
+		a.ignoredNote, a.ignoredAt = note, time.Now()
+		ev = a.log.Warn()
+	}
+	ev.Err(err).Str("reason", reason).Uint64("seq", seq).Str("incarnation", a.incarnation).
+		Msg("the store ignored this agent's status: no lease; fenced until it records one")
+}
+
+// ignoredWarnEvery is how often an ignored status that keeps recurring for
+// the same reason is logged at warn.
+const ignoredWarnEvery = 30 * time.Second
 
 // confirm brings the agent to the store's state after a message claimed a
 // newer epoch. If the newest state message is the store's current state

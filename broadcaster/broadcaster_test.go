@@ -279,7 +279,7 @@ func TestNew(t *testing.T) {
 		require.False(t, b.IsLeader())
 		require.NoError(t, b.Stop(context.Background()), "Stop before Start does nothing")
 		stats := b.Stats()
-		require.Len(t, stats.Rejected, 9)
+		require.Len(t, stats.Rejected, 10, "every reason is present")
 	})
 
 	t.Run("Validates", func(t *testing.T) {

@@ -30,7 +30,10 @@
 //     behind that epoch. Deliveries are acked only
 //     after the transaction committed; if the database write fails they go
 //     back to the queue and the consumer backs off. A replayed status (its
-//     seq not newer than the recorded one) is acked without a grant.
+//     seq not newer than the one recorded for its agent's incarnation) is
+//     acked without a grant, and so is one from a second live process
+//     under an agent ID another incarnation holds (Stats.Rejected
+//     "id_conflict"): the store marks that ID conflicted instead.
 //
 // # Leadership
 //
@@ -48,7 +51,9 @@
 // moment between a leader's lock connection dying and that leader
 // noticing, two broadcasters may both relay and consume. That is harmless:
 // states are idempotent by epoch, the status queue hands each message to
-// one consumer, and the store ignores a status whose seq is not newer.
+// one consumer, the store ignores a status whose seq is not newer, and
+// leases never move earlier, whichever broadcaster's lease length records
+// them.
 //
 // # Failures
 //

@@ -40,11 +40,16 @@ const (
 	// (Config.LeaseDuration), by its sent_at: the lease it asks for would
 	// already have run out, and its agent may be long gone.
 	RejectExpired = "expired"
+	// RejectIDConflict: a valid status from a second live process under
+	// an agent ID whose row another process (incarnation) holds with a
+	// live lease. It is acked, earns no grant, and the store marks the ID
+	// conflicted (schema.Agent.Rivals) until one of the two stops.
+	RejectIDConflict = "id_conflict"
 )
 
 var rejectReasons = []string{
 	RejectMalformed, RejectVersion, RejectKind, RejectTooLarge,
-	RejectUnsigned, RejectBadSignature, RejectStaleSeq, RejectOtherStore, RejectExpired,
+	RejectUnsigned, RejectBadSignature, RejectStaleSeq, RejectOtherStore, RejectExpired, RejectIDConflict,
 }
 
 // Stats is a snapshot of a broadcaster's counters since New. Counters of

@@ -12,6 +12,7 @@ import (
 	"github.com/phasecast/phasecast/internal/amqpx"
 	"github.com/phasecast/phasecast/internal/retry"
 	"github.com/phasecast/phasecast/internal/wire"
+	"github.com/phasecast/phasecast/schema"
 )
 
 // maxBodyExcerpt bounds how much of a rejected body is logged.
@@ -154,7 +155,7 @@ func (l *leader) handleBatch(ctx context.Context, ch *amqp.Channel, batch []amqp
 	// Deliveries are in tag order and every invalid one is already
 	// settled: one multiple ack or nack on the last tag settles the batch.
 	last := valid[len(valid)-1].delivery.DeliveryTag
-	valid, epoch, recorded, err := l.record(ctx, valid)
+	valid, rec, err := l.record(ctx, valid)
 	at := time.Now()
 	if err != nil {
 		if ctx.Err() != nil {
@@ -169,32 +170,34 @@ func (l *leader) handleBatch(ctx context.Context, ch *amqp.Channel, batch []amqp
 	dbLog.report(l.log, nil)
 	backoff.Reset()
 	if l.b.cfg.OnRecorded != nil {
-		l.b.cfg.OnRecorded(at, recordedStatuses(valid, recorded))
+		l.b.cfg.OnRecorded(at, recordedStatuses(valid, rec))
 	}
-	l.grant(valid, epoch, recorded)
+	l.grant(valid, rec)
 	return ch.Ack(last, true)
 }
 
 // recordedStatuses is, for Config.OnRecorded, the status the store kept
-// for each recorded agent: its newest in the batch.
-func recordedStatuses(valid []pending, recorded []string) []RecordedStatus {
+// for each recorded agent: its newest in the batch from the incarnation
+// that holds its row.
+func recordedStatuses(valid []pending, rec schema.Recorded) []RecordedStatus {
 	newest := newestByAgent(valid)
-	out := make([]RecordedStatus, 0, len(recorded))
-	for _, id := range recorded {
-		if st, ok := newest[id]; ok {
-			out = append(out, RecordedStatus{AgentID: id, Seq: st.Seq, AppliedEpoch: st.AppliedEpoch, DrainedEpoch: st.DrainedEpoch})
+	out := make([]RecordedStatus, 0, len(rec.Kept))
+	for _, k := range rec.Kept {
+		if st, ok := newest[k]; ok {
+			out = append(out, RecordedStatus{AgentID: k.AgentID, Seq: st.Seq, AppliedEpoch: st.AppliedEpoch, DrainedEpoch: st.DrainedEpoch})
 		}
 	}
 	return out
 }
 
-// newestByAgent maps each agent in the batch to its status with the
-// highest seq: the one the store keeps.
-func newestByAgent(valid []pending) map[string]wire.Status {
-	newest := make(map[string]wire.Status, len(valid))
+// newestByAgent maps each agent process (ID and incarnation) in the batch
+// to its status with the highest seq: the one the store considers.
+func newestByAgent(valid []pending) map[schema.StatusKey]wire.Status {
+	newest := make(map[schema.StatusKey]wire.Status, len(valid))
 	for _, p := range valid {
-		if cur, ok := newest[p.status.AgentID]; !ok || p.status.Seq > cur.Seq {
-			newest[p.status.AgentID] = p.status
+		k := schema.StatusKey{AgentID: p.status.AgentID, Incarnation: p.status.Incarnation}
+		if cur, ok := newest[k]; !ok || p.status.Seq > cur.Seq {
+			newest[k] = p.status
 		}
 	}
 	return newest
@@ -205,42 +208,44 @@ func newestByAgent(valid []pending) map[string]wire.Status {
 // one status at a time, so one poisoned status cannot wedge every agent's
 // heartbeat: the ones the database refuses are rejected, left out of the
 // returned statuses, and acked with the batch.
-func (l *leader) record(ctx context.Context, valid []pending) (kept []pending, epoch int64, recorded []string, err error) {
+func (l *leader) record(ctx context.Context, valid []pending) (kept []pending, rec schema.Recorded, err error) {
 	statuses := make([]wire.Status, len(valid))
 	for i, p := range valid {
 		statuses[i] = p.status
 	}
-	epoch, recorded, err = l.recordStatuses(ctx, statuses)
+	rec, err = l.recordStatuses(ctx, statuses)
 	if err == nil || !isDataError(err) {
-		return valid, epoch, recorded, err
+		return valid, rec, err
 	}
 	l.log.Warn().Err(err).Int("statuses", len(valid)).Msg("the database refused a batch of statuses; recording them one by one to find the bad ones")
-	kept, recorded = make([]pending, 0, len(valid)), nil
+	kept, rec = make([]pending, 0, len(valid)), schema.Recorded{}
 	for i, p := range valid {
-		e, rec, err := l.recordStatuses(ctx, statuses[i:i+1])
+		one, err := l.recordStatuses(ctx, statuses[i:i+1])
 		switch {
 		case err == nil:
 			kept = append(kept, p)
-			epoch = max(epoch, e)
-			recorded = append(recorded, rec...)
+			rec.Epoch = max(rec.Epoch, one.Epoch)
+			rec.Kept = append(rec.Kept, one.Kept...)
+			rec.Conflicts = append(rec.Conflicts, one.Conflicts...)
 		case isDataError(err):
 			l.rejected(p.delivery, RejectMalformed, err)
 		default:
-			return nil, 0, nil, err
+			return nil, schema.Recorded{}, err
 		}
 	}
-	return kept, epoch, recorded, nil
+	return kept, rec, nil
 }
 
-func (l *leader) recordStatuses(ctx context.Context, statuses []wire.Status) (int64, []string, error) {
+func (l *leader) recordStatuses(ctx context.Context, statuses []wire.Status) (schema.Recorded, error) {
 	octx, cancel := context.WithTimeout(ctx, dbTimeout)
 	defer cancel()
-	epoch, recorded, err := l.b.cfg.Store.RecordStatuses(octx, statuses, l.b.cfg.LeaseDuration)
+	rec, err := l.b.cfg.Store.RecordStatusBatch(octx, statuses, l.b.cfg.LeaseDuration)
 	if err == nil {
 		l.b.stats.statusBatches.Add(1)
-		l.log.Debug().Int("statuses", len(statuses)).Int("recorded", len(recorded)).Int64("epoch", epoch).Msg("status batch recorded")
+		l.log.Debug().Int("statuses", len(statuses)).Int("recorded", len(rec.Kept)).Int("conflicts", len(rec.Conflicts)).
+			Int64("epoch", rec.Epoch).Msg("status batch recorded")
 	}
-	return epoch, recorded, err
+	return rec, err
 }
 
 // isDataError reports a refusal of the data itself (SQLSTATE class 22,
@@ -255,38 +260,48 @@ func isDataError(err error) bool {
 	return class == "22" || class == "23"
 }
 
-// grant counts what the batch recorded and hands a grant for each recorded
-// status to the publisher. An agent's grant answers its newest status in
-// the batch, the one the store kept.
-func (l *leader) grant(valid []pending, epoch int64, recorded []string) {
+// grant counts what the batch recorded and hands a grant for each kept
+// status to the publisher: a status the store did not keep (a replay, or
+// one from a second live process under the same ID) earns none, so its
+// sender's lease is not extended. An agent's grant answers its newest
+// status in the batch, the one the store kept.
+func (l *leader) grant(valid []pending, rec schema.Recorded) {
 	// Within a batch an agent's newest status supersedes its older ones
 	// (the store keeps that one only): the older ones are neither stale
-	// nor granted. Stale is a newest status the store refused.
+	// nor granted. Stale is a newest status the store refused as not newer.
 	newest := newestByAgent(valid)
-	l.b.stats.statusesRecorded.Add(int64(len(recorded)))
-	if stale := len(newest) - len(recorded); stale > 0 {
+	l.b.stats.statusesRecorded.Add(int64(len(rec.Kept)))
+	if n := len(rec.Conflicts); n > 0 {
+		l.b.stats.reject(RejectIDConflict, int64(n))
+		for _, k := range rec.Conflicts {
+			st := newest[k]
+			l.rejectLog.Warn().Str("agent_id", k.AgentID).Str("incarnation", k.Incarnation).Str("host", st.Host).Int("pid", st.PID).
+				Msg("a second live process claims this agent ID: its status is not recorded and earns no grant")
+		}
+	}
+	if stale := len(newest) - len(rec.Kept) - len(rec.Conflicts); stale > 0 {
 		l.b.stats.reject(RejectStaleSeq, int64(stale))
 		l.log.Debug().Int("stale", stale).Msg("statuses not newer than the recorded ones were acked without a grant")
 	}
 	// An agent whose statuses in the batch all skip the grant (acks sent
 	// on a fresh lease) gets none, unless it is behind the epoch, which
 	// the grant would tell it.
-	wanted := make(map[string]bool, len(newest))
+	wanted := make(map[schema.StatusKey]bool, len(newest))
 	for _, p := range valid {
-		if p.status.WantsGrant(epoch) {
-			wanted[p.status.AgentID] = true
+		if p.status.WantsGrant(rec.Epoch) {
+			wanted[schema.StatusKey{AgentID: p.status.AgentID, Incarnation: p.status.Incarnation}] = true
 		}
 	}
-	grants := make([]outgoing, 0, len(recorded))
-	for _, id := range recorded {
-		st, ok := newest[id]
-		if !ok || st.Queue == "" || !wanted[id] {
+	grants := make([]outgoing, 0, len(rec.Kept))
+	for _, k := range rec.Kept {
+		st, ok := newest[k]
+		if !ok || st.Queue == "" || !wanted[k] {
 			continue
 		}
-		delete(newest, id) // one grant per agent, even if recorded twice
-		body, err := wire.EncodeGrant(wire.Grant{AgentID: id, Seq: st.Seq, LeaseMS: l.b.cfg.LeaseDuration.Milliseconds(), Epoch: epoch})
+		delete(newest, k) // one grant per agent, even if recorded twice
+		body, err := wire.EncodeGrant(wire.Grant{AgentID: k.AgentID, Seq: st.Seq, LeaseMS: l.b.cfg.LeaseDuration.Milliseconds(), Epoch: rec.Epoch})
 		if err != nil {
-			l.log.Error().Err(err).Str("agent_id", id).Msg("encoding a grant failed")
+			l.log.Error().Err(err).Str("agent_id", k.AgentID).Msg("encoding a grant failed")
 			continue
 		}
 		grants = append(grants, outgoing{queue: st.Queue, msg: l.b.message(wire.KindGrant, body)})

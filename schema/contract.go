@@ -256,6 +256,9 @@ func describeAgents(agents []Agent) string {
 	s := make([]string, len(agents))
 	for i, a := range agents {
 		s[i] = fmt.Sprintf("%s: service %s on %s, pid %d, version %q", a.ID, a.Service, a.Host, a.PID, a.Version)
+		if note := a.ConflictNote(); note != "" {
+			s[i] += " (" + note + ")"
+		}
 	}
 	return strings.Join(s, ", ")
 }
@@ -730,7 +733,8 @@ func (s *Store) waitForAcks(ctx context.Context, conn *sqlx.Conn, lock *SessionL
 
 // classifyAgents splits live agents into those that acknowledged the
 // contract epoch, those that have not yet, and those whose code predates
-// the release (which never count as acknowledged).
+// the release (which never count as acknowledged). An ID that two live
+// processes claim is missing (Agent.Acked), and its description says why.
 func classifyAgents(agents []Agent, release string, epoch int64) (acked, missing, oldCode []Agent) {
 	acked, missing, oldCode = []Agent{}, []Agent{}, []Agent{}
 	for _, a := range agents {

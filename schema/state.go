@@ -4,10 +4,10 @@ import (
 	"context"
 	"database/sql"
 	"encoding/json"
+	"slices"
 	"time"
 
 	"github.com/jmoiron/sqlx"
-	"github.com/lib/pq"
 
 	"github.com/phasecast/phasecast/internal/phase"
 	"github.com/phasecast/phasecast/internal/wire"
@@ -187,27 +187,86 @@ func (s *Store) Epoch(ctx context.Context) (int64, error) {
 	return e, notMigrated(err)
 }
 
-// upsertAgents records statuses and extends each agent's lease to the
-// database's now() + lease, or ends it now for a goodbye (leaving). A
-// status whose seq is not newer than the one recorded (a replay or a
-// reordering) is ignored. It returns the ids it recorded.
-const upsertAgents = `
-INSERT INTO @schema.agents AS a (id, service, host, pid, version, releases, app_name, seq,
-    applied_epoch, drained_epoch, inflight, last_seen, lease_expires_at)
-SELECT x.agent_id, x.service, x.host, x.pid, x.version,
-       ARRAY(SELECT jsonb_array_elements_text(COALESCE(x.releases, '[]'))), COALESCE(x.app_name, ''), x.seq,
-       x.applied_epoch, x.drained_epoch, x.inflight, now(),
-       CASE WHEN x.leaving THEN now() ELSE now() + $2 * interval '1 millisecond' END
-FROM jsonb_to_recordset($1::jsonb) AS x(agent_id text, service text, host text, pid int, version text,
-    releases jsonb, app_name text, seq bigint, applied_epoch bigint, drained_epoch bigint, inflight bigint,
-    leaving boolean)
-ON CONFLICT (id) DO UPDATE SET
-    service = EXCLUDED.service, host = EXCLUDED.host, pid = EXCLUDED.pid, version = EXCLUDED.version,
-    releases = EXCLUDED.releases, app_name = EXCLUDED.app_name, seq = EXCLUDED.seq,
-    applied_epoch = EXCLUDED.applied_epoch, drained_epoch = EXCLUDED.drained_epoch,
-    inflight = EXCLUDED.inflight, last_seen = EXCLUDED.last_seen, lease_expires_at = EXCLUDED.lease_expires_at
-WHERE a.seq < EXCLUDED.seq
-RETURNING a.id`
+// recordAgents records statuses: the data-modifying part of
+// recordStatusesQuery and syncAgentQuery, which add what each returns. $1
+// is the batch (at most one status per agent and incarnation), $2 the
+// lease in milliseconds.
+//
+// A row belongs to one incarnation (one agent process) at a time. A
+// status is recorded when its agent has no row yet, when it comes from the
+// row's incarnation with a newer seq, or when it comes from another
+// incarnation and the row's lease is over (the holder stopped, said
+// goodbye or died): seq orders statuses within an incarnation only, so a
+// restarted agent is never mistaken for a replay of its former self,
+// whatever its clock did. A status from another incarnation while the
+// row's lease is live is a conflict: two processes claim one ID. It is not
+// recorded as the row's state; it is kept in agent_conflicts instead, with
+// the lease it asked for, and while that lasts the ID counts as not
+// acknowledged (Agent.Rivals). Anything else (a replay, a reordering) is
+// ignored.
+//
+// The lease never moves earlier than one already granted, whatever lease
+// length this status carries (a broadcaster run with a shorter --lease, a
+// standby taking over, an agent's long initial lease): the agent's own
+// deadline was set from the longer one. Only a goodbye (leaving) ends it
+// at once.
+//
+// candidate picks one status per agent from the snapshot the statement
+// reads, since ON CONFLICT cannot touch a row twice; the ON CONFLICT WHERE
+// decides again on the row as locked, so concurrent writers (a broadcaster
+// batch, an agent's own sync) cannot both take it. A conflict that such a
+// race hides is found by the loser's next status; the loser is ignored
+// either way, and stays fenced.
+const recordAgents = `
+x AS (
+    SELECT x.agent_id, COALESCE(x.incarnation, '') AS incarnation, x.service, x.host, x.pid, x.version,
+           x.releases, x.app_name, x.seq, x.applied_epoch, x.drained_epoch, x.inflight, COALESCE(x.leaving, false) AS leaving,
+           CASE WHEN x.leaving THEN now() ELSE now() + $2 * interval '1 millisecond' END AS expires_at,
+           a.incarnation AS holder, a.seq AS holder_seq, a.lease_expires_at > now() AS holder_live
+    FROM jsonb_to_recordset($1::jsonb) AS x(agent_id text, incarnation text, service text, host text, pid int, version text,
+        releases jsonb, app_name text, seq bigint, applied_epoch bigint, drained_epoch bigint, inflight bigint, leaving boolean)
+    LEFT JOIN @schema.agents a ON a.id = x.agent_id
+),
+candidate AS (
+    SELECT DISTINCT ON (agent_id) * FROM x
+    WHERE holder IS NULL OR (incarnation = holder AND seq > holder_seq) OR (incarnation <> holder AND NOT holder_live)
+    ORDER BY agent_id, (incarnation = holder) IS TRUE DESC, seq DESC
+),
+recorded AS (
+    INSERT INTO @schema.agents AS a (id, incarnation, service, host, pid, version, releases, app_name, seq,
+        applied_epoch, drained_epoch, inflight, last_seen, lease_expires_at)
+    SELECT agent_id, incarnation, service, host, pid, version,
+           ARRAY(SELECT jsonb_array_elements_text(COALESCE(releases, '[]'))), COALESCE(app_name, ''), seq,
+           applied_epoch, drained_epoch, inflight, now(), expires_at
+    FROM candidate
+    ON CONFLICT (id) DO UPDATE SET
+        incarnation = EXCLUDED.incarnation, service = EXCLUDED.service, host = EXCLUDED.host, pid = EXCLUDED.pid,
+        version = EXCLUDED.version, releases = EXCLUDED.releases, app_name = EXCLUDED.app_name, seq = EXCLUDED.seq,
+        applied_epoch = EXCLUDED.applied_epoch, drained_epoch = EXCLUDED.drained_epoch,
+        inflight = EXCLUDED.inflight, last_seen = EXCLUDED.last_seen,
+        lease_expires_at = CASE WHEN EXCLUDED.lease_expires_at <= now() THEN EXCLUDED.lease_expires_at
+                                ELSE GREATEST(a.lease_expires_at, EXCLUDED.lease_expires_at) END
+    WHERE (a.incarnation = EXCLUDED.incarnation AND a.seq < EXCLUDED.seq)
+       OR (a.incarnation <> EXCLUDED.incarnation AND a.lease_expires_at <= now())
+    RETURNING a.id, a.incarnation, a.lease_expires_at > now() AS live
+),
+rivals AS (
+    INSERT INTO @schema.agent_conflicts AS c (id, incarnation, service, host, pid, version, seq, last_seen, expires_at)
+    SELECT x.agent_id, x.incarnation, x.service, x.host, x.pid, COALESCE(x.version, ''), x.seq, now(), x.expires_at
+    FROM x LEFT JOIN recorded r ON r.id = x.agent_id
+    WHERE x.incarnation <> COALESCE(r.incarnation, x.holder) AND COALESCE(r.live, x.holder_live)
+    ON CONFLICT (id, incarnation) DO UPDATE SET
+        service = EXCLUDED.service, host = EXCLUDED.host, pid = EXCLUDED.pid, version = EXCLUDED.version,
+        seq = EXCLUDED.seq, last_seen = EXCLUDED.last_seen,
+        expires_at = CASE WHEN EXCLUDED.expires_at <= now() THEN EXCLUDED.expires_at
+                          ELSE GREATEST(c.expires_at, EXCLUDED.expires_at) END
+    WHERE c.seq < EXCLUDED.seq
+    RETURNING c.id, c.incarnation
+),
+-- An incarnation that now holds its row is nobody's rival any more.
+settled AS (
+    DELETE FROM @schema.agent_conflicts c USING recorded r WHERE c.id = r.id AND c.incarnation = r.incarnation
+)`
 
 // jsonParam passes encoded JSON as a query parameter. A string goes in
 // text format whatever lib/pq's binary_parameters says, and the server
@@ -217,49 +276,108 @@ RETURNING a.id`
 // number").
 func jsonParam(b []byte) string { return string(b) }
 
-// RecordStatuses records a batch of agent statuses in one transaction and
-// returns the epoch current at that moment and the ids recorded (replayed
-// or stale statuses are left out). Holding the epoch row FOR SHARE orders
-// the write against flips: a flip that commits after this batch is seen by
-// a runner that also sees these leases, and a flip that committed before it
-// is in the returned epoch, which the grants carry.
-func (s *Store) RecordStatuses(ctx context.Context, statuses []wire.Status, lease time.Duration) (epoch int64, recorded []string, err error) {
-	if len(statuses) == 0 {
-		return 0, nil, nil
-	}
-	// ON CONFLICT cannot touch a row twice in one statement: keep each
-	// agent's newest status only.
-	newest := make(map[string]int, len(statuses))
+// recordOutcome is the select list after recordAgents: the statuses
+// recorded and those refused as conflicts, each as JSON [{agent_id,
+// incarnation}].
+const recordOutcome = `
+    COALESCE((SELECT json_agg(json_build_object('agent_id', id, 'incarnation', incarnation)) FROM recorded), '[]'),
+    COALESCE((SELECT json_agg(json_build_object('agent_id', id, 'incarnation', incarnation)) FROM rivals), '[]')`
+
+// Recorded is what the store did with a batch of statuses.
+type Recorded struct {
+	// Epoch is the epoch current when the batch was recorded.
+	Epoch int64
+	// Kept are the statuses recorded, at most one per agent: an agent's
+	// newest in the batch from the incarnation that holds its row.
+	Kept []StatusKey
+	// Conflicts are statuses refused because another live incarnation
+	// holds their agent's ID.
+	Conflicts []StatusKey
+}
+
+// Has reports whether the store kept the status of agent id from
+// incarnation.
+func (r Recorded) Has(id, incarnation string) bool {
+	return slices.Contains(r.Kept, StatusKey{AgentID: id, Incarnation: incarnation})
+}
+
+// newestStatuses keeps each agent incarnation's newest status of a batch:
+// one statement may touch each row once, and older ones are superseded.
+func newestStatuses(statuses []wire.Status) []wire.Status {
+	newest := make(map[StatusKey]int, len(statuses))
 	batch := make([]wire.Status, 0, len(statuses))
 	for _, st := range statuses {
-		if i, ok := newest[st.AgentID]; ok {
+		k := StatusKey{AgentID: st.AgentID, Incarnation: st.Incarnation}
+		if i, ok := newest[k]; ok {
 			if st.Seq > batch[i].Seq {
 				batch[i] = st
 			}
 			continue
 		}
-		newest[st.AgentID] = len(batch)
+		newest[k] = len(batch)
 		batch = append(batch, st)
 	}
-	payload, err := json.Marshal(batch)
-	if err != nil {
-		return 0, nil, err
-	}
-	var ids pq.StringArray
-	err = s.db.QueryRowContext(ctx, s.sql(recordStatusesQuery), jsonParam(payload), lease.Milliseconds()).Scan(&epoch, &ids)
-	return epoch, ids, notMigrated(err)
+	return batch
 }
 
-// recordStatusesQuery is upsertAgents and the epoch read FOR SHARE in one
+// scanRecorded decodes recordOutcome.
+func scanRecorded(kept, conflicts []byte, into *Recorded) error {
+	if err := json.Unmarshal(kept, &into.Kept); err != nil {
+		return err
+	}
+	return json.Unmarshal(conflicts, &into.Conflicts)
+}
+
+// RecordStatuses records a batch of agent statuses in one transaction and
+// returns the epoch current at that moment and the ids recorded (replayed,
+// stale and conflicting statuses are left out): RecordStatusBatch, for
+// callers that need no more than the ids.
+func (s *Store) RecordStatuses(ctx context.Context, statuses []wire.Status, lease time.Duration) (epoch int64, recorded []string, err error) {
+	rec, err := s.RecordStatusBatch(ctx, statuses, lease)
+	for _, k := range rec.Kept {
+		recorded = append(recorded, k.AgentID)
+	}
+	return rec.Epoch, recorded, err
+}
+
+// RecordStatusBatch records a batch of agent statuses in one transaction
+// and says which it kept, by agent and incarnation (replayed, stale and
+// conflicting statuses are left out), and at which epoch. Holding the
+// epoch row FOR SHARE orders the write against flips: a flip that commits
+// after this batch is seen by a runner that also sees these leases, and a
+// flip that committed before it is in the returned epoch, which the grants
+// carry. Only a kept status may be answered with a grant.
+func (s *Store) RecordStatusBatch(ctx context.Context, statuses []wire.Status, lease time.Duration) (Recorded, error) {
+	var rec Recorded
+	if len(statuses) == 0 {
+		return rec, nil
+	}
+	payload, err := json.Marshal(newestStatuses(statuses))
+	if err != nil {
+		return rec, err
+	}
+	var kept, conflicts []byte
+	err = s.db.QueryRowContext(ctx, s.sql(recordStatusesQuery), jsonParam(payload), lease.Milliseconds()).Scan(&rec.Epoch, &kept, &conflicts)
+	if err != nil {
+		return rec, notMigrated(err)
+	}
+	return rec, scanRecorded(kept, conflicts, &rec)
+}
+
+// recordStatusesQuery is recordAgents and the epoch read FOR SHARE in one
 // statement, so its own transaction: one round trip and one plan per batch
 // instead of four round trips, which matters for the heartbeats that
 // arrive one or two at a time. The lock is held until the statement
 // commits, whichever part runs first, which is all the ordering against
 // flips needs; and no client can leave it idle in a transaction.
 const recordStatusesQuery = `
-WITH locked AS (SELECT value FROM @schema.epoch FOR SHARE),
-     recorded AS (` + upsertAgents + `)
-SELECT (SELECT value FROM locked), ARRAY(SELECT id FROM recorded)`
+WITH locked AS (SELECT value FROM @schema.epoch FOR SHARE),` + recordAgents + `
+SELECT (SELECT value FROM locked),` + recordOutcome
+
+// syncAgentQuery is recordAgents for SyncAgent, whose transaction already
+// holds the epoch row.
+const syncAgentQuery = `WITH` + recordAgents + `
+SELECT` + recordOutcome
 
 // SyncAgent is an agent's path to the truth without the broker: in one
 // transaction it records the agent's status with a fresh lease and reads
@@ -267,20 +385,41 @@ SELECT (SELECT value FROM locked), ARRAY(SELECT id FROM recorded)`
 // message, calls it. Because the lease and the read commit together under
 // the epoch row lock, a runner either sees this lease and waits for the
 // agent, or the agent reads the flip the runner acts on.
+//
+// If the store does not record the status (another live process holds
+// the agent's ID, or the status is not newer than the one recorded for
+// its incarnation), SyncAgent returns the state it read together with a
+// *StatusIgnoredError (errors.Is ErrStatusIgnored): the state is the
+// truth, but no lease was granted, and the agent must stay fenced.
 func (s *Store) SyncAgent(ctx context.Context, st wire.Status, lease time.Duration) (wire.State, error) {
 	var state wire.State
 	payload, err := json.Marshal([]wire.Status{st})
 	if err != nil {
 		return state, err
 	}
+	var ignored *StatusIgnoredError
 	err = s.inTx(ctx, func(tx *sqlx.Tx) error {
 		var err error
 		if state, err = s.readState(ctx, tx); err != nil {
 			return err
 		}
-		var recorded []string
-		return tx.SelectContext(ctx, &recorded, s.sql(upsertAgents), jsonParam(payload), lease.Milliseconds())
+		var kept, conflicts []byte
+		if err := tx.QueryRowContext(ctx, s.sql(syncAgentQuery), jsonParam(payload), lease.Milliseconds()).Scan(&kept, &conflicts); err != nil {
+			return err
+		}
+		var rec Recorded
+		if err := scanRecorded(kept, conflicts, &rec); err != nil {
+			return err
+		}
+		if rec.Has(st.AgentID, st.Incarnation) {
+			return nil
+		}
+		ignored, err = s.whyIgnored(ctx, tx, st, len(rec.Conflicts) > 0)
+		return err
 	})
+	if err == nil && ignored != nil {
+		return state, ignored
+	}
 	return state, err
 }
 

@@ -26,6 +26,11 @@ type Agent struct {
 	LeaseExpiresAt time.Time      `db:"lease_expires_at" json:"lease_expires_at"`
 	// LeaseRemainingMS is negative once the lease has expired.
 	LeaseRemainingMS int64 `db:"lease_remaining_ms" json:"lease_remaining_ms"`
+	// Incarnation is the process whose statuses the row holds (empty for
+	// agents that predate incarnations).
+	Incarnation string `db:"incarnation" json:"incarnation,omitempty"`
+	// Rivals are other live processes claiming the same ID (Conflicted).
+	Rivals Rivals `db:"rivals" json:"rivals,omitempty"`
 }
 
 // Live reports whether the agent's lease had not expired when it was read.
@@ -42,16 +47,18 @@ func (a *Agent) Knows(release string) bool {
 }
 
 // Acked reports whether the agent has acknowledged a release's flip to
-// contract at contractEpoch: its code knows the release and it has drained
-// that epoch. Code that predates the release never acknowledges.
+// contract at contractEpoch: its code knows the release, it has drained
+// that epoch, and no other live process claims its ID (Conflicted). Code
+// that predates the release never acknowledges.
 func (a *Agent) Acked(release string, contractEpoch int64) bool {
-	return a.Knows(release) && a.DrainedEpoch >= contractEpoch
+	return a.Knows(release) && a.DrainedEpoch >= contractEpoch && !a.Conflicted()
 }
 
 // ackedWhere is Acked as a condition on a row of @schema.agents, $1 the
 // release and $2 the epoch, for counting acknowledgements without reading
 // every row. TestCountAckedIsAcked holds it to Acked.
-const ackedWhere = `$1 = ANY (releases) AND drained_epoch >= $2`
+const ackedWhere = `$1 = ANY (releases) AND drained_epoch >= $2
+	AND NOT EXISTS (SELECT 1 FROM @schema.agent_conflicts c WHERE ` + liveRivalOf + `)`
 
 // CountAcked counts the agents whose ID starts with idPrefix (every
 // agent, when it is empty) that have acknowledged release's flip at epoch,
@@ -64,7 +71,7 @@ func (s *Store) CountAcked(ctx context.Context, release string, epoch int64, idP
 
 const agentColumns = `id, service, host, pid, version, releases, app_name, seq, applied_epoch, drained_epoch,
 	inflight, last_seen, lease_expires_at,
-	(extract(epoch FROM lease_expires_at - now()) * 1000)::bigint AS lease_remaining_ms`
+	(extract(epoch FROM lease_expires_at - now()) * 1000)::bigint AS lease_remaining_ms, incarnation, ` + rivalsColumn
 
 // LiveAgents returns the agents whose lease has not expired on the database
 // clock, ordered by service and id.

@@ -340,7 +340,19 @@ func TestForgedAckWithoutMAC(t *testing.T) {
 	require.NoError(t, err)
 	defer g.Exit()
 	contract := e.flip(phase.Contract)
-	e.attacker().toBroadcaster(e.statusBody(wire.Status{AgentID: a.ID(), Seq: math.MaxInt64, AppliedEpoch: contract, DrainedEpoch: contract}), nil)
+	// A forgery that does not carry the victim's incarnation is taken for
+	// a second process under its ID: not recorded, and the ID is held back.
+	forged := wire.Status{AgentID: a.ID(), Seq: math.MaxInt64, AppliedEpoch: contract, DrainedEpoch: contract}
+	e.attacker().toBroadcaster(e.statusBody(forged), nil)
+	waitFor(t, wait, "the forgery to be recorded as a conflict", func() bool {
+		var n int
+		require.NoError(t, e.db.GetContext(e.ctx, &n, e.sql(`SELECT count(*) FROM @store.agent_conflicts WHERE id = $1`), a.ID()))
+		return n == 1
+	})
+	// One that copies the incarnation (it travels in every status, in the
+	// clear) is believed.
+	forged.Incarnation = e.incarnation(a.ID())
+	e.attacker().toBroadcaster(e.statusBody(forged), nil)
 	r, err := e.contract(e.ctx, e.store, func(o *schema.ContractOptions) { o.Timeout = wait })
 	require.NoError(t, err, "without a MAC key the forged acknowledgement is believed")
 	require.Equal(t, schema.OutcomeComplete, r.Outcome)
@@ -436,7 +448,7 @@ func TestHostileInputRejected(t *testing.T) {
 		x.toBroadcaster([]byte(`{"v":1,"kind":"status","agent_id":"x","seq":"12"}`), nil)
 		x.toBroadcaster([]byte(`{"v":2,"kind":"status","agent_id":"x","seq":12}`), nil)
 		x.toBroadcaster(big, nil)
-		x.toBroadcaster(e.statusBody(wire.Status{AgentID: retired.ID(), Seq: 1}), nil) // a replay
+		x.toBroadcaster(e.statusBody(wire.Status{AgentID: retired.ID(), Incarnation: e.incarnation(retired.ID()), Seq: 1}), nil) // a replay
 		// Left in the queue by an earlier run against another store, and
 		// sent longer ago than a lease.
 		x.toBroadcaster(e.statusBody(wire.Status{AgentID: "earlier-run", Seq: 1, StoreID: "5d0c6f0e-8a4b-4f61-9b7e-2c1f3a9d8e70"}), nil)
@@ -526,6 +538,14 @@ func mustEpoch(t *testing.T, e *env) int64 {
 	n, err := e.store.Epoch(e.ctx)
 	require.NoError(t, err)
 	return n
+}
+
+// incarnation is the incarnation that holds an agent's registry row.
+func (e *env) incarnation(id string) string {
+	e.t.Helper()
+	var inc string
+	require.NoError(e.t, e.db.GetContext(e.ctx, &inc, e.sql(`SELECT incarnation FROM @store.agents WHERE id = $1`), id))
+	return inc
 }
 
 // agentRow is an agent's registry row as JSON, for comparing.

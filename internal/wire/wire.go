@@ -17,6 +17,9 @@ const Version = 1
 // MaxMessageSize is the largest body a decoder accepts (1 MiB).
 const MaxMessageSize = 1 << 20
 
+// MaxIncarnation is the longest Status.Incarnation a decoder accepts.
+const MaxIncarnation = 64
+
 // Kind names a message type.
 type Kind string
 
@@ -75,8 +78,13 @@ type Status struct {
 	// drops a status that names another store, or none: the status queue
 	// is named by the exchange prefix alone, and may still hold statuses
 	// of an earlier run against a store since dropped and migrated again.
-	StoreID      string   `json:"store_id,omitempty"`
-	AgentID      string   `json:"agent_id"`
+	StoreID string `json:"store_id,omitempty"`
+	AgentID string `json:"agent_id"`
+	// Incarnation is random per agent process (drawn by agent.New). Seq
+	// orders statuses within one incarnation only, and the store tells
+	// two live processes that claim one AgentID apart by it. Empty from
+	// agents that predate it.
+	Incarnation  string   `json:"incarnation,omitempty"`
 	Service      string   `json:"service"`
 	Host         string   `json:"host"`
 	PID          int      `json:"pid"`
@@ -192,6 +200,8 @@ func DecodeStatus(body []byte) (Status, error) {
 		return Status{}, fmt.Errorf("%w: status with no agent_id", ErrInvalid)
 	case len(s.AgentID) > 200:
 		return Status{}, fmt.Errorf("%w: agent_id longer than 200 bytes", ErrInvalid)
+	case len(s.Incarnation) > MaxIncarnation:
+		return Status{}, fmt.Errorf("%w: incarnation longer than %d bytes", ErrInvalid, MaxIncarnation)
 	case s.AppliedEpoch < 0 || s.DrainedEpoch < 0:
 		return Status{}, fmt.Errorf("%w: negative epoch", ErrInvalid)
 	case s.DrainedEpoch > s.AppliedEpoch:
@@ -207,7 +217,7 @@ func DecodeStatus(body []byte) (Status, error) {
 	case len(s.Queue) > 255:
 		return Status{}, fmt.Errorf("%w: queue name of %d bytes (AMQP allows 255)", ErrInvalid, len(s.Queue))
 	}
-	for _, str := range append([]string{s.AgentID, s.Service, s.Host, s.Version, s.AppName, s.Queue}, s.Releases...) {
+	for _, str := range append([]string{s.AgentID, s.Incarnation, s.Service, s.Host, s.Version, s.AppName, s.Queue}, s.Releases...) {
 		if strings.ContainsRune(str, 0) {
 			return Status{}, fmt.Errorf("%w: NUL byte in a string", ErrInvalid)
 		}

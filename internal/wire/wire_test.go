@@ -108,6 +108,8 @@ func TestDecodeRejects(t *testing.T) {
 		{name: "pid beyond int4", kind: KindStatus, body: strings.Replace(validStatus, `"pid":42`, `"pid":4294967296`, 1), err: ErrInvalid, contains: "pid"},
 		{name: "NUL in a string", kind: KindStatus, body: strings.Replace(validStatus, `"host":"h1"`, `"host":"h\u00001"`, 1), err: ErrInvalid, contains: "NUL"},
 		{name: "queue name over 255 bytes", kind: KindStatus, body: strings.Replace(validStatus, `"queue":"phasecast.agent.api-1"`, `"queue":"`+strings.Repeat("q", 256)+`"`, 1), err: ErrInvalid, contains: "queue name"},
+		{name: "incarnation too long", kind: KindStatus, body: strings.Replace(validStatus, `"agent_id":"api-1"`, `"agent_id":"api-1","incarnation":"`+strings.Repeat("i", MaxIncarnation+1)+`"`, 1), err: ErrInvalid, contains: "incarnation longer than"},
+		{name: "NUL in the incarnation", kind: KindStatus, body: strings.Replace(validStatus, `"agent_id":"api-1"`, `"agent_id":"api-1","incarnation":"a\u0000b"`, 1), err: ErrInvalid, contains: "NUL"},
 		{name: "negative inflight", kind: KindStatus, body: strings.Replace(validStatus, `"inflight":2`, `"inflight":-1`, 1), err: ErrInvalid, contains: "negative inflight"},
 
 		// Grant values.

@@ -284,6 +284,11 @@ func printReport(out io.Writer, rep *schema.Report) error {
 		fmt.Fprintf(w, "%s\t%s\t%s/%d\t%d\t%d\t%s\t%s\t%s\n", a.ID, a.Service, a.Host, a.PID,
 			a.AppliedEpoch, a.DrainedEpoch, lease, strings.Join(a.Releases, ","), ackedContracts(a, rep.Releases))
 	}
+	for _, a := range rep.Agents {
+		if note := a.ConflictNote(); note != "" {
+			fmt.Fprintf(w, "CONFLICT %s: %s\n", a.ID, note)
+		}
+	}
 
 	fmt.Fprintln(w, "\nBROADCASTER\tHOST/PID\tROLE\tLAST SEEN")
 	if len(rep.Broadcasters) == 0 {
@@ -324,7 +329,8 @@ func describeRemovals(rs []schema.Removal) string {
 }
 
 // ackedContracts says, for each release waiting in contract, whether the
-// agent has acknowledged its flip: "L:yes", "L:no", "L:old code".
+// agent has acknowledged its flip: "L:yes", "L:no", "L:old code", or
+// "L:no (ID conflict)" while two live processes claim the agent's ID.
 func ackedContracts(a schema.Agent, releases []schema.ReleaseStatus) string {
 	var parts []string
 	for _, r := range releases {
@@ -334,6 +340,8 @@ func ackedContracts(a schema.Agent, releases []schema.ReleaseStatus) string {
 		switch {
 		case !a.Knows(r.Name):
 			parts = append(parts, r.Name+":old code")
+		case a.Conflicted():
+			parts = append(parts, r.Name+":no (ID conflict)")
 		case a.Acked(r.Name, *r.ContractEpoch):
 			parts = append(parts, r.Name+":yes")
 		default:

@@ -135,6 +135,10 @@ func progressPrinter(w *statusLine) func(schema.Progress) {
 func describeMissing(missing, oldCode []schema.Agent) string {
 	var parts []string
 	for _, a := range missing {
+		if note := a.ConflictNote(); note != "" {
+			parts = append(parts, fmt.Sprintf("%s (%s on %s/%d: %s)", a.ID, a.Service, a.Host, a.PID, note))
+			continue
+		}
 		parts = append(parts, fmt.Sprintf("%s (%s on %s/%d)", a.ID, a.Service, a.Host, a.PID))
 	}
 	for _, a := range oldCode {
