@@ -97,6 +97,15 @@ type Agent struct {
 	storeID atomic.Pointer[string]
 
 	counters
+
+	hooks testHooks
+}
+
+// testHooks let the package's tests make an interleaving deterministic or
+// simulate a paused process. Production code never sets them.
+type testHooks struct {
+	afterResync       func()      // enterFenced: between the re-sync and the pin
+	leaseTimerStopped atomic.Bool // leaseLoop does not fence, as in a paused process
 }
 
 // runState is one Start…Stop period.

@@ -642,15 +642,7 @@ func TestLeaseExpiry(t *testing.T) {
 	t.Run("WithDBEnterResyncs", func(t *testing.T) {
 		t.Parallel()
 		// No beacons: only Enter may bring the flip below.
-		b := setup(t, fakeOptions{lease: 600 * time.Millisecond, noBeacons: true})
-		e := applyRelease(t, b.store, manifestL)
-		cfg := b.config(t, true)
-		cfg.HeartbeatInterval = time.Minute // only Enter renews through the store here
-		cfg.InitialLease = 600 * time.Millisecond
-		a := startAgent(t, cfg)
-
-		b.fake.answering.Store(false)
-		require.Eventually(t, func() bool { return a.Stats().Fenced }, 5*time.Second, 5*time.Millisecond)
+		b, a, e := startFencedWithDB(t)
 		before := agentRow(t, b.store, a.ID())
 		r0 := a.Stats().Resyncs
 

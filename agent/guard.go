@@ -93,7 +93,23 @@ func (a *Agent) enterFenced() (Guard, error) {
 		a.staleRefusals.Add(1)
 		return Guard{}, err
 	}
-	return a.pin(), nil
+	if h := a.hooks.afterResync; h != nil {
+		h()
+	}
+	g := a.pin()
+	// The second look, as on the fast path: a Stop (or a new expiry)
+	// between the re-sync and the pin has fenced, and Stop may already
+	// have counted no guard and said goodbye. Stop fences before it
+	// counts, so one of the two sees the other.
+	if a.fenced.Load() || a.runPtr.Load() != r {
+		g.Exit()
+		a.staleRefusals.Add(1)
+		if a.runPtr.Load() != r {
+			return Guard{}, errNotRunning
+		}
+		return Guard{}, fmt.Errorf("%w; fenced again right after the re-sync", ErrStale)
+	}
+	return g, nil
 }
 
 // resync is one re-sync from the store run for fenced callers of Enter.

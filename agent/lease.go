@@ -72,7 +72,9 @@ func (a *Agent) leaseLoop(r *runState) {
 		a.leaseMu.Lock()
 		wait := time.Until(a.deadline)
 		fencedNow := false
-		if wait <= 0 && a.running && !a.fenced.Load() {
+		if a.hooks.leaseTimerStopped.Load() {
+			wait = 0 // the timer does not fire: wait for a poke
+		} else if wait <= 0 && a.running && !a.fenced.Load() {
 			a.fenced.Store(true)
 			fencedNow = true
 		}
