@@ -40,7 +40,11 @@ type Agent struct {
 	// fields the agent's own goroutines write.
 	cur    atomic.Pointer[Snapshot]
 	fenced atomic.Bool
-	_      [64]byte
+	// leaseEnd is the lease deadline on the tick clock (clock.go), which
+	// Enter reads itself rather than trust the timer to have fenced.
+	// Written under leaseMu with deadline.
+	leaseEnd atomic.Int64
+	_        [64]byte
 
 	cfg   Config
 	log   zerolog.Logger
@@ -160,6 +164,7 @@ func New(cfg Config) (*Agent, error) {
 	if err := cfg.validate(); err != nil {
 		return nil, fmt.Errorf("agent: invalid config: %w", err)
 	}
+	calibrateClock()
 	cfg.Releases = slices.Clone(cfg.Releases)
 	if cfg.Releases == nil {
 		cfg.Releases = []string{}

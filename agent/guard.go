@@ -40,14 +40,17 @@ func (s *Snapshot) exit() {
 // Enter pins the current snapshot for one unit of work; the caller must
 // call Exit on the guard when the work is done (defer g.Exit()).
 //
-// On the hot path Enter is an atomic load of the fence flag, one atomic
+// On the hot path Enter is an atomic load of the fence flag, a read of a
+// cheap clock against the lease deadline (clock.go), one atomic
 // increment, a re-check of the snapshot pointer and a second look at the
-// fence; it does not allocate and reads no clock. Once the lease has run out (the agent is fenced),
-// Enter with a DB re-syncs from the store first (one caller syncs, the
-// others wait for its result) and returns a guard on the fresh snapshot;
-// without a DB, or if the re-sync fails, it returns ErrStale.
+// fence; it does not allocate. Once the lease has run out (the agent is
+// fenced, or the deadline has passed and the lease timer has not run yet,
+// as after the process was paused), Enter with a DB re-syncs from the
+// store first (one caller syncs, the others wait for its result) and
+// returns a guard on the fresh snapshot; without a DB, or if the re-sync
+// fails, it returns ErrStale.
 func (a *Agent) Enter() (Guard, error) {
-	if a.fenced.Load() {
+	if a.fenced.Load() || ticks() >= a.leaseEnd.Load() {
 		return a.enterFenced()
 	}
 	g := a.pin()
@@ -80,6 +83,16 @@ func (a *Agent) pin() Guard {
 
 // enterFenced is Enter's slow path, taken while the lease is out.
 func (a *Agent) enterFenced() (Guard, error) {
+	// The tick clock says the deadline has passed but nothing has fenced:
+	// look at the monotonic clock. Still ahead (the tick clock errs early,
+	// or a renewal just came), the lease holds.
+	if !a.fenced.Load() && a.expire("enter") > 0 {
+		g := a.pin()
+		if !a.fenced.Load() {
+			return g, nil
+		}
+		g.Exit()
+	}
 	r := a.runPtr.Load()
 	if r == nil || a.cur.Load() == nil {
 		a.staleRefusals.Add(1)

@@ -18,8 +18,9 @@ import (
 // database) has fenced itself before the runner stops waiting for it.
 //
 // The deadline is only ever moved forward. When it passes, the lease timer
-// sets the fenced flag, which is all Enter reads: the hot path never calls
-// time.Now.
+// sets the fenced flag. Enter reads the flag and also compares the
+// deadline with a cheap clock itself (clock.go), since after a pause the
+// timer may not have run yet.
 
 // extendLease moves the deadline to from + lease − LeaseMargin if that is
 // later, and lifts the fence if the deadline is still ahead. It reports
@@ -29,6 +30,7 @@ func (a *Agent) extendLease(from time.Time, lease time.Duration) bool {
 	a.leaseMu.Lock()
 	if until.After(a.deadline) {
 		a.deadline = until
+		a.leaseEnd.Store(deadlineTicks(until))
 	}
 	valid := a.running && time.Now().Before(a.deadline)
 	wasFenced := a.fenced.Load()
@@ -62,28 +64,37 @@ func (a *Agent) leaseLength() time.Duration {
 	return a.cfg.InitialLease
 }
 
-// leaseLoop fences the agent when the deadline passes. The flag is set
-// under leaseMu after re-reading the deadline, so a concurrent extension
-// is never overwritten by a stale expiry.
+// expire fences the agent if its deadline has passed on the monotonic
+// clock, and returns the time left. The flag is set under leaseMu after
+// re-reading the deadline, so a concurrent extension is never overwritten
+// by a stale expiry. by says who noticed: the lease timer, or an Enter
+// that got there first (the process was paused, or the timer is late).
+func (a *Agent) expire(by string) time.Duration {
+	a.leaseMu.Lock()
+	wait := time.Until(a.deadline)
+	fencedNow := wait <= 0 && a.running && !a.fenced.Load()
+	if fencedNow {
+		a.fenced.Store(true)
+	}
+	a.leaseMu.Unlock()
+	if fencedNow {
+		a.fencings.Add(1)
+		// With a DB, the next Enter or heartbeat renews through the
+		// store; without one, only a grant can.
+		a.log.Warn().Bool("store", a.store != nil).Str("noticed_by", by).Dur("overdue", -wait).
+			Msg("lease ran out; fenced until it is renewed")
+	}
+	return wait
+}
+
+// leaseLoop fences the agent when the deadline passes.
 func (a *Agent) leaseLoop(r *runState) {
 	t := time.NewTimer(time.Hour)
 	t.Stop()
 	for {
-		a.leaseMu.Lock()
-		wait := time.Until(a.deadline)
-		fencedNow := false
-		if a.hooks.leaseTimerStopped.Load() {
-			wait = 0 // the timer does not fire: wait for a poke
-		} else if wait <= 0 && a.running && !a.fenced.Load() {
-			a.fenced.Store(true)
-			fencedNow = true
-		}
-		a.leaseMu.Unlock()
-		if fencedNow {
-			a.fencings.Add(1)
-			// With a DB, the next Enter or heartbeat renews through the
-			// store; without one, only a grant can.
-			a.log.Warn().Bool("store", a.store != nil).Msg("lease ran out; fenced until it is renewed")
+		wait := time.Duration(0) // the timer does not fire: wait for a poke
+		if !a.hooks.leaseTimerStopped.Load() {
+			wait = a.expire("lease_timer")
 		}
 		if wait > 0 {
 			t.Reset(wait)
