@@ -327,9 +327,16 @@ func (a *Agent) Start(ctx context.Context) error {
 
 // Stop stops the agent and waits, bounded by ctx, for every goroutine it
 // started to return. From the moment Stop is called, Enter refuses with
-// ErrStale: nobody renews the lease any more, so stop the agent after the
-// service has stopped taking work. Stop is safe to call twice, and on an
-// agent never started.
+// ErrStale, so stop the agent once the service has stopped taking work.
+// Guards already open (requests in flight at SIGTERM) may finish: until
+// the last one exits, the agent keeps its lease (heartbeats go on, state
+// messages are applied, statuses report the guards and the drainer still
+// acknowledges), so a contract runner waits for them rather than drop
+// under them. Then Stop says goodbye, and the store ends the lease at
+// once. If ctx ends with guards still open, Stop says no goodbye and
+// returns an error: renewing ends, and the lease runs out on its own, on
+// the runner's clock, whether those guards have exited or not. Stop is
+// safe to call twice, and on an agent never started.
 func (a *Agent) Stop(ctx context.Context) error {
 	a.life.Lock()
 	r := a.run
@@ -343,20 +350,51 @@ func (a *Agent) Stop(ctx context.Context) error {
 	}
 	a.setRunning(false)
 	a.runPtr.Store(nil)
-	// Fenced now, so no guard can open again (see Enter): if none is open,
-	// say goodbye, and the store ends the lease at once instead of the
-	// runner waiting it out. With guards open, the lease runs its course.
-	if open := a.openGuards(); open == 0 {
-		a.farewell(ctx)
-	} else {
-		a.log.Info().Int64("open_guards", open).Msg("stopping with guards open: no goodbye; the runner waits out the lease")
+	// Fenced now, so no guard can open again (see Enter): once none is
+	// open, none will be, and the goodbye is true.
+	if open, err := a.awaitGuards(ctx); err != nil {
+		r.end()
+		a.log.Warn().Int64("open_guards", open).Err(err).
+			Msg("stopping: the context ended with guards open; no goodbye, the lease runs out on its own")
+		return fmt.Errorf("agent: stop: guards still open: %d; no goodbye, the lease runs out on its own: %w", open, err)
 	}
+	a.farewell(ctx)
 	r.end()
 	if err := waitGroup(ctx, &r.wg); err != nil {
 		return fmt.Errorf("agent: stop: %w", err)
 	}
 	a.log.Info().Msg("agent stopped")
 	return nil
+}
+
+// guardPoll is how often Stop counts the guards still open. Exit stays
+// two atomics: it does not tell Stop.
+const guardPoll = 10 * time.Millisecond
+
+// awaitGuards waits until no guard is open, the run's goroutines keeping
+// the lease meanwhile, or until ctx ends; then it returns the guards
+// still open and ctx's error.
+func (a *Agent) awaitGuards(ctx context.Context) (int64, error) {
+	open := a.openGuards()
+	if open == 0 {
+		return 0, nil
+	}
+	a.log.Info().Int64("open_guards", open).Msg("stopping: waiting for the open guards to exit; the lease is kept until then")
+	t := time.NewTicker(guardPoll)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			if open = a.openGuards(); open == 0 {
+				return 0, nil
+			}
+			return open, ctx.Err()
+		case <-t.C:
+			if a.openGuards() == 0 {
+				return 0, nil
+			}
+		}
+	}
 }
 
 // openGuards counts the guards open on every snapshot still referenced.
