@@ -41,8 +41,8 @@ type Agent struct {
 	cur    atomic.Pointer[Snapshot]
 	fenced atomic.Bool
 	// leaseEnd is the lease deadline on the tick clock (clock.go), which
-	// Enter reads itself rather than trust the timer to have fenced.
-	// Written under leaseMu with deadline.
+	// Enter reads itself rather than trust the timer to have fenced; 0
+	// while fenced. Written under leaseMu.
 	leaseEnd atomic.Int64
 	_        [64]byte
 
@@ -424,7 +424,7 @@ func (a *Agent) setRunning(v bool) {
 	a.leaseMu.Lock()
 	a.running = v
 	if !v {
-		a.fenced.Store(true)
+		a.fenceLocked()
 	}
 	a.leaseMu.Unlock()
 }

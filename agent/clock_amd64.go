@@ -21,11 +21,15 @@ func tscIsClocksource() bool {
 	return err == nil && strings.TrimSpace(string(b)) == "tsc"
 }
 
-func ticks() int64 {
+// ticks reads the tick clock: a function value chosen once, so that
+// Enter pays one call for it.
+var ticks = pickTicks()
+
+func pickTicks() func() int64 {
 	if tscUsable {
-		return rdtsc()
+		return rdtsc
 	}
-	return monoNanos()
+	return monoNanos
 }
 
 // The counter's rate is measured against the monotonic clock from a first

@@ -28,13 +28,16 @@ import (
 func (a *Agent) extendLease(from time.Time, lease time.Duration) bool {
 	until := from.Add(lease - a.cfg.LeaseMargin)
 	a.leaseMu.Lock()
-	if until.After(a.deadline) {
+	moved := until.After(a.deadline)
+	if moved {
 		a.deadline = until
-		a.leaseEnd.Store(deadlineTicks(until))
 	}
 	valid := a.running && time.Now().Before(a.deadline)
 	wasFenced := a.fenced.Load()
-	if valid && wasFenced {
+	if valid && (moved || wasFenced) {
+		// The tick deadline first: the fast path, having read it, still
+		// looks at the flag after pinning.
+		a.leaseEnd.Store(deadlineTicks(a.deadline))
 		a.fenced.Store(false)
 	}
 	a.leaseMu.Unlock()
@@ -43,6 +46,13 @@ func (a *Agent) extendLease(from time.Time, lease time.Duration) bool {
 		a.log.Info().Dur("lease_remaining", time.Until(until)).Msg("lease valid; serving")
 	}
 	return valid
+}
+
+// fenceLocked fences the agent: Enter refuses (or re-syncs) until the
+// lease is extended. Under leaseMu.
+func (a *Agent) fenceLocked() {
+	a.fenced.Store(true)
+	a.leaseEnd.Store(0)
 }
 
 // leaseFresh reports whether at least half a lease is still ahead, so a
@@ -74,7 +84,7 @@ func (a *Agent) expire(by string) time.Duration {
 	wait := time.Until(a.deadline)
 	fencedNow := wait <= 0 && a.running && !a.fenced.Load()
 	if fencedNow {
-		a.fenced.Store(true)
+		a.fenceLocked()
 	}
 	a.leaseMu.Unlock()
 	if fencedNow {
