@@ -330,13 +330,13 @@ func (a *Agent) Start(ctx context.Context) error {
 // ErrStale, so stop the agent once the service has stopped taking work.
 // Guards already open (requests in flight at SIGTERM) may finish: until
 // the last one exits, the agent keeps its lease (heartbeats go on, state
-// messages are applied, statuses report the guards and the drainer still
-// acknowledges), so a contract runner waits for them rather than drop
-// under them. Then Stop says goodbye, and the store ends the lease at
-// once. If ctx ends with guards still open, Stop says no goodbye and
-// returns an error: renewing ends, and the lease runs out on its own, on
-// the runner's clock, whether those guards have exited or not. Stop is
-// safe to call twice, and on an agent never started.
+// messages are applied, and the drainer acknowledges once the guards on an
+// older snapshot have exited), so a contract runner waits for them rather
+// than drop under them. Then Stop says goodbye, and the store ends the
+// lease at once. If ctx ends with guards still open, Stop says no goodbye
+// and returns an error: renewing ends, and the lease runs out on its own,
+// after which those guards are no longer covered. Stop is safe to call
+// twice, and on an agent never started.
 func (a *Agent) Stop(ctx context.Context) error {
 	a.life.Lock()
 	r := a.run

@@ -102,7 +102,7 @@ func (a *Agent) leaseLoop(r *runState) {
 	t := time.NewTimer(time.Hour)
 	t.Stop()
 	for {
-		wait := time.Duration(0) // the timer does not fire: wait for a poke
+		wait := time.Duration(0) // a test's paused process: no timer, only pokes
 		if !a.hooks.leaseTimerStopped.Load() {
 			wait = a.expire("lease_timer")
 		}
