@@ -22,7 +22,7 @@ import (
 // runner drops.
 func TestStopWithGuardsOpenKeepsTheLease(t *testing.T) {
 	t.Parallel()
-	const lease = time.Second
+	const lease = 1500 * time.Millisecond
 	for _, withDB := range []bool{false, true} {
 		t.Run(map[bool]string{false: "WithoutDB", true: "WithDB"}[withDB], func(t *testing.T) {
 			t.Parallel()
