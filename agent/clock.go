@@ -16,7 +16,10 @@ import "time"
 // counter); elsewhere the monotonic clock itself. The tick clock only
 // decides when Enter looks closer: a deadline it says has passed is
 // checked against time.Now under leaseMu before anything is fenced, so an
-// error in its rate costs a slow Enter, never a wrong fence.
+// error in its rate costs a slow Enter, never a wrong fence. Were the
+// counter to go wrong later (the kernel can give it up as a clocksource
+// while the process runs), the worst is an Enter that misses a pause, as
+// before this check: the lease timer and the fence flag still decide.
 
 // clockBase is the origin of monoNanos.
 var clockBase = time.Now()
