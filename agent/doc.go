@@ -32,8 +32,9 @@
 // None of them allocates, Agent.Snapshot is one atomic load, and
 // Enter/Exit are a read of a cheap clock against the lease deadline (the
 // CPU's time-stamp counter on amd64, see clock.go), an increment, a
-// re-check of the snapshot, a look at the fence and a decrement. Agent.Table and Agent.Column panic on a table or column not
-// in Config.Tables.
+// re-check of the snapshot, a look at the fence and a decrement.
+// Agent.Table and Agent.Column panic on a table or column not in
+// Config.Tables.
 //
 // # What an acknowledgement promises
 //
