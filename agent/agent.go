@@ -109,6 +109,7 @@ type Agent struct {
 // simulate a paused process. Production code never sets them.
 type testHooks struct {
 	afterResync       func()      // enterFenced: between the re-sync and the pin
+	beforeGoodbye     func()      // Stop: just before the goodbye
 	leaseTimerStopped atomic.Bool // leaseLoop does not fence, as in a paused process
 }
 
@@ -123,6 +124,14 @@ type runState struct {
 
 	spawnMu sync.Mutex
 	ended   bool // under spawnMu: wg is being waited on; spawn no more
+
+	// hush, closed by Stop before its goodbye, ends the goroutines that
+	// send statuses on their own (the heartbeat and the drainer), and
+	// reporters lets Stop wait for them: a status sent after the goodbye
+	// carries a higher seq, and the store would renew the lease the
+	// goodbye ended.
+	hush      chan struct{}
+	reporters sync.WaitGroup
 }
 
 func (r *runState) markReady() { r.readyOnce.Do(func() { close(r.ready) }) }
@@ -267,7 +276,7 @@ func (a *Agent) Start(ctx context.Context) error {
 		a.last = nil
 	}
 	runCtx, cancel := context.WithCancel(context.Background())
-	r := &runState{ctx: runCtx, cancel: cancel, ready: make(chan struct{})}
+	r := &runState{ctx: runCtx, cancel: cancel, ready: make(chan struct{}), hush: make(chan struct{})}
 	a.setRunning(true)
 	a.runPtr.Store(r)
 
@@ -293,9 +302,10 @@ func (a *Agent) Start(ctx context.Context) error {
 	}
 
 	conn, dialErr := a.dialBroker(ctx)
-	r.wg.Go(func() { a.drainLoop(r) })
+	r.reporters.Add(2)
+	r.wg.Go(func() { defer r.reporters.Done(); a.drainLoop(r) })
 	r.wg.Go(func() { a.leaseLoop(r) })
-	r.wg.Go(func() { a.heartbeatLoop(r) })
+	r.wg.Go(func() { defer r.reporters.Done(); a.heartbeatLoop(r) })
 	if a.store != nil {
 		r.wg.Go(func() { a.confirmLoop(r) })
 	}
@@ -357,6 +367,14 @@ func (a *Agent) Stop(ctx context.Context) error {
 		a.log.Warn().Int64("open_guards", open).Err(err).
 			Msg("stopping: the context ended with guards open; no goodbye, the lease runs out on its own")
 		return fmt.Errorf("agent: stop: guards still open: %d; no goodbye, the lease runs out on its own: %w", open, err)
+	}
+	close(r.hush)
+	if err := waitGroup(ctx, &r.reporters); err != nil {
+		r.end()
+		return fmt.Errorf("agent: stop: no goodbye: %w", err)
+	}
+	if h := a.hooks.beforeGoodbye; h != nil {
+		h()
 	}
 	a.farewell(ctx)
 	r.end()
@@ -547,6 +565,8 @@ func (a *Agent) drainLoop(r *runState) {
 	for {
 		select {
 		case <-r.ctx.Done():
+			return
+		case <-r.hush:
 			return
 		case <-a.drain:
 		}

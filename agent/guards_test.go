@@ -1,9 +1,12 @@
 package agent
 
 import (
+	"encoding/json"
+	"strings"
 	"testing"
 	"time"
 
+	"github.com/rs/zerolog"
 	"github.com/stretchr/testify/require"
 
 	"github.com/phasecast/phasecast/internal/wire"
@@ -63,4 +66,37 @@ func startFencedWithDB(t *testing.T) (*bundle, *Agent, int64) {
 	b.fake.answering.Store(false)
 	require.Eventually(t, func() bool { return a.Stats().Fenced }, 5*time.Second, 5*time.Millisecond)
 	return b, a, epoch
+}
+
+// TestNoStatusAfterTheGoodbye: a heartbeat waiting behind the goodbye
+// must not be sent after it: the store would take its higher seq and
+// renew the lease the goodbye ended. The test holds the status lock just
+// before the goodbye for several heartbeat intervals, so a heartbeat
+// waits for it; the agent's own log says what it sent, in order.
+func TestNoStatusAfterTheGoodbye(t *testing.T) {
+	t.Parallel()
+	b := setup(t, fakeOptions{lease: 10 * time.Second})
+	applyRelease(t, b.store, manifestL)
+	for i := range 3 {
+		var logs lockedBuffer
+		cfg := b.config(t, false)
+		cfg.HeartbeatInterval = 20 * time.Millisecond
+		cfg.Logger = zerolog.New(&logs).Level(zerolog.DebugLevel)
+		a := startAgent(t, cfg)
+		a.hooks.beforeGoodbye = func() {
+			a.statusMu.Lock()
+			time.Sleep(5 * cfg.HeartbeatInterval)
+			a.statusMu.Unlock()
+		}
+		stopAgent(t, a)
+		var sent []string
+		for _, line := range strings.Split(logs.String(), "\n") {
+			var e struct{ Message, Reason string }
+			if json.Unmarshal([]byte(line), &e) == nil && e.Message == "status sent" {
+				sent = append(sent, e.Reason)
+			}
+		}
+		require.NotEmpty(t, sent)
+		require.Equal(t, reasonLeaving, sent[len(sent)-1], "stop %d: the statuses sent, in order: %v", i, sent)
+	}
 }

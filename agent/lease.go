@@ -129,6 +129,8 @@ func (a *Agent) heartbeatLoop(r *runState) {
 		select {
 		case <-r.ctx.Done():
 			return
+		case <-r.hush:
+			return
 		case <-t.C:
 			a.report(r.ctx, "heartbeat")
 		}
