@@ -40,7 +40,11 @@ type Agent struct {
 	// fields the agent's own goroutines write.
 	cur    atomic.Pointer[Snapshot]
 	fenced atomic.Bool
-	_      [64]byte
+	// leaseEnd is the lease deadline on the tick clock (clock.go), which
+	// Enter reads itself rather than trust the timer to have fenced; 0
+	// while fenced. Written under leaseMu.
+	leaseEnd atomic.Int64
+	_        [64]byte
 
 	cfg   Config
 	log   zerolog.Logger
@@ -102,6 +106,16 @@ type Agent struct {
 	storeID atomic.Pointer[string]
 
 	counters
+
+	hooks testHooks
+}
+
+// testHooks let the package's tests make an interleaving deterministic or
+// simulate a paused process. Production code never sets them.
+type testHooks struct {
+	afterResync       func()      // enterFenced: between the re-sync and the pin
+	beforeGoodbye     func()      // Stop: just before the goodbye
+	leaseTimerStopped atomic.Bool // leaseLoop does not fence, as in a paused process
 }
 
 // runState is one Start…Stop period.
@@ -115,6 +129,14 @@ type runState struct {
 
 	spawnMu sync.Mutex
 	ended   bool // under spawnMu: wg is being waited on; spawn no more
+
+	// hush, closed by Stop before its goodbye, ends the goroutines that
+	// send statuses on their own (the heartbeat and the drainer), and
+	// reporters lets Stop wait for them: a status sent after the goodbye
+	// carries a higher seq, and the store would renew the lease the
+	// goodbye ended.
+	hush      chan struct{}
+	reporters sync.WaitGroup
 }
 
 func (r *runState) markReady() { r.readyOnce.Do(func() { close(r.ready) }) }
@@ -156,6 +178,7 @@ func New(cfg Config) (*Agent, error) {
 	if err := cfg.validate(); err != nil {
 		return nil, fmt.Errorf("agent: invalid config: %w", err)
 	}
+	calibrateClock()
 	cfg.Releases = slices.Clone(cfg.Releases)
 	if cfg.Releases == nil {
 		cfg.Releases = []string{}
@@ -268,7 +291,7 @@ func (a *Agent) Start(ctx context.Context) error {
 		a.last = nil
 	}
 	runCtx, cancel := context.WithCancel(context.Background())
-	r := &runState{ctx: runCtx, cancel: cancel, ready: make(chan struct{})}
+	r := &runState{ctx: runCtx, cancel: cancel, ready: make(chan struct{}), hush: make(chan struct{})}
 	a.setRunning(true)
 	a.runPtr.Store(r)
 
@@ -302,9 +325,10 @@ func (a *Agent) Start(ctx context.Context) error {
 	}
 
 	conn, dialErr := a.dialBroker(ctx)
-	r.wg.Go(func() { a.drainLoop(r) })
+	r.reporters.Add(2)
+	r.wg.Go(func() { defer r.reporters.Done(); a.drainLoop(r) })
 	r.wg.Go(func() { a.leaseLoop(r) })
-	r.wg.Go(func() { a.heartbeatLoop(r) })
+	r.wg.Go(func() { defer r.reporters.Done(); a.heartbeatLoop(r) })
 	if a.store != nil {
 		r.wg.Go(func() { a.confirmLoop(r) })
 	}
@@ -370,9 +394,16 @@ func (a *Agent) awaitLease(ctx context.Context) error {
 
 // Stop stops the agent and waits, bounded by ctx, for every goroutine it
 // started to return. From the moment Stop is called, Enter refuses with
-// ErrStale: nobody renews the lease any more, so stop the agent after the
-// service has stopped taking work. Stop is safe to call twice, and on an
-// agent never started.
+// ErrStale, so stop the agent once the service has stopped taking work.
+// Guards already open (requests in flight at SIGTERM) may finish: until
+// the last one exits, the agent keeps its lease (heartbeats go on, state
+// messages are applied, and the drainer acknowledges once the guards on an
+// older snapshot have exited), so a contract runner waits for them rather
+// than drop under them. Then Stop says goodbye, and the store ends the
+// lease at once. If ctx ends with guards still open, Stop says no goodbye
+// and returns an error: renewing ends, and the lease runs out on its own,
+// after which those guards are no longer covered. Stop is safe to call
+// twice, and on an agent never started.
 func (a *Agent) Stop(ctx context.Context) error {
 	a.life.Lock()
 	r := a.run
@@ -386,20 +417,59 @@ func (a *Agent) Stop(ctx context.Context) error {
 	}
 	a.setRunning(false)
 	a.runPtr.Store(nil)
-	// Fenced now, so no guard can open again (see Enter): if none is open,
-	// say goodbye, and the store ends the lease at once instead of the
-	// runner waiting it out. With guards open, the lease runs its course.
-	if open := a.openGuards(); open == 0 {
-		a.farewell(ctx)
-	} else {
-		a.log.Info().Int64("open_guards", open).Msg("stopping with guards open: no goodbye; the runner waits out the lease")
+	// Fenced now, so no guard can open again (see Enter): once none is
+	// open, none will be, and the goodbye is true.
+	if open, err := a.awaitGuards(ctx); err != nil {
+		r.end()
+		a.log.Warn().Int64("open_guards", open).Err(err).
+			Msg("stopping: the context ended with guards open; no goodbye, the lease runs out on its own")
+		return fmt.Errorf("agent: stop: guards still open: %d; no goodbye, the lease runs out on its own: %w", open, err)
 	}
+	close(r.hush)
+	if err := waitGroup(ctx, &r.reporters); err != nil {
+		r.end()
+		return fmt.Errorf("agent: stop: no goodbye: %w", err)
+	}
+	if h := a.hooks.beforeGoodbye; h != nil {
+		h()
+	}
+	a.farewell(ctx)
 	r.end()
 	if err := waitGroup(ctx, &r.wg); err != nil {
 		return fmt.Errorf("agent: stop: %w", err)
 	}
 	a.log.Info().Msg("agent stopped")
 	return nil
+}
+
+// guardPoll is how often Stop counts the guards still open. Exit stays
+// two atomics: it does not tell Stop.
+const guardPoll = 10 * time.Millisecond
+
+// awaitGuards waits until no guard is open, the run's goroutines keeping
+// the lease meanwhile, or until ctx ends; then it returns the guards
+// still open and ctx's error.
+func (a *Agent) awaitGuards(ctx context.Context) (int64, error) {
+	open := a.openGuards()
+	if open == 0 {
+		return 0, nil
+	}
+	a.log.Info().Int64("open_guards", open).Msg("stopping: waiting for the open guards to exit; the lease is kept until then")
+	t := time.NewTicker(guardPoll)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			if open = a.openGuards(); open == 0 {
+				return 0, nil
+			}
+			return open, ctx.Err()
+		case <-t.C:
+			if a.openGuards() == 0 {
+				return 0, nil
+			}
+		}
+	}
 }
 
 // openGuards counts the guards open on every snapshot still referenced.
@@ -429,7 +499,7 @@ func (a *Agent) setRunning(v bool) {
 	a.leaseMu.Lock()
 	a.running = v
 	if !v {
-		a.fenced.Store(true)
+		a.fenceLocked()
 	}
 	a.leaseMu.Unlock()
 }
@@ -553,6 +623,8 @@ func (a *Agent) drainLoop(r *runState) {
 	for {
 		select {
 		case <-r.ctx.Done():
+			return
+		case <-r.hush:
 			return
 		case <-a.drain:
 		}

@@ -537,11 +537,20 @@ func TestLeaseExpiry(t *testing.T) {
 		b := setup(t, fakeOptions{lease: 10 * time.Second})
 		applyRelease(t, b.store, manifestL)
 
-		// A guard open at Stop: no goodbye, the lease runs its course.
-		busy := startAgent(t, b.config(t, false))
+		// A guard still open when Stop's context ends: no goodbye, the
+		// lease runs its course, and the log says so.
+		var logs lockedBuffer
+		cfg := b.config(t, false)
+		cfg.Logger = cfg.Logger.Output(io.MultiWriter(zerolog.NewTestWriter(t), &logs))
+		busy := startAgent(t, cfg)
 		g, err := busy.Enter()
 		require.NoError(t, err)
-		stopAgent(t, busy)
+		ctx, cancel := context.WithTimeout(context.Background(), 300*time.Millisecond)
+		err = busy.Stop(ctx)
+		cancel()
+		require.ErrorIs(t, err, context.DeadlineExceeded)
+		require.ErrorContains(t, err, "guards still open: 1")
+		require.Contains(t, logs.String(), "the context ended with guards open; no goodbye, the lease runs out on its own")
 		g.Exit()
 		for _, st := range b.fake.received() {
 			require.False(t, st.Leaving && st.AgentID == busy.ID(), "no goodbye with a guard open")
@@ -642,15 +651,7 @@ func TestLeaseExpiry(t *testing.T) {
 	t.Run("WithDBEnterResyncs", func(t *testing.T) {
 		t.Parallel()
 		// No beacons: only Enter may bring the flip below.
-		b := setup(t, fakeOptions{lease: 600 * time.Millisecond, noBeacons: true})
-		e := applyRelease(t, b.store, manifestL)
-		cfg := b.config(t, true)
-		cfg.HeartbeatInterval = time.Minute // only Enter renews through the store here
-		cfg.InitialLease = 600 * time.Millisecond
-		a := startAgent(t, cfg)
-
-		b.fake.answering.Store(false)
-		require.Eventually(t, func() bool { return a.Stats().Fenced }, 5*time.Second, 5*time.Millisecond)
+		b, a, e := startFencedWithDB(t)
 		before := agentRow(t, b.store, a.ID())
 		r0 := a.Stats().Resyncs
 

@@ -2,6 +2,7 @@ package agent
 
 import (
 	"fmt"
+	"slices"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -215,4 +216,34 @@ func BenchmarkApplyState50Releases(b *testing.B) {
 			b.Fatal("not applied")
 		}
 	}
+}
+
+// BenchmarkGuardPairRatio measures Enter/Exit against the baseline pair
+// in alternating blocks and reports the median ratio of neighbouring
+// blocks (x-baseline): on a machine that other work keeps busy, a block
+// the scheduler interrupted is an outlier the median drops, where a
+// whole run's ns/op would take it in. Each iteration is one pair of
+// blocks; run it with -benchtime 3000x.
+func BenchmarkGuardPairRatio(b *testing.B) {
+	a := newTestAgent(b, stateL(1, phase.Contract))
+	const block = 20000
+	var ratios []float64
+	for b.Loop() {
+		t0 := time.Now()
+		for range block {
+			baselineCount.Add(1)
+			baselineCount.Add(-1)
+		}
+		t1 := time.Now()
+		for range block {
+			g, err := a.Enter()
+			if err != nil {
+				b.Fatal(err)
+			}
+			g.Exit()
+		}
+		ratios = append(ratios, float64(time.Since(t1))/float64(t1.Sub(t0)))
+	}
+	slices.Sort(ratios)
+	b.ReportMetric(ratios[len(ratios)/2], "x-baseline")
 }

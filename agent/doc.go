@@ -9,12 +9,14 @@
 // # Using it
 //
 // Create the agent with New, resolve the tables the service queries with
-// Table once, call Start before serving, and Stop after the service has
-// stopped taking work: with no guard open, Stop says goodbye and the store
-// ends the agent's lease at once, so a contract runner need not wait it
-// out. Wrap every unit of work that builds queries (a
-// request, a transaction) in Enter and Exit, and build the queries from the
-// pinned snapshot:
+// Table once, call Start before serving, and Stop when the service stops
+// taking work (on SIGTERM), with the grace period as its context's
+// deadline. Enter refuses from then on; Stop waits for the guards still
+// open, keeping the lease alive meanwhile so that a contract runner waits
+// for them, then says goodbye, and the store ends the agent's lease at
+// once, so the runner need not wait it out. Wrap every unit of work that
+// builds queries (a request, a transaction) in Enter and Exit, and build
+// the queries from the pinned snapshot:
 //
 //	g, err := a.Enter()
 //	if err != nil { // ErrStale: refuse the work, e.g. with a 503
@@ -28,9 +30,11 @@
 // any table and column (two string hashes), and Snapshot.ColumnRemoved for
 // a registered column resolved once with Agent.Column (a slice index).
 // None of them allocates, Agent.Snapshot is one atomic load, and
-// Enter/Exit are an atomic load, an increment, a re-check and a
-// decrement. Agent.Table and Agent.Column panic on a table or column not
-// in Config.Tables.
+// Enter/Exit are a read of a cheap clock against the lease deadline (the
+// CPU's time-stamp counter on amd64, see clock.go), an increment, a
+// re-check of the snapshot, a look at the fence and a decrement.
+// Agent.Table and Agent.Column panic on a table or column not in
+// Config.Tables.
 //
 // # What an acknowledgement promises
 //
@@ -85,7 +89,9 @@
 // bounded by its context), and the store reports the conflict.
 //
 // When the lease runs out
-// the agent is fenced: Enter re-reads the state from the store and renews
+// the agent is fenced (Enter compares the deadline with the clock itself,
+// so this holds even when the process was paused and the lease timer has
+// not run yet): Enter re-reads the state from the store and renews
 // the lease there when there is a DB, and returns ErrStale when there is
 // not. The runner treats an agent whose lease expired as gone, so a
 // partitioned agent has always fenced itself before the runner stops

@@ -43,21 +43,32 @@ func (s *Snapshot) exit() {
 // Enter pins the current snapshot for one unit of work; the caller must
 // call Exit on the guard when the work is done (defer g.Exit()).
 //
-// On the hot path Enter is an atomic load of the fence flag, one atomic
-// increment, a re-check of the snapshot pointer and a second look at the
-// fence; it does not allocate and reads no clock. Once the lease has run out (the agent is fenced),
-// Enter with a DB re-syncs from the store first (one caller syncs, the
-// others wait for its result) and returns a guard on the fresh snapshot;
-// without a DB, or if the re-sync fails, it returns ErrStale.
+// On the hot path Enter is a read of a cheap clock against the lease
+// deadline (clock.go; the deadline is zero while the agent is fenced), one
+// atomic increment, a re-check of the snapshot pointer and a look at the
+// fence flag; it does not allocate. Once the lease has run out (the agent is
+// fenced, or the deadline has passed and the lease timer has not run yet,
+// as after the process was paused), Enter with a DB re-syncs from the
+// store first (one caller syncs, the others wait for its result) and
+// returns a guard on the fresh snapshot; without a DB, or if the re-sync
+// fails, it returns ErrStale.
 func (a *Agent) Enter() (Guard, error) {
-	if a.fenced.Load() {
+	if ticks() >= a.leaseEnd.Load() {
 		return a.enterFenced()
 	}
-	g := a.pin()
-	// Fenced between the check and the pin (the lease ran out, or Stop):
-	// back out. Pinning before this second look pairs with Stop setting
-	// the fence before it counts open guards: one of the two sees the
-	// other, so Stop never says goodbye with a guard about to open.
+	// pin's first try, written out: the call it saves pays for the clock
+	// read.
+	s := a.cur.Load()
+	s.inflight.Add(1)
+	g := Guard{s}
+	if a.cur.Load() != s {
+		g = a.repin(s)
+	}
+	// Fenced before or since the check (the lease ran out, or Stop): back
+	// out. The flag is the truth; the deadline only spares a fenced Enter
+	// the pin. Pinning before this look pairs with Stop setting the fence
+	// before it counts open guards: one of the two sees the other, so Stop
+	// never says goodbye with a guard about to open.
 	if a.fenced.Load() {
 		g.Exit()
 		return a.enterFenced()
@@ -69,20 +80,41 @@ func (a *Agent) Enter() (Guard, error) {
 // re-checking the pointer makes it race-free against a swap: either the
 // snapshot was still current after our increment, so the drainer (which
 // reads the count only after the swap) sees the guard, or we back out and
-// try the newer snapshot.
+// try the newer snapshot. Enter writes out the first try itself (the
+// compiler will not inline pin), which pays for its clock read.
 func (a *Agent) pin() Guard {
+	s := a.cur.Load()
+	s.inflight.Add(1)
+	if a.cur.Load() == s {
+		return Guard{s}
+	}
+	return a.repin(s)
+}
+
+// repin backs out of s, swapped out under the pin, and tries again.
+func (a *Agent) repin(s *Snapshot) Guard {
 	for {
-		s := a.cur.Load()
+		s.exit()
+		s = a.cur.Load()
 		s.inflight.Add(1)
 		if a.cur.Load() == s {
 			return Guard{s}
 		}
-		s.exit()
 	}
 }
 
 // enterFenced is Enter's slow path, taken while the lease is out.
 func (a *Agent) enterFenced() (Guard, error) {
+	// The tick clock says the deadline has passed but nothing has fenced:
+	// look at the monotonic clock. Still ahead (the tick clock errs early,
+	// or a renewal just came), the lease holds.
+	if !a.fenced.Load() && a.expire("enter") > 0 {
+		g := a.pin()
+		if !a.fenced.Load() {
+			return g, nil
+		}
+		g.Exit()
+	}
 	r := a.runPtr.Load()
 	if r == nil || a.cur.Load() == nil {
 		a.staleRefusals.Add(1)
@@ -96,7 +128,23 @@ func (a *Agent) enterFenced() (Guard, error) {
 		a.staleRefusals.Add(1)
 		return Guard{}, err
 	}
-	return a.pin(), nil
+	if h := a.hooks.afterResync; h != nil {
+		h()
+	}
+	g := a.pin()
+	// The second look, as on the fast path: a Stop (or a new expiry)
+	// between the re-sync and the pin has fenced, and Stop may already
+	// have counted no guard and said goodbye. Stop fences before it
+	// counts, so one of the two sees the other.
+	if a.fenced.Load() || a.runPtr.Load() != r {
+		g.Exit()
+		a.staleRefusals.Add(1)
+		if a.runPtr.Load() != r {
+			return Guard{}, errNotRunning
+		}
+		return Guard{}, fmt.Errorf("%w; fenced again right after the re-sync", ErrStale)
+	}
+	return g, nil
 }
 
 // resync is one re-sync from the store run for fenced callers of Enter.

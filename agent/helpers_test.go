@@ -174,7 +174,8 @@ func newTestAgent(tb testing.TB, st *wire.State) *Agent {
 	require.NoError(tb, err)
 	a.apply(st)
 	a.drained.Store(st.Epoch)
-	a.fenced.Store(false)
+	a.setRunning(true)
+	require.True(tb, a.extendLease(time.Now(), time.Hour))
 	return a
 }
 

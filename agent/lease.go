@@ -18,8 +18,9 @@ import (
 // database) has fenced itself before the runner stops waiting for it.
 //
 // The deadline is only ever moved forward. When it passes, the lease timer
-// sets the fenced flag, which is all Enter reads: the hot path never calls
-// time.Now.
+// sets the fenced flag. Enter reads the flag and also compares the
+// deadline with a cheap clock itself (clock.go), since after a pause the
+// timer may not have run yet.
 
 // extendLease moves the deadline to from + lease − LeaseMargin if that is
 // later, and lifts the fence if the deadline is still ahead. It reports
@@ -27,12 +28,16 @@ import (
 func (a *Agent) extendLease(from time.Time, lease time.Duration) bool {
 	until := from.Add(lease - a.cfg.LeaseMargin)
 	a.leaseMu.Lock()
-	if until.After(a.deadline) {
+	moved := until.After(a.deadline)
+	if moved {
 		a.deadline = until
 	}
 	valid := a.running && time.Now().Before(a.deadline)
 	wasFenced := a.fenced.Load()
-	if valid && wasFenced {
+	if valid && (moved || wasFenced) {
+		// The tick deadline first: the fast path, having read it, still
+		// looks at the flag after pinning.
+		a.leaseEnd.Store(deadlineTicks(a.deadline))
 		a.fenced.Store(false)
 	}
 	a.leaseMu.Unlock()
@@ -41,6 +46,13 @@ func (a *Agent) extendLease(from time.Time, lease time.Duration) bool {
 		a.log.Info().Dur("lease_remaining", time.Until(until)).Msg("lease valid; serving")
 	}
 	return valid
+}
+
+// fenceLocked fences the agent: Enter refuses (or re-syncs) until the
+// lease is extended. Under leaseMu.
+func (a *Agent) fenceLocked() {
+	a.fenced.Store(true)
+	a.leaseEnd.Store(0)
 }
 
 // leaseFresh reports whether at least half a lease is still ahead, so a
@@ -62,26 +74,37 @@ func (a *Agent) leaseLength() time.Duration {
 	return a.cfg.InitialLease
 }
 
-// leaseLoop fences the agent when the deadline passes. The flag is set
-// under leaseMu after re-reading the deadline, so a concurrent extension
-// is never overwritten by a stale expiry.
+// expire fences the agent if its deadline has passed on the monotonic
+// clock, and returns the time left. The flag is set under leaseMu after
+// re-reading the deadline, so a concurrent extension is never overwritten
+// by a stale expiry. by says who noticed: the lease timer, or an Enter
+// that got there first (the process was paused, or the timer is late).
+func (a *Agent) expire(by string) time.Duration {
+	a.leaseMu.Lock()
+	wait := time.Until(a.deadline)
+	fencedNow := wait <= 0 && a.running && !a.fenced.Load()
+	if fencedNow {
+		a.fenceLocked()
+	}
+	a.leaseMu.Unlock()
+	if fencedNow {
+		a.fencings.Add(1)
+		// With a DB, the next Enter or heartbeat renews through the
+		// store; without one, only a grant can.
+		a.log.Warn().Bool("store", a.store != nil).Str("noticed_by", by).Dur("overdue", -wait).
+			Msg("lease ran out; fenced until it is renewed")
+	}
+	return wait
+}
+
+// leaseLoop fences the agent when the deadline passes.
 func (a *Agent) leaseLoop(r *runState) {
 	t := time.NewTimer(time.Hour)
 	t.Stop()
 	for {
-		a.leaseMu.Lock()
-		wait := time.Until(a.deadline)
-		fencedNow := false
-		if wait <= 0 && a.running && !a.fenced.Load() {
-			a.fenced.Store(true)
-			fencedNow = true
-		}
-		a.leaseMu.Unlock()
-		if fencedNow {
-			a.fencings.Add(1)
-			// With a DB, the next Enter or heartbeat renews through the
-			// store; without one, only a grant can.
-			a.log.Warn().Bool("store", a.store != nil).Msg("lease ran out; fenced until it is renewed")
+		wait := time.Duration(0) // a test's paused process: no timer, only pokes
+		if !a.hooks.leaseTimerStopped.Load() {
+			wait = a.expire("lease_timer")
 		}
 		if wait > 0 {
 			t.Reset(wait)
@@ -105,6 +128,8 @@ func (a *Agent) heartbeatLoop(r *runState) {
 	for {
 		select {
 		case <-r.ctx.Done():
+			return
+		case <-r.hush:
 			return
 		case <-t.C:
 			a.report(r.ctx, "heartbeat")
