@@ -124,9 +124,12 @@ func TestStopWithGuardsOpenKeepsTheLease(t *testing.T) {
 			}
 			require.Equal(t, schema.OutcomeComplete, res.Outcome, fmt.Sprintf("%+v", res))
 			require.Equal(t, []string{"id", "host", "common_name"}, e.columns("instances"))
-			row, ok := e.agentRow(a.ID())
-			require.True(t, ok)
-			require.False(t, row.Live(), "Stop said goodbye once the guard had exited")
+			// Stop returns once the goodbye is published; the broadcaster
+			// records it in its next batch.
+			e2eWaitFor(t, e2eWait, "the goodbye to end the lease once the guard had exited", func() bool {
+				row, ok := e.agentRow(a.ID())
+				return ok && !row.Live()
+			})
 			_, err = a.Enter()
 			require.ErrorIs(t, err, agent.ErrStale)
 		})
