@@ -35,12 +35,14 @@ func TestSmoke(t *testing.T) {
 		DBConns:        4,
 		Cost:           true,
 		CostAgents:     5,
-		CostDuration:   400 * time.Millisecond,
-		ChartDir:       t.TempDir(),
-		DatabaseURL:    testenv.DatabaseURL(),
-		AMQPURL:        testenv.AMQPURL(),
-		Progress:       &progress,
-		Name:           strings.TrimPrefix(testenv.Name("smoke"), "smoke_"),
+		// Long enough that a loaded machine still records statuses in the
+		// measured half (at 400ms it sometimes recorded none there).
+		CostDuration: time.Second,
+		ChartDir:     t.TempDir(),
+		DatabaseURL:  testenv.DatabaseURL(),
+		AMQPURL:      testenv.AMQPURL(),
+		Progress:     &progress,
+		Name:         strings.TrimPrefix(testenv.Name("smoke"), "smoke_"),
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
