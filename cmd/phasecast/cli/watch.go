@@ -14,24 +14,8 @@ import (
 	"github.com/rs/zerolog"
 
 	"github.com/phasecast/phasecast/internal/config"
-	"github.com/phasecast/phasecast/internal/phase"
 	"github.com/phasecast/phasecast/schema"
 )
-
-// Agent standings in a pending contract, as 'status --watch' shows them.
-const (
-	standingAcked    = "acknowledged" // drained the contract epoch; counts
-	standingDraining = "draining"     // applied it, guards begun before it still open
-	standingBehind   = "behind"       // has not applied the contract epoch yet
-	standingOldCode  = "old code"     // its code predates the release: never counts
-	standingFenced   = "fenced"       // lease ran out lately without a goodbye: it fenced itself
-	standingExpired  = "expired"      // said goodbye, or its lease ran out long ago
-)
-
-// fencedFor is how long after its lease ran out, without a goodbye, an
-// agent is shown as fenced (its process may well run on, fenced, trying
-// to re-sync) rather than expired.
-const fencedFor = time.Minute
 
 // expiredShownFor bounds how long an expired agent stays in the view;
 // older ones are counted on one line.
@@ -152,42 +136,20 @@ func drawScreen(out io.Writer, fd int, frame string) {
 	_, _ = io.WriteString(out, b.String())
 }
 
-// pendingContract reports whether a release's contract is under way: in
-// contract or contracting, where agents' acknowledgements matter.
-func pendingContract(r schema.ReleaseStatus) bool {
-	return r.ContractEpoch != nil && (r.Phase == phase.Contract || r.Phase == phase.Contracting)
-}
-
-// leaseStanding is an agent's standing from its lease alone: empty while
-// live, else fenced or expired.
-func leaseStanding(a schema.Agent) string {
-	if a.Live() {
-		return ""
-	}
-	goodbye := !a.LeaseExpiresAt.After(a.LastSeen) // a goodbye ends the lease as it is recorded
-	if !goodbye && -time.Duration(a.LeaseRemainingMS)*time.Millisecond < fencedFor {
-		return standingFenced
-	}
-	return standingExpired
-}
-
-// standing is an agent's part in release r's pending contract.
+// standing is an agent's part in release r's pending contract, with the
+// detail the view shows: the guards open while draining, the epoch it is
+// at while behind.
 func standing(a schema.Agent, r schema.ReleaseStatus) string {
-	if s := leaseStanding(a); s != "" {
+	switch s := a.StandingIn(r); s {
+	case schema.StandingDraining:
+		if a.Inflight > 0 {
+			return fmt.Sprintf("%s (%d guard%s open)", s, a.Inflight, map[bool]string{true: "", false: "s"}[a.Inflight == 1])
+		}
 		return s
-	}
-	epoch := *r.ContractEpoch
-	switch {
-	case !a.Knows(r.Name):
-		return standingOldCode
-	case a.Acked(r.Name, epoch):
-		return standingAcked
-	case a.AppliedEpoch >= epoch && a.Inflight > 0:
-		return fmt.Sprintf("%s (%d guard%s open)", standingDraining, a.Inflight, map[bool]string{true: "", false: "s"}[a.Inflight == 1])
-	case a.AppliedEpoch >= epoch:
-		return standingDraining
+	case schema.StandingBehind:
+		return fmt.Sprintf("%s (at epoch %d)", s, a.AppliedEpoch)
 	default:
-		return fmt.Sprintf("%s (at epoch %d)", standingBehind, a.AppliedEpoch)
+		return s
 	}
 }
 
@@ -211,7 +173,7 @@ func renderWatch(rep *schema.Report, countdown bool) string {
 	}
 	for _, r := range rep.Releases {
 		acked := "-"
-		if pendingContract(r) {
+		if r.PendingContract() {
 			pending = append(pending, r)
 			n, live := 0, 0
 			for _, a := range rep.Agents {
@@ -235,13 +197,12 @@ func renderWatch(rep *schema.Report, countdown bool) string {
 	fmt.Fprintln(w, header)
 	shown, hidden := 0, 0
 	for _, a := range rep.Agents {
-		lease := leaseStanding(a)
-		if lease == standingExpired && -time.Duration(a.LeaseRemainingMS)*time.Millisecond > expiredShownFor {
+		lease := a.LeaseStanding()
+		if lease == schema.StandingExpired && -time.Duration(a.LeaseRemainingMS)*time.Millisecond > expiredShownFor {
 			hidden++
 			continue
 		}
-		if lease == "" {
-			lease = "live"
+		if lease == schema.StandingLive {
 			if countdown {
 				lease = (time.Duration(a.LeaseRemainingMS) * time.Millisecond).Round(100 * time.Millisecond).String()
 			}
