@@ -45,6 +45,10 @@ type Broadcaster struct {
 	pid    int
 	stats  *counters
 	leader atomic.Bool
+	// metrics is the broadcaster's Prometheus registry and what only it
+	// observes; metricsSrv serves it while running (Config.MetricsAddr).
+	metrics    *metrics
+	metricsSrv *metricsServer // under mu
 	// storeID is the store's identity (schema.Store.ID), which statuses
 	// must name: read by Start, then with every state the relay reads, so
 	// the check follows a store dropped and migrated again under a
@@ -67,13 +71,15 @@ func New(cfg *Config) (*Broadcaster, error) {
 	if err := c.validate(); err != nil {
 		return nil, err
 	}
-	return &Broadcaster{
+	b := &Broadcaster{
 		cfg:   c,
 		log:   c.Logger.With().Str("component", "broadcaster").Str("broadcaster_id", c.ID).Str("schema", c.Store.Schema()).Logger(),
 		host:  config.Hostname(),
 		pid:   os.Getpid(),
 		stats: newCounters(),
-	}, nil
+	}
+	b.metrics = newMetrics(b)
+	return b, nil
 }
 
 // ID returns the broadcaster's ID, as in the store's broadcasters table.
@@ -104,6 +110,17 @@ func (b *Broadcaster) Start(ctx context.Context) error {
 		}
 		return nil
 	}
+	ms, err := b.startMetrics()
+	if err != nil {
+		return err
+	}
+	defer func() { // kept only if the broadcaster started
+		if b.done == nil {
+			ms.stop()
+		} else {
+			b.metricsSrv = ms
+		}
+	}()
 	if err := b.preflight(ctx); err != nil {
 		return err
 	}
@@ -156,6 +173,8 @@ func (b *Broadcaster) Stop(ctx context.Context) error {
 		return ctx.Err()
 	}
 	b.cancel, b.done, b.stopping = nil, nil, false
+	b.metricsSrv.stop()
+	b.metricsSrv = nil
 	b.log.Info().Msg("broadcaster stopped")
 	return nil
 }

@@ -119,6 +119,12 @@ type Config struct {
 	// and the next batch wait for it. Optional.
 	OnRecorded func(at time.Time, recorded []RecordedStatus)
 
+	// MetricsAddr, when set, is the address (host:port, ":0" for any port)
+	// on which Start serves the broadcaster's Prometheus metrics at
+	// /metrics, until Stop; a listen error fails Start. The registry
+	// behind it is Broadcaster.Metrics. Optional.
+	MetricsAddr string
+
 	// Logger receives the broadcaster's logs. Defaults to a no-op logger.
 	Logger zerolog.Logger
 }

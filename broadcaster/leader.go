@@ -135,6 +135,7 @@ func (r *runner) lead(ctx context.Context, conn *sql.Conn, lock *schema.SessionL
 	t.wg.Go(func() { l.listen(tctx) })
 	t.wg.Go(func() { l.publish(tctx) })
 	t.wg.Go(func() { l.consume(tctx) })
+	t.wg.Go(func() { l.watchConvergence(tctx) })
 	r.term = t
 	r.b.log.Info().Int64("takeovers", n).Msg("became leader: relaying state and consuming statuses")
 }
@@ -156,6 +157,7 @@ func (r *runner) stepDown(ctx context.Context, cause error) {
 	t := r.term
 	r.term = nil
 	r.b.leader.Store(false)
+	r.b.stats.stepDowns.Add(1)
 	t.cancel()
 	t.wg.Wait()
 	switch {
@@ -219,6 +221,9 @@ type leader struct {
 
 	// Owned by the publisher goroutine.
 	lastConfirmed int64
+
+	// conv watches the flips this term published for convergence.
+	conv *convergence
 }
 
 // outgoing is one message for the default exchange.
@@ -238,6 +243,7 @@ func newLeader(b *Broadcaster) *leader {
 		rejectLog: b.log.Sample(&zerolog.BurstSampler{Burst: 10, Period: time.Second}),
 		wake:      make(chan struct{}, 1),
 		grants:    make(chan []outgoing, grantBacklog),
+		conv:      newConvergence(),
 	}
 }
 

@@ -281,6 +281,7 @@ func (l *leader) relay(ctx context.Context, ch *amqp.Channel, reason string) err
 		return fmt.Errorf("encode the state: %w", err)
 	}
 	exchange := amqpx.StateExchange(l.b.cfg.ExchangePrefix)
+	sent := time.Now()
 	dc, err := ch.PublishWithDeferredConfirmWithContext(ctx, exchange, "", false, false, l.b.message(wire.KindState, body))
 	if err != nil {
 		return &brokerError{fmt.Errorf("publish state at epoch %d: %w", st.Epoch, err)}
@@ -297,6 +298,7 @@ func (l *leader) relay(ctx context.Context, ch *amqp.Channel, reason string) err
 		return fmt.Errorf("the broker nacked the state at epoch %d (or the channel closed)", st.Epoch)
 	}
 
+	l.b.metrics.confirm.Observe(time.Since(sent).Seconds())
 	l.b.stats.statesPublished.Add(1)
 	if reason == reasonBeacon {
 		l.b.stats.beaconsPublished.Add(1)
@@ -318,6 +320,7 @@ func (l *leader) relay(ctx context.Context, ch *amqp.Channel, reason string) err
 	// MarkPublished touches only rows up to st.Epoch, which this state
 	// covers; a newer epoch has its own notification coming.
 	if unpublished > 0 {
+		l.watchFlips(octx, st.Epoch)
 		if err := l.b.cfg.Store.MarkPublished(octx, st.Epoch); err != nil {
 			return fmt.Errorf("state at epoch %d published, but marking the outbox failed: %w", st.Epoch, err)
 		}

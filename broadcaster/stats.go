@@ -76,6 +76,9 @@ type Stats struct {
 	Rejected map[string]int64
 	// Takeovers counts the times this broadcaster became leader.
 	Takeovers int64
+	// StepDowns counts the times it stopped leading (lost the lock, or
+	// Stop).
+	StepDowns int64
 }
 
 type counters struct {
@@ -86,6 +89,7 @@ type counters struct {
 	grantsSent       atomic.Int64
 	grantsDropped    atomic.Int64
 	takeovers        atomic.Int64
+	stepDowns        atomic.Int64
 	rejected         map[string]*atomic.Int64 // fixed keys: read without a lock
 }
 
@@ -108,6 +112,7 @@ func (c *counters) snapshot() Stats {
 		GrantsSent:       c.grantsSent.Load(),
 		GrantsDropped:    c.grantsDropped.Load(),
 		Takeovers:        c.takeovers.Load(),
+		StepDowns:        c.stepDowns.Load(),
 		Rejected:         make(map[string]int64, len(c.rejected)),
 	}
 	for r, n := range c.rejected {

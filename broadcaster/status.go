@@ -173,6 +173,7 @@ func (l *leader) handleBatch(ctx context.Context, ch *amqp.Channel, batch []amqp
 		l.b.cfg.OnRecorded(at, recordedStatuses(valid, rec))
 	}
 	l.grant(valid, rec)
+	l.conv.wake()
 	return ch.Ack(last, true)
 }
 

@@ -4,6 +4,7 @@ import (
 	"context"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/spf13/cobra"
 
 	"github.com/phasecast/phasecast/broadcaster"
@@ -43,6 +44,9 @@ and answers each with a lease grant. Run several for availability: one leads
 			if err != nil {
 				return err
 			}
+			// The daemon's registry is the broadcaster's own: the process
+			// is the daemon's, so its Go and process metrics go there too.
+			b.Metrics().MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 			if err := b.Start(cmd.Context()); err != nil {
 				return err
 			}
@@ -59,6 +63,7 @@ and answers each with a lease grant. Run several for availability: one leads
 	f.DurationVar(&cfg.PollInterval, "poll-interval", time.Second, "outbox poll, a safety net under LISTEN/NOTIFY")
 	f.DurationVar(&cfg.LeaseDuration, "lease", 10*time.Second, "lease granted to agents with each recorded status")
 	f.DurationVar(&cfg.LivenessInterval, "liveness-interval", time.Second, "how often liveness is written and standbys try to lead")
+	f.StringVar(&cfg.MetricsAddr, "metrics-addr", "", "serve Prometheus metrics on this address at /metrics, e.g. :9464 (default: off)")
 	keyFlags.register(cmd)
 	return cmd
 }
