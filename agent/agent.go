@@ -536,6 +536,7 @@ func (a *Agent) Stats() Stats {
 		StoreID:        a.storeIdentity(),
 	}
 	st.StatusesIgnored = a.ignoredSyncs.Load()
+	st.AckDelays = a.ackDelays.snapshot()
 	a.leaseMu.Lock()
 	if !a.deadline.IsZero() {
 		st.LeaseRemaining = time.Until(a.deadline)
@@ -581,6 +582,7 @@ func (a *Agent) apply(st *wire.State) bool {
 		return false
 	}
 	s := newSnapshot(st, a.reg, a.drain)
+	s.arrived = time.Now()
 	// The swap and the retirement of the old snapshot happen under
 	// pendingMu, the drainer's lock: the drainer can never see the new
 	// snapshot without the old one among those it waits for.
@@ -661,6 +663,9 @@ func (a *Agent) checkDrained(ctx context.Context) {
 		if acked {
 			a.log.Debug().Int64("drained_epoch", cur.epoch).Msg("drained; acknowledging")
 			a.report(ctx, reasonAck)
+			if !cur.arrived.IsZero() {
+				a.ackDelays.observe(time.Since(cur.arrived))
+			}
 		}
 		return
 	}

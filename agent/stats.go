@@ -66,6 +66,54 @@ type counters struct {
 	reconnects     atomic.Int64
 	fencings       atomic.Int64
 	ignoredSyncs   atomic.Int64
+	ackDelays      delayHistogram
+}
+
+// AckDelayBuckets are the upper bounds of Stats.AckDelays' buckets.
+var AckDelayBuckets = []time.Duration{
+	time.Millisecond, 2500 * time.Microsecond, 5 * time.Millisecond, 10 * time.Millisecond, 25 * time.Millisecond,
+	50 * time.Millisecond, 100 * time.Millisecond, 250 * time.Millisecond, 500 * time.Millisecond,
+	time.Second, 2500 * time.Millisecond, 5 * time.Second, 10 * time.Second, 30 * time.Second, time.Minute, 5 * time.Minute,
+}
+
+// DelayHistogram is a histogram of durations.
+type DelayHistogram struct {
+	Count uint64
+	Sum   time.Duration
+	// Buckets[i] counts the durations up to AckDelayBuckets[i]
+	// (cumulative, as Prometheus has it).
+	Buckets []uint64
+}
+
+// delayHistogram observes once per acknowledged epoch: a few atomics,
+// far from Enter and Exit.
+type delayHistogram struct {
+	count   atomic.Uint64
+	sumNS   atomic.Int64
+	buckets [16]atomic.Uint64 // per AckDelayBuckets, not cumulative
+}
+
+func (h *delayHistogram) observe(d time.Duration) {
+	for i, b := range AckDelayBuckets {
+		if d <= b {
+			h.buckets[i].Add(1)
+			break
+		}
+	}
+	h.sumNS.Add(int64(d))
+	h.count.Add(1)
+}
+
+// snapshot reads the histogram; under concurrent observes the buckets may
+// trail the count by the observations in flight.
+func (h *delayHistogram) snapshot() DelayHistogram {
+	out := DelayHistogram{Count: h.count.Load(), Sum: time.Duration(h.sumNS.Load()), Buckets: make([]uint64, len(AckDelayBuckets))}
+	var cum uint64
+	for i := range AckDelayBuckets {
+		cum += h.buckets[i].Load()
+		out.Buckets[i] = min(cum, out.Count)
+	}
+	return out
 }
 
 // Stats is a point-in-time view of an agent, for metrics and tests.
@@ -118,4 +166,8 @@ type Stats struct {
 	// not record (schema.ErrStatusIgnored), most often because another
 	// live process holds this agent's ID; none extended the lease.
 	StatusesIgnored int64
+	// AckDelays is the time from applying a state (its arrival, once
+	// checked) to sending its acknowledgement, one observation per
+	// acknowledged epoch; the state loaded by Start is not counted.
+	AckDelays DelayHistogram
 }
