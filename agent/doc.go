@@ -119,4 +119,9 @@
 // its cache: from the store if it has a DB, else from the next grant and
 // beacon. With a DB, while the agent is fenced or disconnected, its
 // heartbeats and acks go through the store.
+//
+// # Metrics
+//
+// Collector is a prometheus.Collector of Stats for the service to register
+// on its own registry; the agent registers nothing by itself.
 package agent

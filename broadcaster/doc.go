@@ -64,6 +64,17 @@
 // logged once per streak and retried. Start fails fast, naming what could
 // not be reached, on what no retry would fix.
 //
+// # Metrics
+//
+// Metrics returns a Prometheus registry of the broadcaster's own (never
+// the global one), which Config.MetricsAddr serves at /metrics from Start
+// to Stop. Its counters are Stats, read at scrape time; the agents'
+// standings and the outbox lag are read from the store at scrape time,
+// bounded and cached. The leader also measures each flip it publishes from
+// its commit until the store counts every live agent done with it
+// (phasecast_flip_convergence_seconds), checking after recorded status
+// batches while a flip is unconverged, off the status path.
+//
 // # Lifecycle
 //
 // New validates a Config and fills in its defaults. Start returns once the
