@@ -69,6 +69,7 @@ type Agent struct {
 	pending   []*Snapshot  // under pendingMu: retired snapshots that may still have guards
 	notified  *Snapshot    // under pendingMu: the snapshot OnChange last saw
 	drained   atomic.Int64 // written under pendingMu
+	appliedAt time.Time    // under pendingMu: when the current snapshot was applied (Stats.AckDelays)
 
 	// Every status, over AMQP or through the store, is numbered and sent
 	// under statusMu, so seqs reach the store in order.
@@ -582,12 +583,12 @@ func (a *Agent) apply(st *wire.State) bool {
 		return false
 	}
 	s := newSnapshot(st, a.reg, a.drain)
-	s.arrived = time.Now()
 	// The swap and the retirement of the old snapshot happen under
 	// pendingMu, the drainer's lock: the drainer can never see the new
 	// snapshot without the old one among those it waits for.
 	a.pendingMu.Lock()
 	a.cur.Store(s)
+	a.appliedAt = time.Now()
 	if old != nil {
 		old.retired.Store(true)
 		a.pending = append(pruneDrained(a.pending), old)
@@ -656,6 +657,7 @@ func (a *Agent) checkDrained(ctx context.Context) {
 		}
 		a.pending = pruneDrained(a.pending)
 		acked := len(a.pending) == 0 && cur.epoch > a.drained.Load()
+		arrived := a.appliedAt // cur's: it is still the current snapshot
 		if acked {
 			a.drained.Store(cur.epoch)
 		}
@@ -663,9 +665,7 @@ func (a *Agent) checkDrained(ctx context.Context) {
 		if acked {
 			a.log.Debug().Int64("drained_epoch", cur.epoch).Msg("drained; acknowledging")
 			a.report(ctx, reasonAck)
-			if !cur.arrived.IsZero() {
-				a.ackDelays.observe(time.Since(cur.arrived))
-			}
+			a.ackDelays.observe(time.Since(arrived))
 		}
 		return
 	}

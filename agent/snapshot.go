@@ -5,7 +5,6 @@ import (
 	"sort"
 	"strings"
 	"sync/atomic"
-	"time"
 
 	"github.com/lib/pq"
 
@@ -92,10 +91,6 @@ type Snapshot struct {
 
 	// drain is the agent's drainer wake-up channel (1-buffered).
 	drain chan<- struct{}
-
-	// arrived is when the agent applied it, for the time to its ack
-	// (Stats.AckDelays); zero for snapshots the agent did not apply.
-	arrived time.Time
 
 	// retired is set once a newer snapshot has replaced this one; from
 	// then on the last guard to exit wakes the drainer.
