@@ -61,3 +61,35 @@ func TestWithApplicationName(t *testing.T) {
 	require.NoError(t, err)
 	require.Equal(t, `host=db user=u application_name='it\'s'`, kv)
 }
+
+// A list of URLs (--amqp-url "$U1,$U2") has every password masked, not
+// only the first one's.
+func TestRedactMasksEveryURLOfAList(t *testing.T) {
+	for _, in := range []string{
+		"amqp://a:pw1@h1:5672/,amqp://b:s3cret@h2:5672/",
+		"amqp://h1:5672/, amqp://b:s3cret@h2:5672/vh",
+		"amqp://a@h1/,amqp://b:s3cret@h2",
+		"amqp://a:pw1@h1/amqp://b:s3cret@h2", // a comma forgotten
+	} {
+		got := Redact(in)
+		require.NotContains(t, got, "s3cret", in)
+		require.NotContains(t, got, "pw1", in)
+		require.Contains(t, got, "b:xxxxx@h2", in)
+	}
+	require.Equal(t, "amqp://a:xxxxx@h1:5672/,amqp://b:xxxxx@h2:5672/", Redact("amqp://a:pw1@h1:5672/,amqp://b:s3cret@h2:5672/"))
+	require.Equal(t, []string{"amqp://h1/", "amqp://h2/"}, SplitURLs(" amqp://h1/ ,, amqp://h2/,"))
+}
+
+// Error text from a driver or a broker loses every URL password it
+// quotes, whether or not it is the configured one.
+func TestScrubErrorTextOfURLUserinfo(t *testing.T) {
+	list := "amqp://a:pw1@h1:5681/,amqp://b:s3cret@h2:5682/"
+	err := errors.New(`dial amqp://b:s3cret@h2:5682/: dial tcp 127.0.0.1:5682: connect: connection refused; also amqp://c:other@h3/ and password=hunter2`)
+	got := RedactError(err, list).Error()
+	for _, secret := range []string{"s3cret", "other", "hunter2"} {
+		require.NotContains(t, got, secret)
+	}
+	require.Contains(t, got, "127.0.0.1:5682: connect: connection refused", "the rest of the message survives")
+	echoed := RedactError(errors.New("ACCESS_REFUSED - login b/s3cret refused"), list).Error()
+	require.NotContains(t, echoed, "s3cret", "a configured password is masked wherever it appears")
+}
