@@ -10,6 +10,7 @@ import (
 	amqp "github.com/rabbitmq/amqp091-go"
 
 	"github.com/phasecast/phasecast/internal/amqpx"
+	"github.com/phasecast/phasecast/internal/config"
 	"github.com/phasecast/phasecast/internal/retry"
 	"github.com/phasecast/phasecast/internal/wire"
 )
@@ -57,7 +58,7 @@ func (a *Agent) amqpLoop(r *runState, first *amqp.Connection) {
 		a.sharedLoop(r)
 		return
 	}
-	own := amqpx.Reconnector{URL: a.cfg.AMQPURL, Name: a.connName(), Log: a.log, First: first}
+	own := amqpx.Reconnector{URLs: config.SplitURLs(a.cfg.AMQPURL), Name: a.connName(), Log: a.log, First: first}
 	_ = own.Run(r.ctx, func(ctx context.Context, conn *amqp.Connection) error {
 		return a.runSession(ctx, r, ownLink(conn))
 	})

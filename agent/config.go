@@ -12,9 +12,9 @@ import (
 	"time"
 	"unicode/utf8"
 
-	amqp "github.com/rabbitmq/amqp091-go"
 	"github.com/rs/zerolog"
 
+	"github.com/phasecast/phasecast/internal/amqpx"
 	"github.com/phasecast/phasecast/internal/config"
 	"github.com/phasecast/phasecast/schema"
 )
@@ -66,7 +66,11 @@ type Config struct {
 	// Schema is the store's PostgreSQL schema. Defaults to "phasecast".
 	Schema string
 
-	// AMQPURL is the broker. Defaults to "amqp://guest:guest@localhost:5672/".
+	// AMQPURL is the broker: one URL, or a comma-separated list of a
+	// cluster's nodes, tried in turn in an order shuffled for each agent
+	// (so a fleet spreads over the nodes), moving to the next one when
+	// its node is lost. A comma in a password must be percent-encoded.
+	// Defaults to "amqp://guest:guest@localhost:5672/".
 	AMQPURL string
 
 	// Connection, if set, is an AMQP connection this agent shares with
@@ -244,10 +248,8 @@ func (c Config) validate() error {
 	if err := schema.ValidateIdentifier(c.Schema); err != nil {
 		fail("Config.Schema %q: %v", c.Schema, err)
 	}
-	if _, err := amqp.ParseURI(c.AMQPURL); err != nil {
-		// The URI parser's errors do not quote the URL; say which one
-		// without its password.
-		fail("Config.AMQPURL %s: %v: give an amqp:// or amqps:// URL", config.Redact(c.AMQPURL), err)
+	if _, err := amqpx.ParseURLs(c.AMQPURL); err != nil {
+		fail("Config.AMQPURL: %v: give an amqp:// or amqps:// URL, or a comma-separated list of a cluster's nodes", err)
 	}
 	if strings.TrimSpace(c.ExchangePrefix) != c.ExchangePrefix {
 		fail("Config.ExchangePrefix %q has surrounding spaces: remove them", c.ExchangePrefix)

@@ -12,7 +12,6 @@ import (
 	"github.com/rs/zerolog"
 
 	"github.com/phasecast/phasecast/internal/amqpx"
-	"github.com/phasecast/phasecast/internal/config"
 )
 
 // ErrConnectionClosed is returned while waiting on a SharedConnection that
@@ -91,15 +90,17 @@ func (l *link) isDown() bool {
 	}
 }
 
-// NewSharedConnection returns a connection to the broker at url for agents
+// NewSharedConnection returns a connection to the broker at url (one URL,
+// or a comma-separated list of a cluster's nodes) for agents
 // to share, named name in the broker's management UI, and starts dialling
 // it in the background. It fails only on a URL that is not an AMQP URL; an
 // unreachable broker is retried, and agents started meanwhile behave as
 // with an unreachable broker of their own. log receives one line per lost
 // connection and failed attempt; the zero zerolog.Logger writes nothing.
 func NewSharedConnection(url, name string, log zerolog.Logger) (*SharedConnection, error) {
-	if _, err := amqp.ParseURI(url); err != nil {
-		return nil, fmt.Errorf("agent: shared connection: %s: %v: give an amqp:// or amqps:// URL", config.Redact(url), err)
+	urls, err := amqpx.ParseURLs(url)
+	if err != nil {
+		return nil, fmt.Errorf("agent: shared connection: %v: give an amqp:// or amqps:// URL, or a comma-separated list of a cluster's nodes", err)
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	c := &SharedConnection{
@@ -107,7 +108,7 @@ func NewSharedConnection(url, name string, log zerolog.Logger) (*SharedConnectio
 		changed: make(chan struct{}),
 		cancel:  cancel,
 	}
-	dialer := amqpx.Reconnector{URL: url, Name: name, Log: c.log, DialFailed: c.dialFailed}
+	dialer := amqpx.Reconnector{URLs: urls, Name: name, Log: c.log, DialFailed: c.dialFailed}
 	c.wg.Go(func() { _ = dialer.Run(ctx, c.serve) })
 	return c, nil
 }

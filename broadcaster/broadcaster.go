@@ -221,6 +221,9 @@ func (b *Broadcaster) noteStoreID(id string) {
 	}
 }
 
+// amqpURLs lists the broker nodes of Config.AMQPURL.
+func (b *Broadcaster) amqpURLs() []string { return config.SplitURLs(b.cfg.AMQPURL) }
+
 // connName is how a connection shows in the broker's management UI.
 func (b *Broadcaster) connName(purpose string) string {
 	return "phasecast-broadcaster " + b.cfg.ID + " " + purpose

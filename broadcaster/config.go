@@ -10,9 +10,9 @@ import (
 	"strings"
 	"time"
 
-	amqp "github.com/rabbitmq/amqp091-go"
 	"github.com/rs/zerolog"
 
+	"github.com/phasecast/phasecast/internal/amqpx"
 	"github.com/phasecast/phasecast/internal/config"
 	"github.com/phasecast/phasecast/schema"
 )
@@ -53,7 +53,11 @@ type Config struct {
 	// only ever logged redacted.
 	DatabaseURL string
 
-	// AMQPURL is the RabbitMQ broker. Defaults to config.DefaultAMQPURL.
+	// AMQPURL is the RabbitMQ broker: one URL, or a comma-separated list
+	// of a cluster's nodes. Each connection tries them in turn, in an
+	// order shuffled per process, and moves to the next node when its
+	// node is lost. A comma in a password must be percent-encoded.
+	// Defaults to config.DefaultAMQPURL.
 	AMQPURL string
 
 	// ExchangePrefix names the state exchange and the status queue
@@ -185,8 +189,8 @@ func (c *Config) validate() error {
 	if c.DatabaseURL == "" {
 		fail("Config.DatabaseURL is required: the LISTEN connection needs the connection string the store was opened with")
 	}
-	if _, err := amqp.ParseURI(c.AMQPURL); err != nil {
-		fail("Config.AMQPURL %s is not an AMQP URL: %s", config.Redact(c.AMQPURL), config.RedactError(err, c.AMQPURL))
+	if _, err := amqpx.ParseURLs(c.AMQPURL); err != nil {
+		fail("Config.AMQPURL: %v: give an amqp:// or amqps:// URL, or a comma-separated list of a cluster's nodes", err)
 	}
 	if len(c.ExchangePrefix) > maxNameLen {
 		fail("Config.ExchangePrefix must be at most %d bytes", maxNameLen)

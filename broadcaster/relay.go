@@ -158,7 +158,7 @@ func (b *Broadcaster) probeListen(ctx context.Context) error {
 
 // publish runs publishing sessions until the term ends.
 func (l *leader) publish(ctx context.Context) {
-	_ = amqpx.Reconnector{URL: l.b.cfg.AMQPURL, Name: l.b.connName("publish"), Log: l.log}.Run(ctx, l.publishSession)
+	_ = amqpx.Reconnector{URLs: l.b.amqpURLs(), Name: l.b.connName("publish"), Log: l.log}.Run(ctx, l.publishSession)
 }
 
 // publishSession is one connected period of the publisher. It relays at

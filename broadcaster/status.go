@@ -20,7 +20,7 @@ const maxBodyExcerpt = 200
 
 // consume runs consuming sessions until the term ends.
 func (l *leader) consume(ctx context.Context) {
-	_ = amqpx.Reconnector{URL: l.b.cfg.AMQPURL, Name: l.b.connName("consume"), Log: l.log}.Run(ctx, l.consumeSession)
+	_ = amqpx.Reconnector{URLs: l.b.amqpURLs(), Name: l.b.connName("consume"), Log: l.log}.Run(ctx, l.consumeSession)
 }
 
 // deliverySource is everything a consuming session waits on.

@@ -3,6 +3,9 @@ package amqpx
 import (
 	"context"
 	"errors"
+	"fmt"
+	"math/rand/v2"
+	"slices"
 	"time"
 
 	amqp "github.com/rabbitmq/amqp091-go"
@@ -112,13 +115,52 @@ func Publishing(appID string, kind wire.Kind, body []byte, auth string) amqp.Pub
 	return msg
 }
 
+// ParseURLs splits urls, one AMQP URL or a comma-separated list of a
+// cluster's nodes, and checks each. An error names the entry at fault and
+// never shows a password.
+func ParseURLs(urls string) ([]string, error) {
+	list := config.SplitURLs(urls)
+	if len(list) == 0 {
+		return nil, errors.New("no URL given")
+	}
+	for i, url := range list {
+		if _, err := amqp.ParseURI(url); err != nil {
+			where := config.Redact(url)
+			if len(list) > 1 {
+				where = fmt.Sprintf("URL %d of %d (%s)", i+1, len(list), where)
+			}
+			return nil, fmt.Errorf("%s: %w", where, config.RedactError(err, url))
+		}
+	}
+	return list, nil
+}
+
 // DialTimeout bounds the TCP connect and the AMQP handshake of Dial.
 const DialTimeout = 5 * time.Second
 
-// Dial connects with a connection name that shows in the broker's
-// management UI, and a short heartbeat so a dead peer is noticed in
-// seconds.
-func Dial(url, name string) (*amqp.Connection, error) {
+// Dial connects to the broker at urls, one URL or a comma-separated list
+// of a cluster's nodes (config.SplitURLs), trying them in a shuffled
+// order until one answers. The connection has a name that shows in the
+// broker's management UI, and a short heartbeat so a dead peer is noticed
+// in seconds. Its error names every URL tried, without a password.
+func Dial(urls, name string) (*amqp.Connection, error) {
+	list := Shuffled(config.SplitURLs(urls))
+	if len(list) == 0 {
+		return nil, errors.New("dial: no AMQP URL given")
+	}
+	var errs []error
+	for _, url := range list {
+		conn, err := dialOne(url, name)
+		if err == nil {
+			return conn, nil
+		}
+		errs = append(errs, err)
+	}
+	return nil, errors.Join(errs...)
+}
+
+// dialOne connects to one node.
+func dialOne(url, name string) (*amqp.Connection, error) {
 	props := amqp.NewConnectionProperties()
 	props.SetClientConnectionName(name)
 	conn, err := amqp.DialConfig(url, amqp.Config{
@@ -130,11 +172,20 @@ func Dial(url, name string) (*amqp.Connection, error) {
 		Dial: amqp.DefaultDial(DialTimeout),
 	})
 	if err != nil {
-		// amqp091-go errors do not quote the URL, but say which one failed
-		// without its password.
-		return nil, errors.Join(errors.New("dial "+config.Redact(url)), err)
+		// Say which URL failed, without its password; the broker's own
+		// words are scrubbed too, whatever they quote.
+		return nil, fmt.Errorf("dial %s: %w", config.Redact(url), config.RedactError(err, url))
 	}
 	return conn, nil
+}
+
+// Shuffled returns a copy of urls in a random order, so that the
+// processes of a fleet given the same list spread over a cluster's nodes
+// instead of all crowding the first.
+func Shuffled(urls []string) []string {
+	out := slices.Clone(urls)
+	rand.Shuffle(len(out), func(i, j int) { out[i], out[j] = out[j], out[i] })
+	return out
 }
 
 // Session is one connected period: fn runs with a live connection and
@@ -146,11 +197,21 @@ type Session func(ctx context.Context, conn *amqp.Connection) error
 // connection and a SharedConnection alike: after every failed dial or
 // lost connection it dials again, paced by retry.Reconnect (capped
 // exponential backoff with jitter), for as long as its context lasts.
+//
+// With several URLs (a cluster's nodes) it tries them in turn, in an
+// order shuffled for each Run: a failed dial moves on to the next URL at
+// once, and the backoff applies only once every URL has failed in a row.
+// After a lost connection it starts with the URL after the one it was
+// on, so a process whose node died moves to another node rather than
+// waiting for that one to come back.
 type Reconnector struct {
-	URL  string
+	// URLs are the broker's nodes (config.SplitURLs of a configured
+	// list). Required: Run with none only logs and retries.
+	URLs []string
 	Name string // the connection's name in the broker's management UI
 	// Log receives one line per failed dial or lost connection, with the
-	// delay before the next attempt.
+	// delay before the next attempt. URLs and errors in it never show a
+	// password.
 	Log zerolog.Logger
 	// First, if set, is a connection the caller dialled itself, so that a
 	// broker it cannot reach fails its start at once (agent.Start). Run
@@ -166,16 +227,26 @@ type Reconnector struct {
 // error.
 func (r Reconnector) Run(ctx context.Context, fn Session) error {
 	backoff := retry.Reconnect()
+	urls := Shuffled(r.URLs)
+	next := 0 // index into urls of the next dial
+	failedInRow := 0
 	conn := r.First
 	for {
 		var err error
-		if conn == nil {
-			if conn, err = Dial(r.URL, r.Name); err != nil && r.DialFailed != nil {
-				r.DialFailed(err)
+		url := ""
+		if conn == nil && len(urls) > 0 {
+			url = urls[next%len(urls)]
+			next++
+			if conn, err = dialOne(url, r.Name); err != nil {
+				failedInRow++
+				if r.DialFailed != nil {
+					r.DialFailed(err)
+				}
 			}
 		}
 		if conn != nil {
 			backoff.Reset()
+			failedInRow = 0
 			err = fn(ctx, conn)
 			_ = conn.Close()
 			conn = nil
@@ -183,8 +254,25 @@ func (r Reconnector) Run(ctx context.Context, fn Session) error {
 		if ctx.Err() != nil {
 			return ctx.Err()
 		}
-		delay := backoff.Next()
-		r.Log.Warn().Err(err).Str("amqp_url", config.Redact(r.URL)).Dur("retry_in", delay).Msg("amqp connection lost; reconnecting")
+		if err == nil && len(urls) == 0 {
+			err = errors.New("no AMQP URL to dial")
+		}
+		// Another node may answer at once; wait only when each has
+		// failed in a row, or after a session (the broker may be up but
+		// refusing what the session needs).
+		delay := time.Duration(0)
+		if failedInRow == 0 || failedInRow >= len(urls) {
+			delay = backoff.Next()
+			failedInRow = 0
+		}
+		ev := r.Log.Warn().Err(config.RedactError(err, r.URLs...)).Dur("retry_in", delay)
+		if url != "" {
+			ev = ev.Str("amqp_url", config.Redact(url))
+		}
+		if len(urls) > 1 {
+			ev = ev.Str("next_amqp_url", config.Redact(urls[next%len(urls)]))
+		}
+		ev.Msg("amqp connection lost; reconnecting")
 		if err := retry.Sleep(ctx, delay); err != nil {
 			return err
 		}

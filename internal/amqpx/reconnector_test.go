@@ -1,6 +1,7 @@
 package amqpx_test
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"io"
@@ -25,7 +26,7 @@ func TestReconnectorServesFirstThenRedials(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	var served []*amqp.Connection
-	r := amqpx.Reconnector{URL: testenv.AMQPURL(), Name: "phasecast test redial", Log: testenv.Logger(), First: first}
+	r := amqpx.Reconnector{URLs: []string{testenv.AMQPURL()}, Name: "phasecast test redial", Log: testenv.Logger(), First: first}
 	err = r.Run(ctx, func(_ context.Context, conn *amqp.Connection) error {
 		served = append(served, conn)
 		if len(served) == 3 {
@@ -61,7 +62,7 @@ func TestReconnectorRetriesUntilTheBrokerAnswers(t *testing.T) {
 	defer cancel()
 	url := proxy.URL(testenv.AMQPURL())
 	r := amqpx.Reconnector{
-		URL:        url,
+		URLs:       []string{url},
 		Name:       "phasecast test retry",
 		Log:        log,
 		DialFailed: func(error) { failures.Add(1) },
@@ -91,4 +92,50 @@ func TestReconnectorRetriesUntilTheBrokerAnswers(t *testing.T) {
 	case <-time.After(5 * time.Second):
 		t.Fatal("Run did not return after its context was cancelled")
 	}
+}
+
+// A list whose first node refuses connections: the loop moves on to the
+// next URL at once, and neither the log nor the dial error shows the
+// password of the node that failed.
+func TestReconnectorTriesEveryURLAndLogsNoPassword(t *testing.T) {
+	var logs bytes.Buffer
+	dead := "amqp://guest:dead-s3cret@127.0.0.1:1/"
+	var dialErrs []string
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	r := amqpx.Reconnector{
+		URLs:       []string{dead, testenv.AMQPURL()},
+		Name:       "phasecast test list",
+		Log:        zerolog.New(&logs),
+		DialFailed: func(err error) { dialErrs = append(dialErrs, err.Error()) },
+	}
+	sessions := 0
+	start := time.Now()
+	err := r.Run(ctx, func(_ context.Context, conn *amqp.Connection) error {
+		sessions++
+		if sessions == 3 {
+			cancel()
+			return nil
+		}
+		return errors.New("session over")
+	})
+	require.ErrorIs(t, err, context.Canceled)
+	require.Equal(t, 3, sessions, "each session after a loss is served by the node that answers")
+	require.NotEmpty(t, dialErrs, "the dead node was tried")
+	require.Less(t, time.Since(start), 5*time.Second, "a refused node costs no backoff while another answers")
+	for _, e := range dialErrs {
+		require.NotContains(t, e, "dead-s3cret")
+		require.Contains(t, e, "guest:xxxxx@127.0.0.1:1")
+	}
+	require.NotContains(t, logs.String(), "dead-s3cret")
+	require.Contains(t, logs.String(), "guest:xxxxx@127.0.0.1:1")
+
+	_, err = amqpx.Dial(dead+",amqp://b:other-s3cret@127.0.0.1:2/", "phasecast test dial")
+	require.Error(t, err)
+	require.NotContains(t, err.Error(), "s3cret")
+	require.Contains(t, err.Error(), "b:xxxxx@127.0.0.1:2")
+
+	_, err = amqpx.ParseURLs(testenv.AMQPURL() + ",http://b:other-s3cret@h2/")
+	require.ErrorContains(t, err, "URL 2 of 2")
+	require.NotContains(t, err.Error(), "s3cret")
 }

@@ -78,7 +78,9 @@ func Main(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	root.SetArgs(args)
 	err := root.ExecuteContext(ctx)
 	if err != nil {
-		fmt.Fprintf(stderr, "phasecast: %s\n", oneLine(err.Error()))
+		// Whatever a driver or the broker put in the error, no password
+		// of the configured URLs, nor of any URL it quotes, is printed.
+		fmt.Fprintf(stderr, "phasecast: %s\n", oneLine(config.RedactError(err, g.databaseURL, g.amqpURL).Error()))
 	}
 	return exitCode(err)
 }
@@ -102,7 +104,7 @@ uses them.`,
 	}
 	pf := root.PersistentFlags()
 	pf.StringVar(&g.databaseURL, "database-url", config.Env(config.EnvDatabaseURL, config.DefaultDatabaseURL), "PostgreSQL URL ($"+config.EnvDatabaseURL+")")
-	pf.StringVar(&g.amqpURL, "amqp-url", config.Env(config.EnvAMQPURL, config.DefaultAMQPURL), "RabbitMQ URL ($"+config.EnvAMQPURL+")")
+	pf.StringVar(&g.amqpURL, "amqp-url", config.Env(config.EnvAMQPURL, config.DefaultAMQPURL), "RabbitMQ URL, or a comma-separated list of a cluster's nodes ($"+config.EnvAMQPURL+")")
 	pf.StringVar(&g.schema, "schema", config.Env(config.EnvSchema, config.DefaultSchema), "PostgreSQL schema of the versioning store ($"+config.EnvSchema+")")
 	pf.StringVar(&g.exchangePrefix, "exchange-prefix", config.Env(config.EnvExchangePrefix, config.DefaultExchangePrefix), "prefix of the AMQP exchange and queue names ($"+config.EnvExchangePrefix+")")
 	pf.StringVar(&g.logFormat, "log-format", "console", "log format: console or json")
