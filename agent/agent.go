@@ -538,6 +538,7 @@ func (a *Agent) Stats() Stats {
 	}
 	st.StatusesIgnored = a.ignoredSyncs.Load()
 	st.AckDelays = a.ackDelays.snapshot()
+	st.UnconfirmedStatuses = a.unconfirmedStatuses.Load()
 	a.leaseMu.Lock()
 	if !a.deadline.IsZero() {
 		st.LeaseRemaining = time.Until(a.deadline)

@@ -5,7 +5,9 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"sync"
 	"sync/atomic"
+	"time"
 
 	amqp "github.com/rabbitmq/amqp091-go"
 
@@ -17,9 +19,29 @@ import (
 
 // session is one live broker connection's publishing side.
 type session struct {
-	pub     *amqp.Channel
-	queue   string       // this connection's server-named queue: grants come here
-	blocked *atomic.Bool // the link's flag: the broker blocked publishing (resource alarm)
+	pub     *amqp.Channel // in confirm mode: every status is confirmed
+	queue   string        // this connection's server-named queue: grants come here
+	blocked *atomic.Bool  // the link's flag: the broker blocked publishing (resource alarm)
+	// returns hears of statuses the broker could not route (the status
+	// queue is missing). Only publishLocked reads it, under statusMu; the
+	// library closes it with the channel.
+	returns <-chan amqp.Return
+	// aborted is closed (once, by abort) when a status was not
+	// confirmed: the session ends, and with it an own connection, which
+	// abort also closes at once, bounded, since the broker may not answer.
+	aborted   chan struct{}
+	abortOnce sync.Once
+	conn      *amqp.Connection // nil on a shared connection, which other agents use
+}
+
+// abort ends the session; the Reconnector then dials, the next node first.
+func (s *session) abort() {
+	s.abortOnce.Do(func() {
+		close(s.aborted)
+		if s.conn != nil {
+			_ = s.conn.CloseDeadline(time.Now().Add(time.Second))
+		}
+	})
 }
 
 func (a *Agent) session() *session {
@@ -141,8 +163,17 @@ func (a *Agent) runSession(ctx context.Context, r *runState, l *link) error {
 		defer pub.Close()
 	}
 	pubClosed := pub.NotifyClose(make(chan *amqp.Error, 1))
+	if err := pub.Confirm(false); err != nil {
+		return fmt.Errorf("put the publishing channel in confirm mode: %w", err)
+	}
+	// Buffered beyond the one return a status can cause: the library must
+	// never block on it, and publishLocked drains it after each confirm.
+	returns := pub.NotifyReturn(make(chan amqp.Return, 4))
 
-	sess := &session{pub: pub, queue: q.Name, blocked: l.blocked}
+	sess := &session{pub: pub, queue: q.Name, blocked: l.blocked, returns: returns, aborted: make(chan struct{})}
+	if !l.shared {
+		sess.conn = conn
+	}
 	a.setSession(sess)
 	defer a.setSession(nil)
 	reconnect := r.sessions.Add(1) > 1
@@ -176,6 +207,8 @@ func (a *Agent) runSession(ctx context.Context, r *runState, l *link) error {
 				return errors.New("connection closed")
 			}
 			return err
+		case <-sess.aborted:
+			return errors.New("a status was not confirmed")
 		case <-l.down:
 			return fmt.Errorf("shared connection lost: %w", l.downErr)
 		case err, ok := <-subClosed:
@@ -324,4 +357,37 @@ func (a *Agent) reject(reason rejectReason, err error, epoch int64) {
 		ev = ev.Int64("epoch", epoch)
 	}
 	ev.Msg("message rejected")
+}
+
+// publishConfirmed publishes a status to the status queue and waits for
+// the broker's confirm, at most Config.StatusConfirmTimeout. It is
+// mandatory, so a status queue that does not exist returns the status
+// instead of dropping it in silence; a quorum queue without a leader
+// (a node just lost) confirms nothing, which the bound turns into an
+// error. Either way the caller drops the connection.
+func (a *Agent) publishConfirmed(ctx context.Context, sess *session, msg amqp.Publishing) error {
+	ctx, cancel := context.WithTimeout(ctx, a.cfg.StatusConfirmTimeout)
+	defer cancel()
+	queue := amqpx.StatusQueue(a.cfg.ExchangePrefix)
+	dc, err := sess.pub.PublishWithDeferredConfirmWithContext(ctx, "", queue, true, false, msg)
+	if err != nil {
+		return fmt.Errorf("publish: %w", err)
+	}
+	acked, err := dc.WaitContext(ctx)
+	switch {
+	case err != nil:
+		return fmt.Errorf("no confirm within %s: %w", a.cfg.StatusConfirmTimeout, err)
+	case !acked:
+		return errors.New("the broker nacked it")
+	}
+	// The broker sends a return before the confirm of the same message,
+	// and the library hands it over before it handles the confirm.
+	select {
+	case ret, ok := <-sess.returns:
+		if ok {
+			return fmt.Errorf("the broker returned it: %d %s (does queue %s exist?)", ret.ReplyCode, ret.ReplyText, queue)
+		}
+	default:
+	}
+	return nil
 }

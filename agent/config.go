@@ -89,6 +89,16 @@ type Config struct {
 	// the broadcaster's lease. Defaults to 2s.
 	HeartbeatInterval time.Duration
 
+	// StatusConfirmTimeout bounds the wait for the broker's confirm of a
+	// status (statuses are published with publisher confirms). A status
+	// the broker nacks, returns as unroutable, or does not confirm in time
+	// is logged and counted (Stats.UnconfirmedStatuses), and the agent
+	// drops its connection and reconnects, to the next node of AMQPURL
+	// when it lists several; the first status of the new connection then
+	// carries the agent's newest state, which says all the lost one did.
+	// Defaults to 2s.
+	StatusConfirmTimeout time.Duration
+
 	// LeaseMargin is subtracted from every lease, to cover clock-rate
 	// differences and scheduling delay between the lease running out and
 	// the agent noticing. Defaults to 1s.
@@ -140,10 +150,11 @@ type Config struct {
 
 // Defaults applied by New.
 const (
-	DefaultHeartbeatInterval = 2 * time.Second
-	DefaultLeaseMargin       = time.Second
-	DefaultInitialLease      = 10 * time.Second
-	DefaultConfirmInterval   = 100 * time.Millisecond
+	DefaultHeartbeatInterval    = 2 * time.Second
+	DefaultStatusConfirmTimeout = 2 * time.Second
+	DefaultLeaseMargin          = time.Second
+	DefaultInitialLease         = 10 * time.Second
+	DefaultConfirmInterval      = 100 * time.Millisecond
 )
 
 // confirmBurst is how many store reads state messages may trigger at once
@@ -210,6 +221,9 @@ func (c Config) withDefaults() Config {
 	if c.HeartbeatInterval == 0 {
 		c.HeartbeatInterval = DefaultHeartbeatInterval
 	}
+	if c.StatusConfirmTimeout == 0 {
+		c.StatusConfirmTimeout = DefaultStatusConfirmTimeout
+	}
 	if c.LeaseMargin == 0 {
 		c.LeaseMargin = DefaultLeaseMargin
 	}
@@ -256,6 +270,9 @@ func (c Config) validate() error {
 	}
 	if c.HeartbeatInterval < 0 {
 		fail("Config.HeartbeatInterval is %s: give a positive interval, or 0 for the default %s", c.HeartbeatInterval, DefaultHeartbeatInterval)
+	}
+	if c.StatusConfirmTimeout < 0 {
+		fail("Config.StatusConfirmTimeout is %s: give a positive bound, or 0 for the default %s", c.StatusConfirmTimeout, DefaultStatusConfirmTimeout)
 	}
 	if c.LeaseMargin < 0 {
 		fail("Config.LeaseMargin is %s: give a positive margin, or 0 for the default %s", c.LeaseMargin, DefaultLeaseMargin)

@@ -67,6 +67,8 @@ type counters struct {
 	fencings       atomic.Int64
 	ignoredSyncs   atomic.Int64
 	ackDelays      delayHistogram
+
+	unconfirmedStatuses atomic.Int64 // statuses the broker did not confirm
 }
 
 // AckDelayBuckets are the upper bounds of Stats.AckDelays' buckets.
@@ -156,6 +158,11 @@ type Stats struct {
 	DigestConfirms int64
 	// Reconnects counts AMQP sessions after the first.
 	Reconnects int64
+	// UnconfirmedStatuses counts statuses the broker nacked, returned as
+	// unroutable or did not confirm within Config.StatusConfirmTimeout;
+	// each dropped the connection, and the next one's first status
+	// carried the state again.
+	UnconfirmedStatuses int64
 	// Fencings counts the times the lease ran out.
 	Fencings int64
 	// StoreID is the identity of the store the agent's statuses name:

@@ -102,10 +102,11 @@ func (a *Agent) publishLocked(ctx context.Context, sess *session, reason string)
 	// the broker drops it (the broadcaster checks sent_at too).
 	msg.Expiration = strconv.FormatInt(max(lease.Milliseconds(), 1), 10)
 	a.recordSent(st.Seq, time.Now())
-	ctx, cancel := context.WithTimeout(ctx, publishTimeout)
-	defer cancel()
-	if err := sess.pub.PublishWithContext(ctx, "", amqpx.StatusQueue(a.cfg.ExchangePrefix), false, false, msg); err != nil {
-		a.log.Warn().Err(err).Uint64("seq", st.Seq).Str("reason", reason).Msg("publishing status failed")
+	if err := a.publishConfirmed(ctx, sess, msg); err != nil {
+		a.unconfirmedStatuses.Add(1)
+		a.log.Warn().Err(err).Uint64("seq", st.Seq).Str("reason", reason).
+			Msg("status not confirmed by the broker; reconnecting, and the new connection's first status carries this state")
+		sess.abort()
 		return
 	}
 	a.log.Debug().Uint64("seq", st.Seq).Str("reason", reason).Int64("applied_epoch", st.AppliedEpoch).

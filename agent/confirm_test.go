@@ -1,0 +1,85 @@
+package agent
+
+import (
+	"testing"
+	"time"
+
+	amqp "github.com/rabbitmq/amqp091-go"
+	"github.com/stretchr/testify/require"
+
+	"github.com/phasecast/phasecast/internal/amqpx"
+	"github.com/phasecast/phasecast/internal/faultproxy"
+	"github.com/phasecast/phasecast/internal/testenv"
+	"github.com/phasecast/phasecast/internal/wire"
+)
+
+// A broker that nacks every status (here a status queue that rejects
+// each publish, as a quorum queue without a leader may) was not noticed:
+// statuses vanished while the agent believed them sent. Now each nack
+// drops the connection, and once the queue accepts statuses again the
+// new connection's first status carries the agent's state.
+func TestNackedStatusReconnectsAndIsSentAgain(t *testing.T) {
+	b := setup(t, fakeOptions{})
+	cfg := b.config(t, false)
+	cfg.StatusConfirmTimeout = 500 * time.Millisecond
+	a := startAgent(t, cfg)
+
+	// The status queue now rejects every publish (deleting it also ends
+	// the fake broadcaster's consumer).
+	ch, err := testenv.AMQP(t).Channel()
+	require.NoError(t, err)
+	queue := amqpx.StatusQueue(b.prefix)
+	_, err = ch.QueueDelete(queue, false, false, false)
+	require.NoError(t, err)
+	_, err = ch.QueueDeclare(queue, true, false, false, false, amqp.Table{"x-max-length": int32(0), "x-overflow": "reject-publish"})
+	require.NoError(t, err)
+
+	require.Eventually(t, func() bool { return a.Stats().Reconnects >= 1 }, 3*time.Second, 10*time.Millisecond,
+		"every status was nacked, yet the agent never reconnected: %+v", a.Stats())
+	require.GreaterOrEqual(t, a.Stats().UnconfirmedStatuses, int64(1))
+
+	// The queue accepts statuses again: the next one arrives, newer than
+	// every status that was nacked.
+	lost := a.Stats().Seq
+	_, err = ch.QueueDelete(queue, false, false, false)
+	require.NoError(t, err)
+	_, err = ch.QueueDeclare(queue, true, false, false, false, nil)
+	require.NoError(t, err)
+	deliveries, err := ch.Consume(queue, "", true, false, false, false, nil)
+	require.NoError(t, err)
+	select {
+	case d := <-deliveries:
+		st, err := wire.DecodeStatus(d.Body)
+		require.NoError(t, err)
+		require.Greater(t, st.Seq, lost, "a status newer than the nacked ones")
+		require.Equal(t, a.Stats().DrainedEpoch, st.DrainedEpoch, "it carries the agent's state")
+	case <-time.After(10 * time.Second):
+		t.Fatal("no status arrived after the queue accepted them again")
+	}
+}
+
+// A broker that stops answering (a black hole) took statuses into its
+// TCP buffers and confirmed nothing, and the agent noticed only when the
+// AMQP heartbeat gave up. Now an unconfirmed status drops the connection
+// within Config.StatusConfirmTimeout, and after the partition the state
+// is sent again.
+func TestUnconfirmedStatusTimesOutAndIsSentAgain(t *testing.T) {
+	b := setup(t, fakeOptions{})
+	proxy := faultproxy.Start(t, "127.0.0.1:5672")
+	cfg := b.config(t, false)
+	cfg.AMQPURL = proxy.URL(testenv.AMQPURL())
+	cfg.StatusConfirmTimeout = 300 * time.Millisecond
+	a := startAgent(t, cfg)
+
+	proxy.Blackhole(true)
+	cut := time.Now()
+	require.Eventually(t, func() bool { return a.Stats().UnconfirmedStatuses >= 1 }, 3*time.Second, 10*time.Millisecond,
+		"no status timed out while the broker was silent")
+	t.Logf("unconfirmed status noticed %s after the partition", time.Since(cut).Round(time.Millisecond))
+	lost := a.Stats().Seq
+	from := len(b.fake.received())
+	proxy.Blackhole(false)
+	st := b.fake.waitStatus(t, from, 15*time.Second, func(st wire.Status) bool { return st.Seq > lost })
+	require.Equal(t, a.Stats().DrainedEpoch, st.DrainedEpoch)
+	require.GreaterOrEqual(t, a.Stats().Reconnects, int64(1))
+}
