@@ -19,12 +19,13 @@ import (
 
 // Defaults for the Config fields that have one.
 const (
-	DefaultBeaconInterval   = 3 * time.Second
-	DefaultPollInterval     = time.Second
-	DefaultLeaseDuration    = 10 * time.Second
-	DefaultLivenessInterval = time.Second
-	DefaultStatusBatchMax   = 1000
-	DefaultStatusBatchWait  = 5 * time.Millisecond
+	DefaultBeaconInterval    = 3 * time.Second
+	DefaultPollInterval      = time.Second
+	DefaultLeaseDuration     = 10 * time.Second
+	DefaultLivenessInterval  = time.Second
+	DefaultStatusBatchMax    = 1000
+	DefaultStatusBatchWait   = 5 * time.Millisecond
+	DefaultBrokerLossTimeout = 10 * time.Second
 )
 
 // ErrInvalidConfig wraps every problem New finds in a Config.
@@ -89,6 +90,14 @@ type Config struct {
 	// row, how often the leader checks the connection that holds its lock,
 	// and how often a standby tries to take the lock. Defaults to 1s.
 	LivenessInterval time.Duration
+
+	// BrokerLossTimeout is how long a leader may go without a broker to
+	// publish to and consume from (every node of AMQPURL lost, or nacks
+	// and confirm timeouts) before it steps down: it releases the leader
+	// lock so that a standby that reaches a broker takes over, writes its
+	// liveness row as not leading meanwhile, and contends again once a
+	// broker answers. Defaults to 10s.
+	BrokerLossTimeout time.Duration
 
 	// StatusBatchMax is the most statuses recorded in one transaction.
 	// Defaults to 1000.
@@ -166,6 +175,9 @@ func (c *Config) WithDefaults() *Config {
 	if out.LivenessInterval == 0 {
 		out.LivenessInterval = DefaultLivenessInterval
 	}
+	if out.BrokerLossTimeout == 0 {
+		out.BrokerLossTimeout = DefaultBrokerLossTimeout
+	}
 	if out.StatusBatchMax == 0 {
 		out.StatusBatchMax = DefaultStatusBatchMax
 	}
@@ -207,6 +219,7 @@ func (c *Config) validate() error {
 		{"PollInterval", c.PollInterval, time.Millisecond},
 		{"LeaseDuration", c.LeaseDuration, time.Millisecond},
 		{"LivenessInterval", c.LivenessInterval, time.Millisecond},
+		{"BrokerLossTimeout", c.BrokerLossTimeout, time.Millisecond},
 		{"StatusBatchWait", c.StatusBatchWait, time.Microsecond},
 		{"StatusBatchGap", c.StatusBatchGap, time.Microsecond},
 	} {

@@ -11,6 +11,7 @@ import (
 	amqp "github.com/rabbitmq/amqp091-go"
 	"github.com/rs/zerolog"
 
+	"github.com/phasecast/phasecast/internal/amqpx"
 	"github.com/phasecast/phasecast/schema"
 )
 
@@ -22,7 +23,7 @@ const (
 )
 
 func newRunner(b *Broadcaster) *runner {
-	return &runner{b: b, lockLog: failureLog{what: "leader lock attempt"}, touchLog: failureLog{what: "liveness write"}}
+	return &runner{b: b, lockLog: failureLog{what: "leader lock attempt"}, touchLog: failureLog{what: "liveness write"}, probeLog: failureLog{what: "broker probe before leading"}}
 }
 
 // runner is the state of the run goroutine: leadership and liveness. Only
@@ -35,7 +36,8 @@ type runner struct {
 	touchLog failureLog
 	// refused is why the last attempt for the lock refused to lead (a
 	// transaction pooler), nil otherwise. Start returns it.
-	refused error
+	refused  error
+	probeLog failureLog
 }
 
 // term is one period of leadership: the connection that holds the lock and
@@ -43,8 +45,12 @@ type runner struct {
 type term struct {
 	conn   *sql.Conn
 	lock   *schema.SessionLock
+	l      *leader
 	cancel context.CancelFunc
 	wg     sync.WaitGroup
+	// deafSince is when the term last stopped being able to publish and
+	// consume (its start, until it first can); zero while it can.
+	deafSince time.Time
 }
 
 func (r *runner) run(ctx context.Context) {
@@ -67,6 +73,8 @@ func (r *runner) tick(ctx context.Context) {
 	if r.term != nil {
 		if err := r.checkLock(ctx); err != nil && ctx.Err() == nil {
 			r.stepDown(ctx, err)
+		} else if err := r.checkBroker(time.Now()); err != nil {
+			r.stepDown(ctx, err)
 		}
 	} else if !time.Now().Before(r.retryAt) {
 		r.tryLead(ctx)
@@ -76,7 +84,7 @@ func (r *runner) tick(ctx context.Context) {
 	}
 	octx, cancel := context.WithTimeout(ctx, dbTimeout)
 	defer cancel()
-	err := r.b.cfg.Store.TouchBroadcaster(octx, schema.Broadcaster{ID: r.b.cfg.ID, Host: r.b.host, PID: r.b.pid, Leader: r.b.IsLeader()})
+	err := r.b.cfg.Store.TouchBroadcaster(octx, schema.Broadcaster{ID: r.b.cfg.ID, Host: r.b.host, PID: r.b.pid, Leader: r.publishingLeader()})
 	r.touchLog.report(r.b.log, err)
 }
 
@@ -121,17 +129,30 @@ func (r *runner) tryLead(ctx context.Context) {
 		_ = conn.Close()
 		return
 	}
-	r.lead(ctx, conn, lock)
+	// Lead only with a broker in reach: a broadcaster that lost its
+	// broker gives the lock back at once, so one that can reach a broker
+	// gets it. The probe's connection becomes the publisher's first.
+	probe, err := amqpx.Dial(r.b.cfg.AMQPURL, r.b.connName("publish"))
+	r.probeLog.report(r.b.log, err)
+	if err != nil {
+		_ = lock.Release(octx)
+		schema.Discard(conn)
+		r.retryAt = time.Now().Add(2 * r.b.cfg.LivenessInterval)
+		return
+	}
+	r.lead(ctx, conn, lock, probe)
+	r.awaitHealthy(ctx, r.b.cfg.LivenessInterval)
 }
 
 // lead starts a term: the relay (publisher and listener) and the status
 // consumer, all ended by the term's context.
-func (r *runner) lead(ctx context.Context, conn *sql.Conn, lock *schema.SessionLock) {
+func (r *runner) lead(ctx context.Context, conn *sql.Conn, lock *schema.SessionLock, firstPublish *amqp.Connection) {
 	n := r.b.stats.takeovers.Add(1)
 	r.b.leader.Store(true)
 	tctx, cancel := context.WithCancel(ctx)
-	t := &term{conn: conn, lock: lock, cancel: cancel}
 	l := newLeader(r.b)
+	l.firstPublish = firstPublish
+	t := &term{conn: conn, lock: lock, l: l, cancel: cancel, deafSince: time.Now()}
 	t.wg.Go(func() { l.listen(tctx) })
 	t.wg.Go(func() { l.publish(tctx) })
 	t.wg.Go(func() { l.consume(tctx) })
@@ -170,6 +191,12 @@ func (r *runner) stepDown(ctx context.Context, cause error) {
 		if err := t.lock.Release(ctx); err != nil {
 			r.b.log.Error().Err(err).Msg("cleaning up the leader lock on the shared session")
 		}
+	case errors.Is(cause, errBrokerLost):
+		r.retryAt = time.Now().Add(2 * r.b.cfg.LivenessInterval)
+		if err := t.lock.Release(ctx); err != nil {
+			r.b.log.Warn().Err(err).Msg("releasing the leader lock failed; closing its connection releases it")
+		}
+		r.b.log.Warn().Err(cause).Msg("stepped down: released the leader lock so a standby that reaches a broker leads; contending again once a broker answers")
 	case cause != nil:
 		r.retryAt = time.Now().Add(2 * r.b.cfg.LivenessInterval)
 		r.b.log.Warn().Err(cause).Msg("lost leadership: the leader lock's connection failed; leader work stopped, standing by")
@@ -223,7 +250,10 @@ type leader struct {
 	lastConfirmed int64
 
 	// conv watches the flips this term published for convergence.
-	conv *convergence
+	conv         *convergence
+	firstPublish *amqp.Connection // the probe tryLead dialled, served first
+
+	brokerHealth
 }
 
 // outgoing is one message for the default exchange.

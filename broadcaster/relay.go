@@ -158,7 +158,8 @@ func (b *Broadcaster) probeListen(ctx context.Context) error {
 
 // publish runs publishing sessions until the term ends.
 func (l *leader) publish(ctx context.Context) {
-	_ = amqpx.Reconnector{URLs: l.b.amqpURLs(), Name: l.b.connName("publish"), Log: l.log}.Run(ctx, l.publishSession)
+	_ = amqpx.Reconnector{URLs: l.b.amqpURLs(), Name: l.b.connName("publish"), Log: l.log, First: l.firstPublish}.
+		Run(ctx, tracked(&l.publishing, l.publishSession))
 }
 
 // publishSession is one connected period of the publisher. It relays at
@@ -295,8 +296,10 @@ func (l *leader) relay(ctx context.Context, ch *amqp.Channel, reason string) err
 	case err != nil:
 		return &brokerError{fmt.Errorf("no confirm for the state at epoch %d within %s: %w", st.Epoch, confirmTimeout, err)}
 	case !acked:
+		l.publishing.Store(false)
 		return fmt.Errorf("the broker nacked the state at epoch %d (or the channel closed)", st.Epoch)
 	}
+	l.publishing.Store(true)
 
 	l.b.metrics.confirm.Observe(time.Since(sent).Seconds())
 	l.b.stats.statesPublished.Add(1)

@@ -20,7 +20,7 @@ const maxBodyExcerpt = 200
 
 // consume runs consuming sessions until the term ends.
 func (l *leader) consume(ctx context.Context) {
-	_ = amqpx.Reconnector{URLs: l.b.amqpURLs(), Name: l.b.connName("consume"), Log: l.log}.Run(ctx, l.consumeSession)
+	_ = amqpx.Reconnector{URLs: l.b.amqpURLs(), Name: l.b.connName("consume"), Log: l.log}.Run(ctx, tracked(&l.consuming, l.consumeSession))
 }
 
 // deliverySource is everything a consuming session waits on.
@@ -59,6 +59,7 @@ func (l *leader) consumeSession(ctx context.Context, conn *amqp.Connection) erro
 		return fmt.Errorf("consume %s: %w", queue, err)
 	}
 	l.log.Info().Str("queue", queue).Msg("consuming statuses")
+	l.consuming.Store(true)
 	backoff := retry.Reconnect()
 	dbLog := failureLog{what: "recording statuses"}
 	for {

@@ -64,6 +64,7 @@ and answers each with a lease grant. Run several for availability: one leads
 	f.DurationVar(&cfg.LeaseDuration, "lease", 10*time.Second, "lease granted to agents with each recorded status")
 	f.DurationVar(&cfg.LivenessInterval, "liveness-interval", time.Second, "how often liveness is written and standbys try to lead")
 	f.StringVar(&cfg.MetricsAddr, "metrics-addr", "", "serve Prometheus metrics on this address at /metrics, e.g. :9464 (default: off)")
+	f.DurationVar(&cfg.BrokerLossTimeout, "broker-loss-timeout", broadcaster.DefaultBrokerLossTimeout, "a leader that reaches no broker for this long steps down, so a standby that reaches one leads")
 	keyFlags.register(cmd)
 	return cmd
 }
