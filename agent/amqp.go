@@ -34,6 +34,15 @@ type session struct {
 	conn      *amqp.Connection // nil on a shared connection, which other agents use
 }
 
+func (s *session) isAborted() bool {
+	select {
+	case <-s.aborted:
+		return true
+	default:
+		return false
+	}
+}
+
 // abort ends the session; the Reconnector then dials, the next node first.
 func (s *session) abort() {
 	s.abortOnce.Do(func() {
@@ -44,9 +53,14 @@ func (s *session) abort() {
 	})
 }
 
+// session returns the live session, or nil while there is none or the
+// current one was aborted: statuses then take the way without the broker.
 func (a *Agent) session() *session {
 	a.sessMu.RLock()
 	defer a.sessMu.RUnlock()
+	if a.sess != nil && a.sess.isAborted() {
+		return nil
+	}
 	return a.sess
 }
 

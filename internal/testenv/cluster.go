@@ -11,6 +11,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strconv"
 	"strings"
 	"sync"
@@ -261,11 +262,13 @@ func (n *RabbitNode) kill() {
 }
 
 // Start starts a node that was killed again, on its own data: it rejoins
-// the cluster as it boots.
-func (n *RabbitNode) Start(t testing.TB) {
-	t.Helper()
-	require.False(t, n.Up(), "node %s is already running", n.Name)
-	require.NoError(t, n.start())
+// the cluster as it boots, and Start returns once its broker runs. It may
+// run on any goroutine.
+func (n *RabbitNode) Start() error {
+	if n.Up() {
+		return fmt.Errorf("node %s is already running", n.Name)
+	}
+	return n.start()
 }
 
 // start runs rabbitmq-server for the node and waits until the broker
@@ -347,4 +350,73 @@ func stopLeftover(t testing.TB, node string) {
 		}
 	}
 	_ = os.Remove(leftoverFile(node))
+}
+
+// DocPolicies reads the rabbitmqctl set_policy lines of the document at
+// path (docs/rabbitmq-cluster.md) and returns each line's arguments after
+// "rabbitmqctl", requiring at least one, each for DocVhost: what the
+// document tells operators is then what tests apply.
+func DocPolicies(t testing.TB, path string) [][]string {
+	t.Helper()
+	b, err := os.ReadFile(path)
+	require.NoError(t, err)
+	var out [][]string
+	for line := range strings.Lines(string(b)) {
+		line = strings.TrimSpace(line)
+		if !strings.HasPrefix(line, "rabbitmqctl set_policy ") {
+			continue
+		}
+		args := shellWords(t, line)[1:]
+		require.Equal(t, []string{"set_policy", "-p", DocVhost}, args[:3], "want: rabbitmqctl set_policy -p %s ..., got: %s", DocVhost, line)
+		out = append(out, args)
+	}
+	require.NotEmpty(t, out, "no set_policy line in %s", path)
+	return out
+}
+
+// ApplyDocPolicies applies the document's policies to the cluster, in
+// vhost "/" and for prefix instead of the document's "phasecast".
+func (c *Cluster) ApplyDocPolicies(t testing.TB, path, prefix string) {
+	t.Helper()
+	for _, args := range DocPolicies(t, path) {
+		args = append([]string{"set_policy", "-p", "/"}, args[3:]...)
+		for i, a := range args {
+			args[i] = strings.ReplaceAll(a, docPrefixRegex, regexp.QuoteMeta(prefix)+`\.`)
+		}
+		c.Ctl(t, c.Nodes[0], args...)
+	}
+}
+
+// ConnectionNames returns, by node index, the names clients gave their
+// connections to that node (the connection_name property), as the first
+// node that answers lists them.
+func (c *Cluster) ConnectionNames(t testing.TB) map[int][]string {
+	t.Helper()
+	for _, node := range c.Nodes {
+		if !node.Up() {
+			continue
+		}
+		out, err := c.ctl(node, 30*time.Second, "list_connections", "port", "client_properties", "--formatter", "json")
+		if err != nil {
+			continue
+		}
+		var conns []struct {
+			Port  int               `json:"port"`
+			Props []json.RawMessage `json:"client_properties"`
+		}
+		require.NoError(t, json.Unmarshal([]byte(out), &conns), out)
+		byNode := map[int][]string{}
+		for _, conn := range conns {
+			for _, raw := range conn.Props {
+				var prop []any // [key, type, value]
+				if json.Unmarshal(raw, &prop) == nil && len(prop) == 3 && prop[0] == "connection_name" {
+					name, _ := prop[2].(string)
+					byNode[conn.Port-clusterBasePort] = append(byNode[conn.Port-clusterBasePort], name)
+				}
+			}
+		}
+		return byNode
+	}
+	t.Fatal("no node of the cluster answers")
+	return nil
 }
