@@ -109,7 +109,11 @@
 // # Connections
 //
 // The agent keeps one AMQP connection, reconnecting with capped
-// exponential backoff and jitter. Each connection gets a server-named,
+// exponential backoff and jitter; Config.AMQPURL may list a cluster's
+// nodes, which it tries in turn in an order shuffled per agent. Statuses
+// are published with publisher confirms: one the broker nacks, returns or
+// does not confirm within Config.StatusConfirmTimeout drops the
+// connection, and the next one's first status carries the newer state. Each connection gets a server-named,
 // exclusive, auto-delete queue bound to the state exchange; grants arrive
 // on the same queue. A process that runs many agents (the benchmark runs
 // a thousand) can have several share one connection: NewSharedConnection

@@ -47,6 +47,14 @@
 // (leader or not) every LivenessInterval; Stop releases the lock and
 // removes the row.
 //
+// Leading also needs a broker. A broadcaster takes the lock only after it
+// dialled a node of Config.AMQPURL, and a leader that cannot publish
+// (its last state unconfirmed, or no publishing connection) or consume
+// for Config.BrokerLossTimeout releases the lock so that a standby that
+// reaches a broker leads. Its liveness row says "leader" only while it
+// publishes and consumes, so the contract runner never counts a leader
+// that is cut off from the agents as alive.
+//
 // Leadership saves work; it is not what keeps the system correct. In the
 // moment between a leader's lock connection dying and that leader
 // noticing, two broadcasters may both relay and consume. That is harmless:
