@@ -256,6 +256,8 @@ func (f *failureLog) report(log zerolog.Logger, err error) {
 		}
 		return
 	}
+	// Whatever a driver or the broker quoted, no password is logged.
+	err = config.RedactError(err)
 	f.failures++
 	if f.failures == 1 {
 		log.Warn().Err(err).Msg(f.what + " failed; retrying")

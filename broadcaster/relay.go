@@ -56,9 +56,9 @@ func (l *leader) listen(ctx context.Context) {
 			attempts.report(log, nil)
 			log.Info().Msg("LISTEN connection re-established; relaying in case a notification was lost")
 		case pq.ListenerEventDisconnected:
-			log.Warn().Err(err).Msg("LISTEN connection lost; reconnecting (the outbox poll covers the gap)")
+			log.Warn().Err(config.RedactError(err, l.b.cfg.DatabaseURL)).Msg("LISTEN connection lost; reconnecting (the outbox poll covers the gap)")
 		case pq.ListenerEventConnectionAttemptFailed:
-			attempts.report(log, err)
+			attempts.report(log, config.RedactError(err, l.b.cfg.DatabaseURL))
 		}
 	})
 	var wg sync.WaitGroup
