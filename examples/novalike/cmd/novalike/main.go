@@ -31,7 +31,7 @@ func main() {
 	flag.IntVar(&cfg.Workers, "workers", 4, "concurrent workers")
 	flag.StringVar(&cfg.Table, "table", "instances", "the instances table, as spelled in the release manifest")
 	flag.StringVar(&cfg.DatabaseURL, "database-url", config.Env(config.EnvDatabaseURL, config.DefaultDatabaseURL), "PostgreSQL URL ($"+config.EnvDatabaseURL+")")
-	amqpURL := flag.String("amqp-url", config.Env(config.EnvAMQPURL, config.DefaultAMQPURL), "RabbitMQ URL ($"+config.EnvAMQPURL+")")
+	amqpURL := flag.String("amqp-url", config.Env(config.EnvAMQPURL, config.DefaultAMQPURL), "RabbitMQ URL, or a comma-separated list of a cluster's nodes ($"+config.EnvAMQPURL+")")
 	schemaName := flag.String("schema", config.Env(config.EnvSchema, config.DefaultSchema), "phasecast's schema ($"+config.EnvSchema+")")
 	prefix := flag.String("exchange-prefix", config.Env(config.EnvExchangePrefix, config.DefaultExchangePrefix), "AMQP name prefix ($"+config.EnvExchangePrefix+")")
 	releases := flag.String("releases", "L", "comma-separated releases this build knows")
