@@ -94,7 +94,8 @@ type Config struct {
 	// the broker nacks, returns as unroutable, or does not confirm in time
 	// is logged and counted (Stats.UnconfirmedStatuses), and the agent
 	// drops its connection and reconnects, to the next node of AMQPURL
-	// when it lists several; the first status of the new connection then
+	// when it lists several. With a DB the status goes through the store
+	// at once; without one, the first status of the new connection
 	// carries the agent's newest state, which says all the lost one did.
 	// Defaults to 2s.
 	StatusConfirmTimeout time.Duration

@@ -1,6 +1,7 @@
 package agent
 
 import (
+	"context"
 	"testing"
 	"time"
 
@@ -82,4 +83,30 @@ func TestUnconfirmedStatusTimesOutAndIsSentAgain(t *testing.T) {
 	st := b.fake.waitStatus(t, from, 15*time.Second, func(st wire.Status) bool { return st.Seq > lost })
 	require.Equal(t, a.Stats().DrainedEpoch, st.DrainedEpoch)
 	require.GreaterOrEqual(t, a.Stats().Reconnects, int64(1))
+}
+
+// With a DB, a status the broker nacks goes through the store at once,
+// not with the next heartbeat (here 5 s away) or the next connection
+// (refused here).
+func TestNackedStatusGoesThroughTheStore(t *testing.T) {
+	b := setup(t, fakeOptions{lease: 20 * time.Second})
+	proxy := faultproxy.Start(t, "127.0.0.1:5672")
+	cfg := b.config(t, true)
+	cfg.AMQPURL = proxy.URL(testenv.AMQPURL())
+	cfg.HeartbeatInterval, cfg.InitialLease = 5*time.Second, 20*time.Second
+	a := startAgent(t, cfg)
+	proxy.Refuse(true) // the connection it has stays; a new one is refused
+	ch, err := testenv.AMQP(t).Channel()
+	require.NoError(t, err)
+	queue := amqpx.StatusQueue(b.prefix)
+	_, err = ch.QueueDelete(queue, false, false, false)
+	require.NoError(t, err)
+	_, err = ch.QueueDeclare(queue, true, false, false, false, amqp.Table{"x-max-length": int32(0), "x-overflow": "reject-publish"})
+	require.NoError(t, err)
+
+	a.report(context.Background(), "test") // what a drain's ack does
+	require.GreaterOrEqual(t, a.Stats().UnconfirmedStatuses, int64(1))
+	lost := a.Stats().Seq
+	require.Eventually(t, func() bool { return uint64(agentRow(t, b.store, a.ID()).Seq) >= lost }, time.Second, 5*time.Millisecond,
+		"the nacked status (seq %d) never reached the store", lost)
 }

@@ -33,8 +33,10 @@ func (a *Agent) report(ctx context.Context, reason string) {
 	if a.store != nil && (sess == nil || a.fenced.Load()) {
 		_ = a.syncLocked(ctx, reason)
 	}
-	if sess != nil {
-		a.publishLocked(ctx, sess, reason)
+	if sess != nil && !a.publishLocked(ctx, sess, reason) && a.store != nil {
+		// The broker did not take it: the store does, now, rather than
+		// the next connection.
+		_ = a.syncLocked(ctx, reason)
 	}
 }
 
@@ -67,9 +69,10 @@ func (a *Agent) statusLocked(queue string) wire.Status {
 	}
 }
 
-// publishLocked publishes the next status to the status queue. Its send
-// time is remembered before the publish, so it precedes the moment the
-// broadcaster records it.
+// publishLocked publishes the next status to the status queue and
+// reports whether the broker confirmed it (or there was nothing to send).
+// Its send time is remembered before the publish, so it precedes the
+// moment the broadcaster records it.
 //
 // Nothing is sent while the agent holds no state (an agent without a DB
 // before its first state): it does not know the store its statuses belong
@@ -77,10 +80,10 @@ func (a *Agent) statusLocked(queue string) wire.Status {
 // start-up nothing: a grant cannot make such an agent ready anyway, and
 // the acknowledgement of its first state, sent the moment it is applied,
 // is the status that earns the grant Start waits for.
-func (a *Agent) publishLocked(ctx context.Context, sess *session, reason string) {
+func (a *Agent) publishLocked(ctx context.Context, sess *session, reason string) bool {
 	if a.cur.Load() == nil {
 		a.log.Debug().Str("reason", reason).Msg("no state yet: the status waits for the first one, which names the store")
-		return
+		return true
 	}
 	lease := a.leaseLength()
 	st := a.statusLocked(sess.queue)
@@ -91,7 +94,7 @@ func (a *Agent) publishLocked(ctx context.Context, sess *session, reason string)
 	body, err := wire.EncodeStatus(st)
 	if err != nil {
 		a.log.Error().Err(err).Msg("encoding status")
-		return
+		return false
 	}
 	var mac string
 	if a.cfg.StatusMACKey != nil {
@@ -107,10 +110,11 @@ func (a *Agent) publishLocked(ctx context.Context, sess *session, reason string)
 		a.log.Warn().Err(err).Uint64("seq", st.Seq).Str("reason", reason).
 			Msg("status not confirmed by the broker; reconnecting, and the new connection's first status carries this state")
 		sess.abort()
-		return
+		return false
 	}
 	a.log.Debug().Uint64("seq", st.Seq).Str("reason", reason).Int64("applied_epoch", st.AppliedEpoch).
 		Int64("drained_epoch", st.DrainedEpoch).Int64("inflight", st.Inflight).Msg("status sent")
+	return true
 }
 
 // farewell sends the goodbye: over the broker when connected, else
@@ -119,8 +123,7 @@ func (a *Agent) publishLocked(ctx context.Context, sess *session, reason string)
 func (a *Agent) farewell(ctx context.Context) {
 	a.statusMu.Lock()
 	defer a.statusMu.Unlock()
-	if sess := a.session(); sess != nil && !sess.blocked.Load() {
-		a.publishLocked(ctx, sess, reasonLeaving)
+	if sess := a.session(); sess != nil && !sess.blocked.Load() && a.publishLocked(ctx, sess, reasonLeaving) {
 		return
 	}
 	if a.store == nil {
