@@ -24,7 +24,10 @@ const EnvCluster = "PHASECAST_RABBIT_CLUSTER"
 const (
 	// clusterBrokerLoss is the broadcasters' --broker-loss-timeout here:
 	// each reaches one node only, so losing it means stepping down.
+	// clusterLiveness, their --liveness-interval, is how often the leader
+	// looks at its broker links and a standby tries for the lock.
 	clusterBrokerLoss = 500 * time.Millisecond
+	clusterLiveness   = 100 * time.Millisecond
 	// ackBound is how soon after a node's death every live agent's
 	// acknowledgement must be in the store.
 	ackBound = 2 * time.Second
@@ -55,10 +58,10 @@ func TestRabbitClusterNodeLoss(t *testing.T) {
 
 	leaderID, standbyID := "leader-n1-"+e.prefix, "standby-n2-"+e.prefix
 	e.startBroadcaster(func(c *broadcaster.Config) {
-		c.ID, c.AMQPURL, c.BrokerLossTimeout = leaderID, cluster.Nodes[0].URL(), clusterBrokerLoss
+		c.ID, c.AMQPURL, c.BrokerLossTimeout, c.LivenessInterval = leaderID, cluster.Nodes[0].URL(), clusterBrokerLoss, clusterLiveness
 	})
 	standbyCfg := e.broadcasterConfig()
-	standbyCfg.ID, standbyCfg.AMQPURL, standbyCfg.BrokerLossTimeout = standbyID, cluster.Nodes[1].URL(), clusterBrokerLoss
+	standbyCfg.ID, standbyCfg.AMQPURL, standbyCfg.BrokerLossTimeout, standbyCfg.LivenessInterval = standbyID, cluster.Nodes[1].URL(), clusterBrokerLoss, clusterLiveness
 	standby, err := broadcaster.New(standbyCfg)
 	require.NoError(t, err)
 	require.NoError(t, standby.Start(e.ctx))
@@ -95,6 +98,7 @@ func TestRabbitClusterNodeLoss(t *testing.T) {
 	go func() { restart <- cluster.Nodes[0].Start() }()
 	e.waitDrained(epoch, ids(agents)...)
 	waitFor(t, wait, "the standby to lead", standby.IsLeader)
+	figure(t, "standby_leads_after", e.dbNow().Sub(killed)) // an upper bound: measured once the acks are in
 	row, _ := e.broadcasterRow(leaderID)
 	require.False(t, row.Leader, "the deaf leader's row does not count it as leading")
 	lastAck := latest(e.ackTimes(epoch))
