@@ -1,7 +1,6 @@
 package agent
 
 import (
-	"bytes"
 	"context"
 	"testing"
 	"time"
@@ -18,10 +17,10 @@ func TestAMQPURLListValidatedAndNeverShowsAPassword(t *testing.T) {
 	require.ErrorContains(t, err, "Config.AMQPURL: URL 2 of 2")
 	require.NotContains(t, err.Error(), "s3cret")
 
-	var logs bytes.Buffer
+	logs := &lockedBuffer{}
 	a, err := New(Config{
 		Service: "svc", AMQPURL: "amqp://a:first-s3cret@127.0.0.1:1/, amqp://b:second-s3cret@127.0.0.1:2/",
-		Logger: zerolog.New(&logs),
+		Logger: zerolog.New(logs),
 	})
 	require.NoError(t, err)
 	ctx, cancel := context.WithTimeout(context.Background(), 500*time.Millisecond)
@@ -32,3 +31,4 @@ func TestAMQPURLListValidatedAndNeverShowsAPassword(t *testing.T) {
 	require.NotContains(t, logs.String(), "s3cret")
 	require.Contains(t, logs.String(), "b:xxxxx@127.0.0.1:2", "the log names the nodes it tried")
 }
+
