@@ -108,7 +108,7 @@ func (a *Agent) publishLocked(ctx context.Context, sess *session, reason string)
 	if err := a.publishConfirmed(ctx, sess, msg); err != nil {
 		a.unconfirmedStatuses.Add(1)
 		a.log.Warn().Err(err).Uint64("seq", st.Seq).Str("reason", reason).
-			Msg("status not confirmed by the broker; reconnecting, and the new connection's first status carries this state")
+			Msg("status not confirmed by the broker; reconnecting (with a DB the status goes through the store now, else the new connection's first status carries this state)")
 		sess.abort()
 		return false
 	}
