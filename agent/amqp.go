@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"strconv"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -23,15 +24,60 @@ type session struct {
 	queue   string        // this connection's server-named queue: grants come here
 	blocked *atomic.Bool  // the link's flag: the broker blocked publishing (resource alarm)
 	// returns hears of statuses the broker could not route (the status
-	// queue is missing). Only publishLocked reads it, under statusMu; the
-	// library closes it with the channel.
-	returns <-chan amqp.Return
+	// queue is missing); returnedStatus drains it into returned, by
+	// message id, after each confirm. The library closes it with the
+	// channel.
+	returns  <-chan amqp.Return
+	retMu    sync.Mutex
+	returned map[string]amqp.Return // under retMu
 	// aborted is closed (once, by abort) when a status was not
 	// confirmed: the session ends, and with it an own connection, which
 	// abort also closes at once, bounded, since the broker may not answer.
 	aborted   chan struct{}
 	abortOnce sync.Once
 	conn      *amqp.Connection // nil on a shared connection, which other agents use
+}
+
+// statusReturnBuffer bounds the returns waiting to be drained. Each
+// status in flight can cause one, and only the few goroutines that send
+// statuses (heartbeat, drain, session start, Stop) have one in flight at
+// a time; the library blocks on a full channel, and with it the
+// confirms that lead to the drain.
+const statusReturnBuffer = 16
+
+// newSession sets up the publishing side of a session on pub, which must
+// be in confirm mode.
+func newSession(pub *amqp.Channel, queue string, blocked *atomic.Bool, conn *amqp.Connection) *session {
+	return &session{
+		pub: pub, queue: queue, blocked: blocked, conn: conn,
+		returns:  pub.NotifyReturn(make(chan amqp.Return, statusReturnBuffer)),
+		returned: map[string]amqp.Return{},
+		aborted:  make(chan struct{}),
+	}
+}
+
+// returnedStatus reports whether the broker returned the message with
+// id. It drains what the library handed over so far: the broker sends a
+// message's return before its confirm, and the library hands the return
+// over before it handles the confirm, so after the confirm it is there.
+func (s *session) returnedStatus(id string) (amqp.Return, bool) {
+	s.retMu.Lock()
+	defer s.retMu.Unlock()
+	for drained := false; !drained; {
+		select {
+		case ret, ok := <-s.returns:
+			if !ok {
+				drained = true
+				break
+			}
+			s.returned[ret.MessageId] = ret
+		default:
+			drained = true
+		}
+	}
+	ret, ok := s.returned[id]
+	delete(s.returned, id)
+	return ret, ok
 }
 
 func (s *session) isAborted() bool {
@@ -180,14 +226,11 @@ func (a *Agent) runSession(ctx context.Context, r *runState, l *link) error {
 	if err := pub.Confirm(false); err != nil {
 		return fmt.Errorf("put the publishing channel in confirm mode: %w", err)
 	}
-	// Buffered beyond the one return a status can cause: the library must
-	// never block on it, and publishLocked drains it after each confirm.
-	returns := pub.NotifyReturn(make(chan amqp.Return, 4))
-
-	sess := &session{pub: pub, queue: q.Name, blocked: l.blocked, returns: returns, aborted: make(chan struct{})}
+	var own *amqp.Connection
 	if !l.shared {
-		sess.conn = conn
+		own = conn
 	}
+	sess := newSession(pub, q.Name, l.blocked, own)
 	a.setSession(sess)
 	defer a.setSession(nil)
 	reconnect := r.sessions.Add(1) > 1
@@ -373,35 +416,61 @@ func (a *Agent) reject(reason rejectReason, err error, epoch int64) {
 	ev.Msg("message rejected")
 }
 
-// publishConfirmed publishes a status to the status queue and waits for
-// the broker's confirm, at most Config.StatusConfirmTimeout. It is
-// mandatory, so a status queue that does not exist returns the status
-// instead of dropping it in silence; a quorum queue without a leader
-// (a node just lost) confirms nothing, which the bound turns into an
-// error. Either way the caller drops the connection.
-func (a *Agent) publishConfirmed(ctx context.Context, sess *session, msg amqp.Publishing) error {
+// pendingStatus is a status published and not yet confirmed.
+type pendingStatus struct {
+	sess   *session
+	dc     *amqp.DeferredConfirmation
+	err    error // the publish itself failed
+	seq    uint64
+	reason string
+	st     wire.Status
+}
+
+// publishStatus publishes msg to the status queue, mandatory, so that a
+// status queue that does not exist returns the status instead of
+// dropping it in silence. awaitConfirm waits for the broker's word.
+func (a *Agent) publishStatus(ctx context.Context, sess *session, msg amqp.Publishing, st wire.Status, reason string) *pendingStatus {
+	msg.MessageId = strconv.FormatUint(st.Seq, 10)
 	ctx, cancel := context.WithTimeout(ctx, a.cfg.StatusConfirmTimeout)
 	defer cancel()
-	queue := amqpx.StatusQueue(a.cfg.ExchangePrefix)
-	dc, err := sess.pub.PublishWithDeferredConfirmWithContext(ctx, "", queue, true, false, msg)
+	p := &pendingStatus{sess: sess, seq: st.Seq, reason: reason, st: st}
+	p.dc, p.err = sess.pub.PublishWithDeferredConfirmWithContext(ctx, "", amqpx.StatusQueue(a.cfg.ExchangePrefix), true, false, msg)
+	return p
+}
+
+// awaitConfirm waits for the broker's confirm of p, at most
+// Config.StatusConfirmTimeout, and reports whether the broker took the
+// status. A nack, a return, or no confirm in time (a quorum queue without
+// a leader, a node gone silent) is logged and counted, and ends the
+// session. It runs without statusMu: a slow broker must not hold up the
+// statuses that go through the store meanwhile.
+func (a *Agent) awaitConfirm(ctx context.Context, p *pendingStatus) bool {
+	err := p.err
 	if err != nil {
-		return fmt.Errorf("publish: %w", err)
-	}
-	acked, err := dc.WaitContext(ctx)
-	switch {
-	case err != nil:
-		return fmt.Errorf("no confirm within %s: %w", a.cfg.StatusConfirmTimeout, err)
-	case !acked:
-		return errors.New("the broker nacked it")
-	}
-	// The broker sends a return before the confirm of the same message,
-	// and the library hands it over before it handles the confirm.
-	select {
-	case ret, ok := <-sess.returns:
-		if ok {
-			return fmt.Errorf("the broker returned it: %d %s (does queue %s exist?)", ret.ReplyCode, ret.ReplyText, queue)
+		err = fmt.Errorf("publish: %w", err)
+	} else {
+		ctx, cancel := context.WithTimeout(ctx, a.cfg.StatusConfirmTimeout)
+		acked, werr := p.dc.WaitContext(ctx)
+		cancel()
+		switch {
+		case werr != nil:
+			err = fmt.Errorf("no confirm within %s: %w", a.cfg.StatusConfirmTimeout, werr)
+		case !acked:
+			err = errors.New("the broker nacked it")
+		default:
+			if ret, returned := p.sess.returnedStatus(strconv.FormatUint(p.seq, 10)); returned {
+				err = fmt.Errorf("the broker returned it: %d %s (does queue %s exist?)", ret.ReplyCode, ret.ReplyText, amqpx.StatusQueue(a.cfg.ExchangePrefix))
+			}
 		}
-	default:
 	}
-	return nil
+	if err != nil {
+		a.unconfirmedStatuses.Add(1)
+		a.log.Warn().Err(err).Uint64("seq", p.seq).Str("reason", p.reason).
+			Msg("status not confirmed by the broker; reconnecting (with a DB the status goes through the store now, else the new connection's first status carries this state)")
+		p.sess.abort()
+		return false
+	}
+	a.log.Debug().Uint64("seq", p.seq).Str("reason", p.reason).Int64("applied_epoch", p.st.AppliedEpoch).
+		Int64("drained_epoch", p.st.DrainedEpoch).Int64("inflight", p.st.Inflight).Msg("status sent")
+	return true
 }

@@ -5,7 +5,6 @@ import (
 	"testing"
 	"time"
 
-	amqp "github.com/rabbitmq/amqp091-go"
 	"github.com/stretchr/testify/require"
 
 	"github.com/phasecast/phasecast/internal/amqpx"
@@ -15,7 +14,7 @@ import (
 
 // BenchmarkStatusPublish is the cost of one status on the real broker's
 // quorum status queue: published as before (fire and forget) and as now,
-// waiting for the broker's confirm (publishConfirmed). A consumer drains
+// waiting for the broker's confirm (publishStatus, awaitConfirm). A consumer drains
 // the queue meanwhile, as the broadcaster does.
 func BenchmarkStatusPublish(b *testing.B) {
 	prefix := testenv.Prefix(b)
@@ -49,10 +48,10 @@ func BenchmarkStatusPublish(b *testing.B) {
 		require.NoError(b, err)
 		defer ch.Close()
 		require.NoError(b, ch.Confirm(false))
-		sess := &session{pub: ch, returns: ch.NotifyReturn(make(chan amqp.Return, 4)), aborted: make(chan struct{})}
+		sess := newSession(ch, "", nil, nil)
 		a := &Agent{cfg: Config{ExchangePrefix: prefix, StatusConfirmTimeout: DefaultStatusConfirmTimeout}}
 		for b.Loop() {
-			require.NoError(b, a.publishConfirmed(ctx, sess, msg))
+			require.True(b, a.awaitConfirm(ctx, a.publishStatus(ctx, sess, msg, st, "bench")))
 		}
 	})
 	_ = drain.Close()

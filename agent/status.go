@@ -23,9 +23,11 @@ const (
 // re-reads the state and renews the lease there) when there is a DB and
 // the agent is fenced or has no usable broker connection, so acks reach
 // the store without the broker.
+//
+// A status over the broker is sent under statusMu, so seqs go out in
+// order, and its confirm is awaited after statusMu is released.
 func (a *Agent) report(ctx context.Context, reason string) {
 	a.statusMu.Lock()
-	defer a.statusMu.Unlock()
 	sess := a.session()
 	if sess != nil && sess.blocked.Load() {
 		sess = nil // the broker stopped reading: a publish would hang
@@ -33,10 +35,17 @@ func (a *Agent) report(ctx context.Context, reason string) {
 	if a.store != nil && (sess == nil || a.fenced.Load()) {
 		_ = a.syncLocked(ctx, reason)
 	}
-	if sess != nil && !a.publishLocked(ctx, sess, reason) && a.store != nil {
+	var sent *pendingStatus
+	if sess != nil {
+		sent = a.publishLocked(ctx, sess, reason)
+	}
+	a.statusMu.Unlock()
+	if sent != nil && !a.awaitConfirm(ctx, sent) && a.store != nil {
 		// The broker did not take it: the store does, now, rather than
 		// the next connection.
+		a.statusMu.Lock()
 		_ = a.syncLocked(ctx, reason)
+		a.statusMu.Unlock()
 	}
 }
 
@@ -70,9 +79,9 @@ func (a *Agent) statusLocked(queue string) wire.Status {
 }
 
 // publishLocked publishes the next status to the status queue and
-// reports whether the broker confirmed it (or there was nothing to send).
-// Its send time is remembered before the publish, so it precedes the
-// moment the broadcaster records it.
+// returns it for awaitConfirm, or nil when nothing was sent. Its send
+// time is remembered before the publish, so it precedes the moment the
+// broadcaster records it.
 //
 // Nothing is sent while the agent holds no state (an agent without a DB
 // before its first state): it does not know the store its statuses belong
@@ -80,10 +89,10 @@ func (a *Agent) statusLocked(queue string) wire.Status {
 // start-up nothing: a grant cannot make such an agent ready anyway, and
 // the acknowledgement of its first state, sent the moment it is applied,
 // is the status that earns the grant Start waits for.
-func (a *Agent) publishLocked(ctx context.Context, sess *session, reason string) bool {
+func (a *Agent) publishLocked(ctx context.Context, sess *session, reason string) *pendingStatus {
 	if a.cur.Load() == nil {
 		a.log.Debug().Str("reason", reason).Msg("no state yet: the status waits for the first one, which names the store")
-		return true
+		return nil
 	}
 	lease := a.leaseLength()
 	st := a.statusLocked(sess.queue)
@@ -94,7 +103,7 @@ func (a *Agent) publishLocked(ctx context.Context, sess *session, reason string)
 	body, err := wire.EncodeStatus(st)
 	if err != nil {
 		a.log.Error().Err(err).Msg("encoding status")
-		return false
+		return nil
 	}
 	var mac string
 	if a.cfg.StatusMACKey != nil {
@@ -105,16 +114,7 @@ func (a *Agent) publishLocked(ctx context.Context, sess *session, reason string)
 	// the broker drops it (the broadcaster checks sent_at too).
 	msg.Expiration = strconv.FormatInt(max(lease.Milliseconds(), 1), 10)
 	a.recordSent(st.Seq, time.Now())
-	if err := a.publishConfirmed(ctx, sess, msg); err != nil {
-		a.unconfirmedStatuses.Add(1)
-		a.log.Warn().Err(err).Uint64("seq", st.Seq).Str("reason", reason).
-			Msg("status not confirmed by the broker; reconnecting (with a DB the status goes through the store now, else the new connection's first status carries this state)")
-		sess.abort()
-		return false
-	}
-	a.log.Debug().Uint64("seq", st.Seq).Str("reason", reason).Int64("applied_epoch", st.AppliedEpoch).
-		Int64("drained_epoch", st.DrainedEpoch).Int64("inflight", st.Inflight).Msg("status sent")
-	return true
+	return a.publishStatus(ctx, sess, msg, st, reason)
 }
 
 // farewell sends the goodbye: over the broker when connected, else
@@ -123,8 +123,12 @@ func (a *Agent) publishLocked(ctx context.Context, sess *session, reason string)
 func (a *Agent) farewell(ctx context.Context) {
 	a.statusMu.Lock()
 	defer a.statusMu.Unlock()
-	if sess := a.session(); sess != nil && !sess.blocked.Load() && a.publishLocked(ctx, sess, reasonLeaving) {
-		return
+	if sess := a.session(); sess != nil && !sess.blocked.Load() {
+		// Stop waits for the goodbye's confirm under statusMu: nothing
+		// else needs it any more.
+		if sent := a.publishLocked(ctx, sess, reasonLeaving); sent == nil || a.awaitConfirm(ctx, sent) {
+			return
+		}
 	}
 	if a.store == nil {
 		return

@@ -31,4 +31,3 @@ func TestAMQPURLListValidatedAndNeverShowsAPassword(t *testing.T) {
 	require.NotContains(t, logs.String(), "s3cret")
 	require.Contains(t, logs.String(), "b:xxxxx@127.0.0.1:2", "the log names the nodes it tried")
 }
-
