@@ -28,6 +28,11 @@ const (
 	// looks at its broker links and a standby tries for the lock.
 	clusterBrokerLoss = 500 * time.Millisecond
 	clusterLiveness   = 100 * time.Millisecond
+	// clusterConfirm is the agents' Config.StatusConfirmTimeout: a status
+	// sent to the status queue while its quorum elects a new leader may
+	// get no confirm until then, and goes through the store after this.
+	// The default (2 s) alone would use up the bound below.
+	clusterConfirm = 500 * time.Millisecond
 	// ackBound is how soon after a node's death every live agent's
 	// acknowledgement must be in the store.
 	ackBound = 2 * time.Second
@@ -73,7 +78,7 @@ func TestRabbitClusterNodeLoss(t *testing.T) {
 	var cfgs []agent.Config
 	for i := range clusterAgents {
 		cfg := e.agentConfig(fmt.Sprintf("cluster-%d", i), agentDB)
-		cfg.AMQPURL = cluster.URLs()
+		cfg.AMQPURL, cfg.StatusConfirmTimeout = cluster.URLs(), clusterConfirm
 		cfgs = append(cfgs, cfg)
 	}
 	agents := e.startAgents(cfgs)
