@@ -21,6 +21,7 @@ type collector struct {
 	ackDelay                                  *prometheus.Desc
 	reconnects, rejected, fencings, sent      *prometheus.Desc
 	staleRefusals, resyncs                    *prometheus.Desc
+	unconfirmed, ignored                      *prometheus.Desc
 }
 
 func newCollector(a *Agent, labels prometheus.Labels) *collector {
@@ -41,12 +42,14 @@ func newCollector(a *Agent, labels prometheus.Labels) *collector {
 		sent:          desc("statuses_sent_total", "Statuses sent, over AMQP or through the store."),
 		staleRefusals: desc("stale_refusals_total", "Enter calls refused with ErrStale."),
 		resyncs:       desc("resyncs_total", "Reads of the whole state from the store, by result (ok, failed).", "result"),
+		unconfirmed:   desc("unconfirmed_statuses_total", "Statuses the broker nacked, returned or did not confirm in time; each dropped the connection."),
+		ignored:       desc("ignored_statuses_total", "Statuses the store did not record (another live process holds the ID, or a newer seq): the agent stays fenced."),
 	}
 }
 
 func (c *collector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{c.applied, c.drained, c.fenced, c.lease, c.inflight, c.ackDelay,
-		c.reconnects, c.rejected, c.fencings, c.sent, c.staleRefusals, c.resyncs} {
+		c.reconnects, c.rejected, c.fencings, c.sent, c.staleRefusals, c.resyncs, c.unconfirmed, c.ignored} {
 		ch <- d
 	}
 }
@@ -83,4 +86,6 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 	counter(c.staleRefusals, float64(s.StaleRefusals))
 	counter(c.resyncs, float64(s.Resyncs), "ok")
 	counter(c.resyncs, float64(s.ResyncFailures), "failed")
+	counter(c.unconfirmed, float64(s.UnconfirmedStatuses))
+	counter(c.ignored, float64(s.StatusesIgnored))
 }
