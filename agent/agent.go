@@ -13,6 +13,7 @@ import (
 	"github.com/jmoiron/sqlx"
 	"github.com/rs/zerolog"
 
+	"github.com/phasecast/phasecast/internal/amqpx"
 	"github.com/phasecast/phasecast/internal/wire"
 	"github.com/phasecast/phasecast/schema"
 )
@@ -54,6 +55,13 @@ type Agent struct {
 	// incarnation is random per New: this process's identity beside
 	// Config.ID (wire.Status.Incarnation).
 	incarnation string
+	// token is the secret drawn with the incarnation (wire.Status.Token):
+	// the store binds the agent's row to its hash. Never logged.
+	token string
+	// brokerUser is the broker user the agent's connection logs in as: its
+	// statuses carry it as user_id, which RabbitMQ checks, so the store
+	// knows which principal vouches for the agent.
+	brokerUser string
 
 	drain       chan struct{} // wakes the drainer; 1-buffered
 	leasePoke   chan struct{} // wakes the lease timer; 1-buffered
@@ -214,6 +222,12 @@ func New(cfg Config) (*Agent, error) {
 	// above its predecessor before incarnations, for broadcasters built
 	// before them, which order by seq alone.
 	a.incarnation = randomHex(8)
+	a.token = randomHex(wire.TokenSize)
+	if cfg.Connection != nil {
+		a.brokerUser = cfg.Connection.user
+	} else {
+		a.brokerUser = amqpx.URLUser(cfg.AMQPURL)
+	}
 	a.seqBase = uint64(time.Now().UnixNano())
 	a.seq.Store(a.seqBase)
 	a.fenced.Store(true)

@@ -428,9 +428,9 @@ func TestStateMessages(t *testing.T) {
 		b.fake.publishRaw(forged, sig("not base64!"))
 		b.fake.publishRaw(forged, sig(wire.Sign(priv, forgedState(t, e+1, phase.Migrate))))
 		last := b.fake.lastStatus(t)
-		grant, err := wire.EncodeGrant(wire.Grant{AgentID: a.ID(), Seq: last.Seq, LeaseMS: 60_000, Epoch: e})
+		grant, err := wire.EncodeGrant(wire.Grant{AgentID: a.ID(), Incarnation: last.Incarnation, Seq: last.Seq, LeaseMS: 60_000, Epoch: e})
 		require.NoError(t, err)
-		b.fake.send("", last.Queue, grant, nil)
+		b.fake.sendGrant(a.ID(), grant, nil)
 		require.Eventually(t, func() bool {
 			return rejected(a, RejectUnsigned) == 2 && rejected(a, RejectBadSignature) == 3
 		}, 5*time.Second, 5*time.Millisecond, "rejected: %v", a.Stats().RejectedMessages)
@@ -475,7 +475,8 @@ func TestMalformedMessages(t *testing.T) {
 		{"huge", huge, RejectTooLarge},
 		{"grant with no lease", `{"v":1,"kind":"grant","agent_id":"` + a.ID() + `","seq":1,"lease_ms":0,"epoch":1}`, RejectInvalid},
 		{"grant for another agent", `{"v":1,"kind":"grant","agent_id":"someone-else","seq":1,"lease_ms":60000,"epoch":1}`, RejectWrongAgent},
-		{"grant for a status never sent", `{"v":1,"kind":"grant","agent_id":"` + a.ID() + `","seq":1099511627776,"lease_ms":60000,"epoch":1}`, RejectUnknownSeq},
+		{"grant for another process under the ID", `{"v":1,"kind":"grant","agent_id":"` + a.ID() + `","incarnation":"other","seq":1,"lease_ms":60000,"epoch":1}`, RejectWrongAgent},
+		{"grant for a status never sent", `{"v":1,"kind":"grant","agent_id":"` + a.ID() + `","incarnation":"` + a.incarnation + `","seq":1099511627776,"lease_ms":60000,"epoch":1}`, RejectUnknownSeq},
 	} {
 		before := rejected(a, tc.reason)
 		b.fake.publishRaw([]byte(tc.body), nil)
@@ -745,7 +746,7 @@ func TestReconnect(t *testing.T) {
 			b := setup(t, fakeOptions{})
 			applyRelease(t, b.store, manifestL)
 			a := startAgent(t, b.config(t, withDB))
-			queue := b.fake.lastStatus(t).Queue
+			queue := a.session().queue
 			r0 := a.Stats().Resyncs
 
 			// Make the broker close the agent's publishing channel: a
@@ -755,7 +756,7 @@ func TestReconnect(t *testing.T) {
 			_ = sess.pub.Publish("no-such-exchange-"+b.prefix, "", false, false, amqp.Publishing{Body: []byte("x")})
 
 			require.Eventually(t, func() bool { return a.Stats().Reconnects >= 1 }, 10*time.Second, 10*time.Millisecond)
-			b.fake.waitStatus(t, 0, 10*time.Second, func(s wire.Status) bool { return s.Queue != "" && s.Queue != queue })
+			b.fake.waitStatus(t, 0, 10*time.Second, func(wire.Status) bool { s := a.session(); return s != nil && s.queue != queue })
 			if withDB {
 				require.Greater(t, a.Stats().Resyncs, r0, "a reconnect re-syncs from the store")
 			}

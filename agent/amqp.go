@@ -180,8 +180,8 @@ func (a *Agent) sharedLoop(r *runState) {
 }
 
 // runSession sets up one connection: the state exchange, a server-named
-// exclusive auto-delete queue bound to it (grants arrive on the same queue
-// through the default exchange), a consuming channel and a publishing
+// exclusive auto-delete queue bound to it and to the grant exchange under
+// the agent's ID, a consuming channel and a publishing
 // channel. It sends a status at once, then handles deliveries until the
 // connection, either channel or the consumer goes away, or ctx ends.
 func (a *Agent) runSession(ctx context.Context, r *runState, l *link) error {
@@ -202,12 +202,21 @@ func (a *Agent) runSession(ctx context.Context, r *runState, l *link) error {
 	if err := amqpx.EnsureStateExchange(conn, prefix); err != nil {
 		return fmt.Errorf("declare exchange %s: %w", amqpx.StateExchange(prefix), err)
 	}
+	if err := amqpx.EnsureGrantExchange(conn, prefix); err != nil {
+		return fmt.Errorf("declare exchange %s: %w", amqpx.GrantExchange(prefix), err)
+	}
 	q, err := sub.QueueDeclare("", false, true, true, false, nil)
 	if err != nil {
 		return fmt.Errorf("declare agent queue: %w", err)
 	}
 	if err := sub.QueueBind(q.Name, "", amqpx.StateExchange(prefix), false, nil); err != nil {
 		return fmt.Errorf("bind %s to %s: %w", q.Name, amqpx.StateExchange(prefix), err)
+	}
+	// Grants for this agent's ID, and only those, come through the grant
+	// exchange: the broadcaster routes each by the ID the store recorded,
+	// never by anything a status says.
+	if err := sub.QueueBind(q.Name, a.cfg.ID, amqpx.GrantExchange(prefix), false, nil); err != nil {
+		return fmt.Errorf("bind %s to %s: %w", q.Name, amqpx.GrantExchange(prefix), err)
 	}
 	// Auto-ack: a state or grant lost with a connection is harmless, as
 	// the next beacon and the next heartbeat's grant replace it.
@@ -371,6 +380,12 @@ func (a *Agent) handleGrant(r *runState, body []byte) {
 	}
 	if g.AgentID != a.cfg.ID {
 		a.reject(rejWrongAgent, fmt.Errorf("grant for agent %q", g.AgentID), g.Epoch)
+		return
+	}
+	// Another process under the same ID (a conflict) binds the same
+	// routing key: a grant for its incarnation extends nothing here.
+	if g.Incarnation != a.incarnation {
+		a.reject(rejWrongAgent, fmt.Errorf("grant for incarnation %q of agent %q", g.Incarnation, g.AgentID), g.Epoch)
 		return
 	}
 	sentAt, ok := a.sentAt(g.Seq)

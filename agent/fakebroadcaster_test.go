@@ -76,6 +76,7 @@ func startFake(t testing.TB, store *schema.Store, prefix string, opts fakeOption
 	pub, err := conn.Channel()
 	require.NoError(t, err)
 	require.NoError(t, amqpx.DeclareStateExchange(pub, prefix))
+	require.NoError(t, amqpx.DeclareGrantExchange(pub, prefix))
 	sub, err := conn.Channel()
 	require.NoError(t, err)
 	deliveries, err := sub.Consume(amqpx.StatusQueue(prefix), "", true, false, false, false, nil)
@@ -143,26 +144,31 @@ func (f *fakeBroadcaster) onStatus(ctx context.Context, d amqp.Delivery) {
 	if !f.answering.Load() {
 		return
 	}
-	rec, err := f.store.RecordStatusBatch(ctx, []wire.Status{st}, f.lease)
+	// As the broadcaster: the sender is the broker user in user_id.
+	sent := schema.Sent{Status: st}
+	if d.UserId != "" {
+		sent.Principal = schema.PrincipalAMQP + ":" + d.UserId
+	}
+	rec, err := f.store.RecordSent(ctx, []schema.Sent{sent}, f.lease, false)
 	if err != nil {
 		if ctx.Err() == nil {
-			f.t.Errorf("fake broadcaster: RecordStatusBatch: %v", err)
+			f.t.Errorf("fake broadcaster: RecordSent: %v", err)
 		}
 		return
 	}
-	if !rec.Has(st.AgentID, st.Incarnation) || st.Queue == "" {
+	if !rec.Has(st.AgentID, st.Incarnation) {
 		return // a replayed or conflicting status: no grant
 	}
 	epoch := rec.Epoch
 	if !st.WantsGrant(epoch) {
 		return // as the broadcaster: an ack on a fresh lease
 	}
-	body, err := wire.EncodeGrant(wire.Grant{AgentID: st.AgentID, Seq: st.Seq, LeaseMS: f.lease.Milliseconds(), Epoch: epoch})
+	body, err := wire.EncodeGrant(wire.Grant{AgentID: st.AgentID, Incarnation: st.Incarnation, Seq: st.Seq, LeaseMS: f.lease.Milliseconds(), Epoch: epoch})
 	if err != nil {
 		f.t.Errorf("fake broadcaster: %v", err)
 		return
 	}
-	f.send("", st.Queue, body, f.sign(body))
+	f.sendGrant(st.AgentID, body, f.sign(body))
 }
 
 // setBeacons turns beacons on or off. Once it returns after turning them
@@ -200,6 +206,11 @@ func (f *fakeBroadcaster) publishNow() {
 // publishRaw puts body on the state exchange as it is.
 func (f *fakeBroadcaster) publishRaw(body []byte, headers amqp.Table) {
 	f.send(amqpx.StateExchange(f.prefix), "", body, headers)
+}
+
+// sendGrant routes a grant to agent id's queue, as the broadcaster does.
+func (f *fakeBroadcaster) sendGrant(id string, body []byte, headers amqp.Table) {
+	f.send(amqpx.GrantExchange(f.prefix), id, body, headers)
 }
 
 func (f *fakeBroadcaster) send(exchange, key string, body []byte, headers amqp.Table) {

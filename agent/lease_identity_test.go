@@ -2,7 +2,6 @@ package agent
 
 import (
 	"context"
-	"errors"
 	"math"
 	"testing"
 	"time"
@@ -10,6 +9,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/phasecast/phasecast/internal/phase"
+	"github.com/phasecast/phasecast/internal/testenv"
 	"github.com/phasecast/phasecast/internal/wire"
 	"github.com/phasecast/phasecast/schema"
 )
@@ -68,8 +68,8 @@ func TestIgnoredStatusLeavesAgentFenced(t *testing.T) {
 	ctx := context.Background()
 
 	b.fake.answering.Store(false) // the agent renews through the store only
-	huge := wire.Status{V: wire.Version, Kind: wire.KindStatus, AgentID: a.ID(), Service: cfg.Service, Host: "elsewhere", PID: 1,
-		Seq: math.MaxInt64, Releases: []string{"L"}, SentAt: time.Now()}
+	huge := testenv.Credentials(wire.Status{V: wire.StatusVersion, Kind: wire.KindStatus, AgentID: a.ID(), Service: cfg.Service, Host: "elsewhere", PID: 1,
+		Seq: math.MaxInt64, Releases: []string{"L"}, SentAt: time.Now()})
 	_, err := b.store.RecordStatusBatch(ctx, []wire.Status{huge}, 300*time.Millisecond)
 	require.NoError(t, err)
 
@@ -89,28 +89,23 @@ func TestIgnoredStatusLeavesAgentFenced(t *testing.T) {
 	row := agentRow(t, b.store, a.ID())
 	require.Equal(t, a.incarnation, row.Incarnation)
 
-	// A huge seq from this very incarnation: every later status of the
-	// agent is older, so the store ignores them, and the agent fences when
-	// its lease runs out, and says why.
-	huge.Incarnation = a.incarnation
-	_, err = b.store.RecordStatusBatch(ctx, []wire.Status{huge}, 300*time.Millisecond)
+	// A huge seq from this very incarnation, even with its token (a bug,
+	// or a token that leaked), is refused rather than recorded: it would
+	// have had the store ignore every later status of the agent. The
+	// agent's own statuses keep being recorded and it keeps serving.
+	huge.Incarnation, huge.Token = a.incarnation, a.token
+	rec, err := b.store.RecordStatusBatch(ctx, []wire.Status{huge}, 300*time.Millisecond)
 	require.NoError(t, err)
-	require.Eventually(t, func() bool {
-		g, err := a.Enter()
-		if err == nil {
-			g.Exit() // a guard handed out before the fence must not outlive the probe
-		}
-		return errors.Is(err, schema.ErrStatusIgnored)
-	}, 10*time.Second, 100*time.Millisecond, "the agent never refused with the store's reason")
-	_, err = a.Enter()
-	require.ErrorIs(t, err, ErrStale)
-	require.Positive(t, a.Stats().StatusesIgnored)
-	require.True(t, a.Stats().Fenced)
-	// The store's copy of the lease runs out too (it was never shorter
-	// than the agent's); the agent is still fenced then.
-	require.Eventually(t, func() bool { return agentRow(t, b.store, a.ID()).LeaseRemainingMS <= 0 }, 5*time.Second, 20*time.Millisecond)
-	_, err = a.Enter()
-	require.ErrorIs(t, err, ErrStale)
+	require.Empty(t, rec.Kept)
+	require.Equal(t, []schema.Refusal{{StatusKey: schema.StatusKey{AgentID: a.ID(), Incarnation: a.incarnation}, Reason: schema.RefusedSeqBound}}, rec.Refused)
+	seq := agentRow(t, b.store, a.ID()).Seq
+	require.Less(t, seq, int64(math.MaxInt64))
+	require.Eventually(t, func() bool { return agentRow(t, b.store, a.ID()).Seq > seq }, 10*time.Second, 50*time.Millisecond,
+		"the agent's own statuses are no longer recorded")
+	g, err := a.Enter()
+	require.NoError(t, err)
+	g.Exit()
+	require.False(t, a.Stats().Fenced)
 }
 
 // TestDuplicateIDLoserStaysFenced: two live processes configured with one

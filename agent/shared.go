@@ -37,7 +37,8 @@ var ErrConnectionClosed = errors.New("agent: the shared AMQP connection is close
 // Close it after stopping every agent that uses it. Its methods are safe
 // for concurrent use.
 type SharedConnection struct {
-	log zerolog.Logger
+	log  zerolog.Logger
+	user string // the broker user the URL logs in as: agents' statuses name it (user_id)
 
 	mu      sync.Mutex
 	cur     *link         // under mu: the live connection, nil while down
@@ -105,6 +106,7 @@ func NewSharedConnection(url, name string, log zerolog.Logger) (*SharedConnectio
 	ctx, cancel := context.WithCancel(context.Background())
 	c := &SharedConnection{
 		log:     log.With().Str("connection", name).Logger(),
+		user:    amqpx.URLUser(url),
 		changed: make(chan struct{}),
 		cancel:  cancel,
 	}

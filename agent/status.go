@@ -51,18 +51,19 @@ func (a *Agent) report(ctx context.Context, reason string) {
 
 // statusLocked numbers and fills the next status. SkipGrant is left to
 // the caller.
-func (a *Agent) statusLocked(queue string) wire.Status {
+func (a *Agent) statusLocked() wire.Status {
 	seq := a.seq.Add(1)
 	// drained before applied: drained never passes the applied epoch read
 	// after it, and the wire refuses a status where it does.
 	drained := a.drained.Load()
 	applied := a.appliedEpoch()
 	return wire.Status{
-		V:            wire.Version,
+		V:            wire.StatusVersion,
 		Kind:         wire.KindStatus,
 		StoreID:      a.storeIdentity(),
 		AgentID:      a.cfg.ID,
 		Incarnation:  a.incarnation,
+		Token:        a.token,
 		Service:      a.cfg.Service,
 		Host:         a.cfg.Host,
 		PID:          a.pid,
@@ -72,7 +73,6 @@ func (a *Agent) statusLocked(queue string) wire.Status {
 		AppliedEpoch: max(applied, 0),
 		DrainedEpoch: max(drained, 0),
 		Inflight:     a.inflightOlder(),
-		Queue:        queue,
 		AppName:      a.cfg.ApplicationName,
 		SentAt:       time.Now().UTC(),
 	}
@@ -95,7 +95,7 @@ func (a *Agent) publishLocked(ctx context.Context, sess *session, reason string)
 		return nil
 	}
 	lease := a.leaseLength()
-	st := a.statusLocked(sess.queue)
+	st := a.statusLocked()
 	// An ack renews nothing the heartbeats do not: while the lease is
 	// fresh it asks for no grant, which halves a flip's messages back.
 	st.SkipGrant = reason == reasonAck && a.leaseFresh()
@@ -110,6 +110,10 @@ func (a *Agent) publishLocked(ctx context.Context, sess *session, reason string)
 		mac = wire.MAC(a.cfg.StatusMACKey, body)
 	}
 	msg := amqpx.Publishing("phasecast-agent", wire.KindStatus, body, mac)
+	// RabbitMQ refuses a user_id other than the connection's user, so the
+	// broadcaster learns from it which broker user sent the status: the
+	// principal the store checks when the status enrols the agent.
+	msg.UserId = a.brokerUser
 	// A status left in the queue longer than a lease is no longer news:
 	// the broker drops it (the broadcaster checks sent_at too).
 	msg.Expiration = strconv.FormatInt(max(lease.Milliseconds(), 1), 10)
@@ -133,11 +137,11 @@ func (a *Agent) farewell(ctx context.Context) {
 	if a.store == nil {
 		return
 	}
-	st := a.statusLocked("")
+	st := a.statusLocked()
 	st.Leaving = true
 	ctx, cancel := context.WithTimeout(ctx, syncTimeout)
 	defer cancel()
-	if _, _, err := a.store.RecordStatuses(ctx, []wire.Status{st}, 0); err != nil {
+	if _, err := a.store.SyncAgent(ctx, st, 0); err != nil {
 		a.log.Warn().Err(err).Msg("recording the goodbye in the store failed; the lease will run out instead")
 	}
 }
@@ -149,11 +153,7 @@ func (a *Agent) farewell(ctx context.Context) {
 // ordering keeps the invariant). Applying first means that once the fence
 // lifts, Enter pins the fresh snapshot.
 func (a *Agent) syncLocked(ctx context.Context, reason string) error {
-	queue := ""
-	if s := a.session(); s != nil {
-		queue = s.queue
-	}
-	st := a.statusLocked(queue)
+	st := a.statusLocked()
 	lease := a.leaseLength()
 	t0 := time.Now()
 	ctx, cancel := context.WithTimeout(ctx, syncTimeout)

@@ -3,6 +3,7 @@ package broadcaster_test
 import (
 	"context"
 	"crypto/ed25519"
+	"encoding/json"
 	"fmt"
 	"os"
 	"runtime"
@@ -30,6 +31,9 @@ type testBundle struct {
 	prefix string
 	conn   *amqp.Connection
 	ch     *amqp.Channel
+	// grantQueue is the queue replyQueue declared, which every status the
+	// test sends binds to the grant exchange under its agent ID.
+	grantQueue string
 }
 
 func setup(t *testing.T) *testBundle {
@@ -105,9 +109,25 @@ func (tb *testBundle) replyQueue(t *testing.T) (string, <-chan amqp.Delivery) {
 	t.Helper()
 	q, err := tb.ch.QueueDeclare("", false, true, true, false, nil)
 	require.NoError(t, err)
+	require.NoError(t, amqpx.DeclareGrantExchange(tb.ch, tb.prefix))
 	deliveries, err := tb.ch.Consume(q.Name, "", true, true, false, false, nil)
 	require.NoError(t, err)
+	tb.grantQueue = q.Name
 	return q.Name, deliveries
+}
+
+// publishing is a status body as an agent publishes it: with its broker
+// user as user_id. The grant queue, if any, is bound under its agent ID,
+// as an agent binds its own queue.
+func (tb *testBundle) publishing(t *testing.T, body []byte, headers amqp.Table) amqp.Publishing {
+	t.Helper()
+	var id struct {
+		AgentID string `json:"agent_id"`
+	}
+	if tb.grantQueue != "" && json.Unmarshal(body, &id) == nil && id.AgentID != "" {
+		require.NoError(t, tb.ch.QueueBind(tb.grantQueue, id.AgentID, amqpx.GrantExchange(tb.prefix), false, nil))
+	}
+	return amqp.Publishing{ContentType: "application/json", Body: body, Headers: headers, UserId: amqpx.URLUser(testenv.AMQPURL())}
 }
 
 // waitState returns the first state that satisfies ok, verifying its
@@ -191,12 +211,13 @@ func unpublishedRows(t *testing.T, store *schema.Store) int {
 	return n
 }
 
-// status is a well-formed status of agent id.
-func status(id string, seq uint64, queue string) wire.Status {
-	return wire.Status{
+// status is a well-formed status of agent id, with the incarnation and
+// token of an agent process.
+func status(id string, seq uint64) wire.Status {
+	return testenv.Credentials(wire.Status{
 		AgentID: id, Service: "nova-api", Host: "host-1", PID: 4242, Version: "1.0",
-		Releases: []string{"L"}, Seq: seq, Queue: queue, SentAt: time.Now().UTC(),
-	}
+		Releases: []string{"L"}, Seq: seq, SentAt: time.Now().UTC(),
+	})
 }
 
 // storeID is the identity of the test's store, which statuses must name.
@@ -225,8 +246,7 @@ func (tb *testBundle) sendStatus(t *testing.T, st wire.Status, key []byte) {
 
 func (tb *testBundle) sendRaw(t *testing.T, body []byte, headers amqp.Table) {
 	t.Helper()
-	err := tb.ch.PublishWithContext(context.Background(), "", amqpx.StatusQueue(tb.prefix), false, false,
-		amqp.Publishing{ContentType: "application/json", Body: body, Headers: headers})
+	err := tb.ch.PublishWithContext(context.Background(), "", amqpx.StatusQueue(tb.prefix), false, false, tb.publishing(t, body, headers))
 	require.NoError(t, err)
 }
 
@@ -279,7 +299,7 @@ func TestNew(t *testing.T) {
 		require.False(t, b.IsLeader())
 		require.NoError(t, b.Stop(context.Background()), "Stop before Start does nothing")
 		stats := b.Stats()
-		require.Len(t, stats.Rejected, 10, "every reason is present")
+		require.Len(t, stats.Rejected, 11, "every reason is present")
 	})
 
 	t.Run("Validates", func(t *testing.T) {
@@ -369,7 +389,7 @@ func TestStartFailsFast(t *testing.T) {
 func TestLifecycle(t *testing.T) {
 	bundle := setup(t)
 	ctx := context.Background()
-	reply, grants := bundle.replyQueue(t)
+	_, grants := bundle.replyQueue(t)
 	runtime.GC()
 	before := runtime.NumGoroutine()
 
@@ -387,7 +407,7 @@ func TestLifecycle(t *testing.T) {
 		require.False(t, b.IsLeader())
 
 		// A status answered means every leader goroutine is up.
-		bundle.sendStatus(t, status("agent-lifecycle", uint64(round+1), reply), nil)
+		bundle.sendStatus(t, status("agent-lifecycle", uint64(round+1)), nil)
 		g := waitGrant(t, grants, nil, 10*time.Second)
 		require.Equal(t, uint64(round+1), g.Seq)
 

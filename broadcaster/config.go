@@ -120,6 +120,13 @@ type Config struct {
 	// Optional.
 	SigningKey ed25519.PrivateKey
 
+	// Insecure skips the principal check: any sender may enrol an agent
+	// (create its row, or take it over once its lease is over), with or
+	// without a user_id. A status still changes an enrolled row only with
+	// that row's token. 'phasecast broadcast --insecure' sets it, and
+	// refuses to run without a state key otherwise.
+	Insecure bool
+
 	// StatusMACKey, when set, makes the broadcaster reject every status
 	// without a valid HMAC (wire.MACHeader). Optional.
 	StatusMACKey []byte

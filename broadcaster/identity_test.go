@@ -7,6 +7,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/phasecast/phasecast/broadcaster"
+	"github.com/phasecast/phasecast/internal/testenv"
 )
 
 // TestNoGrantForASecondProcessUnderOneID: a status from a second live
@@ -17,24 +18,31 @@ func TestNoGrantForASecondProcessUnderOneID(t *testing.T) {
 	t.Parallel()
 	bundle := setup(t)
 	b := start(t, bundle.config(t))
-	holderQueue, holderGrants := bundle.replyQueue(t)
-	rivalQueue, rivalGrants := bundle.replyQueue(t)
+	// Both processes bind their queues under the one ID, so both see its
+	// grants: each grant names the incarnation it is for.
+	_, grants := bundle.replyQueue(t)
 
-	holder := status("nova-api-1", 10, holderQueue)
+	holder := status("nova-api-1", 10)
 	holder.Incarnation, holder.Host = "inc-holder", "host-a"
+	holder = testenv.Credentials(holder)
 	bundle.sendStatus(t, holder, nil)
-	require.Equal(t, uint64(10), waitGrant(t, holderGrants, nil, 10*time.Second).Seq)
+	g := waitGrant(t, grants, nil, 10*time.Second)
+	require.Equal(t, uint64(10), g.Seq)
+	require.Equal(t, "inc-holder", g.Incarnation)
 
 	// The rival's seq is far higher: it must not matter.
-	rival := status("nova-api-1", 1<<60, rivalQueue)
+	rival := status("nova-api-1", 1<<60)
 	rival.Incarnation, rival.Host = "inc-rival", "host-b"
+	rival = testenv.Credentials(rival)
 	bundle.sendStatus(t, rival, nil)
 	require.Eventually(t, func() bool { return b.Stats().Rejected[broadcaster.RejectIDConflict] == 1 }, 10*time.Second, 10*time.Millisecond)
-	requireNoDelivery(t, rivalGrants, 300*time.Millisecond)
+	requireNoDelivery(t, grants, 300*time.Millisecond)
 
 	holder.Seq = 11
 	bundle.sendStatus(t, holder, nil)
-	require.Equal(t, uint64(11), waitGrant(t, holderGrants, nil, 10*time.Second).Seq)
+	g = waitGrant(t, grants, nil, 10*time.Second)
+	require.Equal(t, uint64(11), g.Seq)
+	require.Equal(t, "inc-holder", g.Incarnation)
 
 	agents, err := bundle.store.Agents(t.Context())
 	require.NoError(t, err)

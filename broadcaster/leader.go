@@ -258,8 +258,8 @@ type leader struct {
 
 // outgoing is one message for the default exchange.
 type outgoing struct {
-	queue string
-	msg   amqp.Publishing
+	agentID string // the routing key on the grant exchange: the ID the store recorded
+	msg     amqp.Publishing
 }
 
 // grantBacklog is how many batches of grants may wait for the publishing

@@ -31,9 +31,9 @@ func TestOnRecorded(t *testing.T) {
 	}
 	require.Equal(t, 5*time.Millisecond/5, (&broadcaster.Config{}).WithDefaults().StatusBatchGap, "the gap defaults to StatusBatchWait/5")
 	start(t, cfg)
-	reply, grants := bundle.replyQueue(t)
+	_, grants := bundle.replyQueue(t)
 
-	st := status("agent-1", 7, reply)
+	st := status("agent-1", 7)
 	st.AppliedEpoch, st.DrainedEpoch = epoch, epoch
 	sent := time.Now()
 	bundle.sendStatus(t, st, nil)

@@ -190,6 +190,9 @@ func (l *leader) publishSession(ctx context.Context, conn *amqp.Connection) erro
 	}
 	defer grants.Close()
 	grantsClosed := grants.NotifyClose(make(chan *amqp.Error, 1))
+	if err := amqpx.DeclareGrantExchange(grants, l.b.cfg.ExchangePrefix); err != nil {
+		return fmt.Errorf("declare exchange %s: %w", amqpx.GrantExchange(l.b.cfg.ExchangePrefix), err)
+	}
 
 	backoff := retry.Reconnect()
 	poll := time.NewTicker(l.b.cfg.PollInterval)
@@ -331,10 +334,12 @@ func (l *leader) relay(ctx context.Context, ch *amqp.Channel, reason string) err
 	return nil
 }
 
-// sendGrants publishes a batch of grants to the agents' own queues.
+// sendGrants publishes a batch of grants on the grant exchange, each
+// routed by its agent's recorded ID to that agent's own queue.
 func (l *leader) sendGrants(ctx context.Context, ch *amqp.Channel, batch []outgoing) error {
+	exchange := amqpx.GrantExchange(l.b.cfg.ExchangePrefix)
 	for _, g := range batch {
-		if err := ch.PublishWithContext(ctx, "", g.queue, false, false, g.msg); err != nil {
+		if err := ch.PublishWithContext(ctx, exchange, g.agentID, false, false, g.msg); err != nil {
 			if ctx.Err() != nil {
 				return nil
 			}

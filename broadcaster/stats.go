@@ -10,8 +10,7 @@ import (
 const (
 	// RejectMalformed: not JSON, wrong types, or values that cannot be
 	// right or cannot be stored (no agent_id, drained ahead of applied, a
-	// pid or seq out of range, a NUL byte, a reply queue name over 255
-	// bytes).
+	// pid or seq out of range, a NUL byte, no incarnation or token).
 	RejectMalformed = wire.ReasonMalformed
 	// RejectVersion: a protocol version this build does not speak.
 	RejectVersion = wire.ReasonVersion
@@ -45,11 +44,18 @@ const (
 	// live lease. It is acked, earns no grant, and the store marks the ID
 	// conflicted (schema.Agent.Rivals) until one of the two stops.
 	RejectIDConflict = "id_conflict"
+	// RejectUnauthenticated: a status that changes nothing because it did
+	// not prove who sent it: not the token its agent's row is bound to, or
+	// a sender (its user_id) not allowed to enrol agents of its service
+	// ('phasecast agents allow'), or a seq more than 2^40 ahead of its
+	// row's. It is acked and earns no grant.
+	RejectUnauthenticated = "unauthenticated"
 )
 
 var rejectReasons = []string{
 	RejectMalformed, RejectVersion, RejectKind, RejectTooLarge,
 	RejectUnsigned, RejectBadSignature, RejectStaleSeq, RejectOtherStore, RejectExpired, RejectIDConflict,
+	RejectUnauthenticated,
 }
 
 // Stats is a snapshot of a broadcaster's counters since New. Counters of

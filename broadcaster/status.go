@@ -2,6 +2,7 @@ package broadcaster
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"time"
@@ -125,10 +126,22 @@ func (l *leader) collect(ctx context.Context, src deliverySource) ([]amqp.Delive
 	}
 }
 
-// pending is a valid status and the delivery that carried it.
+// pending is a valid status, the principal that sent it and the delivery
+// that carried it.
 type pending struct {
-	status   wire.Status
-	delivery amqp.Delivery
+	status    wire.Status
+	principal string
+	delivery  amqp.Delivery
+}
+
+// principalOf is who sent a delivery: the broker user in its user_id
+// property, which RabbitMQ refuses unless it is the publishing
+// connection's user; "" without one.
+func principalOf(d amqp.Delivery) string {
+	if d.UserId == "" {
+		return ""
+	}
+	return schema.PrincipalAMQP + ":" + d.UserId
 }
 
 // handleBatch rejects what cannot be a status, records the rest in one
@@ -148,7 +161,7 @@ func (l *leader) handleBatch(ctx context.Context, ch *amqp.Channel, batch []amqp
 			}
 			continue
 		}
-		valid = append(valid, pending{st, d})
+		valid = append(valid, pending{st, principalOf(d), d})
 	}
 	if len(valid) == 0 {
 		return nil
@@ -211,9 +224,9 @@ func newestByAgent(valid []pending) map[schema.StatusKey]wire.Status {
 // heartbeat: the ones the database refuses are rejected, left out of the
 // returned statuses, and acked with the batch.
 func (l *leader) record(ctx context.Context, valid []pending) (kept []pending, rec schema.Recorded, err error) {
-	statuses := make([]wire.Status, len(valid))
+	statuses := make([]schema.Sent, len(valid))
 	for i, p := range valid {
-		statuses[i] = p.status
+		statuses[i] = schema.Sent{Status: p.status, Principal: p.principal}
 	}
 	rec, err = l.recordStatuses(ctx, statuses)
 	if err == nil || !isDataError(err) {
@@ -229,6 +242,7 @@ func (l *leader) record(ctx context.Context, valid []pending) (kept []pending, r
 			rec.Epoch = max(rec.Epoch, one.Epoch)
 			rec.Kept = append(rec.Kept, one.Kept...)
 			rec.Conflicts = append(rec.Conflicts, one.Conflicts...)
+			rec.Refused = append(rec.Refused, one.Refused...)
 		case isDataError(err):
 			l.rejected(p.delivery, RejectMalformed, err)
 		default:
@@ -238,10 +252,10 @@ func (l *leader) record(ctx context.Context, valid []pending) (kept []pending, r
 	return kept, rec, nil
 }
 
-func (l *leader) recordStatuses(ctx context.Context, statuses []wire.Status) (schema.Recorded, error) {
+func (l *leader) recordStatuses(ctx context.Context, statuses []schema.Sent) (schema.Recorded, error) {
 	octx, cancel := context.WithTimeout(ctx, dbTimeout)
 	defer cancel()
-	rec, err := l.b.cfg.Store.RecordStatusBatch(octx, statuses, l.b.cfg.LeaseDuration)
+	rec, err := l.b.cfg.Store.RecordSent(octx, statuses, l.b.cfg.LeaseDuration, l.b.cfg.Insecure)
 	if err == nil {
 		l.b.stats.statusBatches.Add(1)
 		l.log.Debug().Int("statuses", len(statuses)).Int("recorded", len(rec.Kept)).Int("conflicts", len(rec.Conflicts)).
@@ -281,7 +295,16 @@ func (l *leader) grant(valid []pending, rec schema.Recorded) {
 				Msg("a second live process claims this agent ID: its status is not recorded and earns no grant")
 		}
 	}
-	if stale := len(newest) - len(rec.Kept) - len(rec.Conflicts); stale > 0 {
+	if n := len(rec.Refused); n > 0 {
+		l.b.stats.reject(RejectUnauthenticated, int64(n))
+		for _, r := range rec.Refused {
+			st := newest[r.StatusKey]
+			l.rejectLog.Warn().Str("agent_id", r.AgentID).Str("incarnation", r.Incarnation).Str("service", st.Service).
+				Str("host", st.Host).Int("pid", st.PID).Str("reason", r.Reason).
+				Msg("a status that does not prove who sent it changed nothing: not the token its agent's row is bound to, or a sender not allowed for its service ('phasecast agents allow'), or a seq too far ahead")
+		}
+	}
+	if stale := len(newest) - len(rec.Kept) - len(rec.Conflicts) - len(rec.Refused); stale > 0 {
 		l.b.stats.reject(RejectStaleSeq, int64(stale))
 		l.log.Debug().Int("stale", stale).Msg("statuses not newer than the recorded ones were acked without a grant")
 	}
@@ -297,16 +320,17 @@ func (l *leader) grant(valid []pending, rec schema.Recorded) {
 	grants := make([]outgoing, 0, len(rec.Kept))
 	for _, k := range rec.Kept {
 		st, ok := newest[k]
-		if !ok || st.Queue == "" || !wanted[k] {
+		if !ok || !wanted[k] {
 			continue
 		}
 		delete(newest, k) // one grant per agent, even if recorded twice
-		body, err := wire.EncodeGrant(wire.Grant{AgentID: k.AgentID, Seq: st.Seq, LeaseMS: l.b.cfg.LeaseDuration.Milliseconds(), Epoch: rec.Epoch})
+		body, err := wire.EncodeGrant(wire.Grant{AgentID: k.AgentID, Incarnation: k.Incarnation, Seq: st.Seq,
+			LeaseMS: l.b.cfg.LeaseDuration.Milliseconds(), Epoch: rec.Epoch})
 		if err != nil {
 			l.log.Error().Err(err).Str("agent_id", k.AgentID).Msg("encoding a grant failed")
 			continue
 		}
-		grants = append(grants, outgoing{queue: st.Queue, msg: l.b.message(wire.KindGrant, body)})
+		grants = append(grants, outgoing{agentID: k.AgentID, msg: l.b.message(wire.KindGrant, body)})
 	}
 	if len(grants) == 0 {
 		return
@@ -326,8 +350,22 @@ func (l *leader) rejected(d amqp.Delivery, reason string, err error) {
 	if len(excerpt) > maxBodyExcerpt {
 		excerpt = excerpt[:maxBodyExcerpt]
 	}
-	l.rejectLog.Warn().Err(err).
-		Str("reason", reason).
+	excerpt = wire.RedactToken(excerpt)
+	ev := l.rejectLog.Warn().Err(err)
+	if reason == RejectVersion {
+		// An agent of another version: say which, so the operator knows
+		// what to upgrade (README: upgrading).
+		var who struct{ AgentID, Service, Host string }
+		if json.Unmarshal(d.Body, &struct {
+			AgentID *string `json:"agent_id"`
+			Service *string `json:"service"`
+			Host    *string `json:"host"`
+		}{&who.AgentID, &who.Service, &who.Host}) == nil {
+			ev = ev.Str("agent_id", who.AgentID).Str("service", who.Service).Str("host", who.Host)
+		}
+		ev = ev.Str("hint", "this broadcaster takes status v2 (per-agent tokens) only: upgrade the agent")
+	}
+	ev.Str("reason", reason).
 		Int("size", len(d.Body)).
 		Str("body_excerpt", string(excerpt)).
 		Str("message_id", d.MessageId).

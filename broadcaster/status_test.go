@@ -31,13 +31,13 @@ func TestStatus(t *testing.T) {
 		cfg := bundle.config(t)
 		cfg.SigningKey, cfg.StatusMACKey = priv, macKey
 		b := start(t, cfg)
-		reply, grants := bundle.replyQueue(t)
+		_, grants := bundle.replyQueue(t)
 
-		st := status("agent-1", 1, reply)
+		st := status("agent-1", 1)
 		st.AppliedEpoch, st.DrainedEpoch = epoch, epoch
 		bundle.sendStatus(t, st, macKey)
 		g := waitGrant(t, grants, pub, 10*time.Second)
-		require.Equal(t, wire.Grant{V: wire.Version, Kind: wire.KindGrant, AgentID: "agent-1", Seq: 1, LeaseMS: 10_000, Epoch: epoch}, g)
+		require.Equal(t, wire.Grant{V: wire.Version, Kind: wire.KindGrant, AgentID: "agent-1", Incarnation: st.Incarnation, Seq: 1, LeaseMS: 10_000, Epoch: epoch}, g)
 
 		agents, err := bundle.store.Agents(ctx)
 		require.NoError(t, err)
@@ -77,24 +77,15 @@ func TestStatus(t *testing.T) {
 		cfg := bundle.config(t)
 		cfg.StatusBatchWait = 300 * time.Millisecond // one batch for both
 		b := start(t, cfg)
-		reply, grants := bundle.replyQueue(t)
-		bundle.sendStatus(t, status("agent-1", 5, reply), nil)
-		bundle.sendStatus(t, status("agent-1", 6, reply), nil)
+		_, grants := bundle.replyQueue(t)
+		bundle.sendStatus(t, status("agent-1", 5), nil)
+		bundle.sendStatus(t, status("agent-1", 6), nil)
 		require.Equal(t, uint64(6), waitGrant(t, grants, nil, 10*time.Second).Seq)
 		requireNoDelivery(t, grants, 300*time.Millisecond)
 		stats := b.Stats()
 		require.Equal(t, int64(1), stats.StatusesRecorded)
 		require.Equal(t, int64(1), stats.StatusBatches)
 		require.Zero(t, stats.Rejected[broadcaster.RejectStaleSeq])
-	})
-
-	t.Run("NoQueueNoGrant", func(t *testing.T) {
-		t.Parallel()
-		bundle := setup(t)
-		b := start(t, bundle.config(t))
-		bundle.sendStatus(t, status("agent-quiet", 1, ""), nil)
-		require.Eventually(t, func() bool { return b.Stats().StatusesRecorded == 1 }, 10*time.Second, 10*time.Millisecond)
-		require.Zero(t, b.Stats().GrantsSent)
 	})
 
 	t.Run("AcksOnAFreshLeaseAreNotGranted", func(t *testing.T) {
@@ -105,11 +96,11 @@ func TestStatus(t *testing.T) {
 		// Wide batches, so the heartbeat and the ack below share one.
 		cfg.StatusBatchWait, cfg.StatusBatchGap = 2*time.Second, time.Second
 		b := start(t, cfg)
-		reply, grants := bundle.replyQueue(t)
+		_, grants := bundle.replyQueue(t)
 
 		// Current and asking for no grant: recorded, lease renewed in the
 		// store, no grant.
-		st := status("agent-acked", 1, reply)
+		st := status("agent-acked", 1)
 		st.AppliedEpoch, st.DrainedEpoch, st.SkipGrant = epoch, epoch, true
 		bundle.sendStatus(t, st, nil)
 		require.Eventually(t, func() bool { return b.Stats().StatusesRecorded == 1 }, 10*time.Second, 10*time.Millisecond)
@@ -121,7 +112,7 @@ func TestStatus(t *testing.T) {
 		require.True(t, agents[0].Live())
 
 		// Behind the epoch: granted anyway, so the agent learns it.
-		behind := status("agent-behind", 1, reply)
+		behind := status("agent-behind", 1)
 		behind.SkipGrant = true
 		bundle.sendStatus(t, behind, nil)
 		g := waitGrant(t, grants, nil, 10*time.Second)
@@ -130,7 +121,7 @@ func TestStatus(t *testing.T) {
 
 		// A heartbeat then an ack in one batch: the newest seq is granted,
 		// because the heartbeat asked.
-		hb := status("agent-acked", 2, reply)
+		hb := status("agent-acked", 2)
 		hb.AppliedEpoch, hb.DrainedEpoch = epoch, epoch
 		ack := hb
 		ack.Seq, ack.SkipGrant = 3, true
@@ -146,16 +137,16 @@ func TestStatus(t *testing.T) {
 		t.Parallel()
 		bundle := setup(t)
 		b := start(t, bundle.config(t))
-		reply, grants := bundle.replyQueue(t)
+		_, grants := bundle.replyQueue(t)
 		// Wait for the consumer, so the statuses meet a running batcher
 		// rather than a queue that filled up before it started.
-		bundle.sendStatus(t, status("agent-warmup", 1, reply), nil)
+		bundle.sendStatus(t, status("agent-warmup", 1), nil)
 		waitGrant(t, grants, nil, 10*time.Second)
 		batchesBefore := b.Stats().StatusBatches
 
 		const n = 300
 		for i := range n {
-			bundle.sendStatus(t, status(fmt.Sprintf("agent-%03d", i), 1, reply), nil)
+			bundle.sendStatus(t, status(fmt.Sprintf("agent-%03d", i), 1), nil)
 		}
 		for range n {
 			waitGrant(t, grants, nil, 10*time.Second)
@@ -178,7 +169,7 @@ func TestStatus(t *testing.T) {
 		cfg := bundle.config(t)
 		cfg.StatusMACKey = macKey
 		b := start(t, cfg)
-		reply, grants := bundle.replyQueue(t)
+		_, grants := bundle.replyQueue(t)
 
 		encode := func(st wire.Status) []byte {
 			st.StoreID = bundle.storeID(t)
@@ -187,12 +178,12 @@ func TestStatus(t *testing.T) {
 			return body
 		}
 		signed := func(body []byte) amqp.Table { return amqp.Table{wire.MACHeader: wire.MAC(macKey, body)} }
-		good := encode(status("agent-bad", 1, reply))
-		withPID := status("agent-bad", 1, reply)
+		good := encode(status("agent-bad", 1))
+		withPID := status("agent-bad", 1)
 		withPID.PID = 1 << 40
-		withNUL := status("agent-bad", 1, reply)
+		withNUL := status("agent-bad", 1)
 		withNUL.Service = "nova\x00api"
-		huge := status("agent-bad", 1, reply)
+		huge := status("agent-bad", 1)
 		huge.Version = strings.Repeat("x", wire.MaxMessageSize)
 		cases := []struct {
 			name    string
@@ -201,11 +192,12 @@ func TestStatus(t *testing.T) {
 			reason  string
 		}{
 			{"not JSON", []byte("{not json"), nil, broadcaster.RejectMalformed},
-			{"wrong type", []byte(`{"v":1,"kind":"status","agent_id":"a","seq":"one"}`), nil, broadcaster.RejectMalformed},
-			{"no agent id", []byte(`{"v":1,"kind":"status","seq":1}`), nil, broadcaster.RejectMalformed},
+			{"wrong type", []byte(`{"v":2,"kind":"status","agent_id":"a","seq":"one"}`), nil, broadcaster.RejectMalformed},
+			{"no agent id", []byte(`{"v":2,"kind":"status","seq":1}`), nil, broadcaster.RejectMalformed},
 			{"pid out of range", encode(withPID), nil, broadcaster.RejectMalformed},
 			{"NUL byte", encode(withNUL), nil, broadcaster.RejectMalformed},
-			{"newer version", []byte(`{"v":2,"kind":"status","agent_id":"a"}`), nil, broadcaster.RejectVersion},
+			{"newer version", []byte(`{"v":3,"kind":"status","agent_id":"a"}`), nil, broadcaster.RejectVersion},
+			{"a status of v1, without a token", []byte(`{"v":1,"kind":"status","agent_id":"old-1","service":"nova","host":"h1"}`), nil, broadcaster.RejectVersion},
 			{"a state", []byte(`{"v":1,"kind":"state","epoch":99,"releases":[]}`), nil, broadcaster.RejectKind},
 			{"too large", encode(huge), nil, broadcaster.RejectTooLarge},
 			{"no MAC", good, amqp.Table{}, broadcaster.RejectUnsigned},
@@ -224,7 +216,7 @@ func TestStatus(t *testing.T) {
 		}
 		// A good status after the bad ones: once it is granted, every bad
 		// one before it has been dealt with.
-		fence := encode(status("agent-good", 1, reply))
+		fence := encode(status("agent-good", 1))
 		bundle.sendRaw(t, fence, signed(fence))
 		g := waitGrant(t, grants, nil, 10*time.Second)
 		require.Equal(t, "agent-good", g.AgentID)
@@ -260,12 +252,12 @@ func TestStatus(t *testing.T) {
 		cfg := bundle.config(t)
 		cfg.StatusBatchWait = 300 * time.Millisecond // one batch for all three
 		b := start(t, cfg)
-		reply, grants := bundle.replyQueue(t)
-		poison := status("agent-poison", 1, reply)
+		_, grants := bundle.replyQueue(t)
+		poison := status("agent-poison", 1)
 		poison.Service = "poison"
-		bundle.sendStatus(t, status("agent-a", 1, reply), nil)
+		bundle.sendStatus(t, status("agent-a", 1), nil)
 		bundle.sendStatus(t, poison, nil)
-		bundle.sendStatus(t, status("agent-b", 1, reply), nil)
+		bundle.sendStatus(t, status("agent-b", 1), nil)
 		got := map[string]bool{}
 		for range 2 {
 			got[waitGrant(t, grants, nil, 10*time.Second).AgentID] = true
@@ -279,15 +271,15 @@ func TestStatus(t *testing.T) {
 		t.Parallel()
 		bundle := setup(t)
 		b := start(t, bundle.config(t))
-		reply, grants := bundle.replyQueue(t)
-		bundle.sendStatus(t, status("agent-warmup", 1, reply), nil)
+		_, grants := bundle.replyQueue(t)
+		bundle.sendStatus(t, status("agent-warmup", 1), nil)
 		waitGrant(t, grants, nil, 10*time.Second)
 
 		// Writes fail while the table is away; the status must survive in
 		// the queue and be recorded once it is back.
 		_, err := bundle.store.DB().Exec(`ALTER TABLE ` + quoted(bundle) + `.agents RENAME TO agents_away`)
 		require.NoError(t, err)
-		bundle.sendStatus(t, status("agent-patient", 1, reply), nil)
+		bundle.sendStatus(t, status("agent-patient", 1), nil)
 		time.Sleep(700 * time.Millisecond)
 		require.Equal(t, int64(1), b.Stats().StatusesRecorded)
 		_, err = bundle.store.DB().Exec(`ALTER TABLE ` + quoted(bundle) + `.agents_away RENAME TO agents`)

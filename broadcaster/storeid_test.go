@@ -8,12 +8,12 @@ import (
 	"testing"
 	"time"
 
-	amqp "github.com/rabbitmq/amqp091-go"
 	"github.com/stretchr/testify/require"
 
 	"github.com/phasecast/phasecast/broadcaster"
 	"github.com/phasecast/phasecast/internal/amqpx"
 	"github.com/phasecast/phasecast/internal/pgadmin"
+	"github.com/phasecast/phasecast/internal/testenv"
 	"github.com/phasecast/phasecast/internal/wire"
 )
 
@@ -23,7 +23,8 @@ import (
 func rawStatus(t *testing.T, id string, fields map[string]any) []byte {
 	t.Helper()
 	m := map[string]any{
-		"v": 1, "kind": "status", "agent_id": id, "service": "nova-api", "host": "host-1", "pid": 4242,
+		"v": wire.StatusVersion, "kind": "status", "agent_id": id, "incarnation": "test-" + id,
+		"token": testenv.Credentials(wire.Status{AgentID: id}).Token, "service": "nova-api", "host": "host-1", "pid": 4242,
 		"version": "1.0", "releases": []string{"L"}, "seq": time.Now().UnixNano(),
 		"applied_epoch": 0, "drained_epoch": 0, "inflight": 0, "sent_at": time.Now().UTC(),
 	}
@@ -47,8 +48,7 @@ func (tb *testBundle) publishConfirmed(t *testing.T, bodies ...[]byte) {
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	for _, body := range bodies {
-		dc, err := ch.PublishWithDeferredConfirmWithContext(ctx, "", amqpx.StatusQueue(tb.prefix), false, false,
-			amqp.Publishing{ContentType: "application/json", Body: body})
+		dc, err := ch.PublishWithDeferredConfirmWithContext(ctx, "", amqpx.StatusQueue(tb.prefix), false, false, tb.publishing(t, body, nil))
 		require.NoError(t, err)
 		ok, err := dc.WaitContext(ctx)
 		require.NoError(t, err)
@@ -96,10 +96,10 @@ func TestStatusesFromAnotherStoreOrRunAreNotApplied(t *testing.T) {
 	cfg := bundle.config(t)
 	cfg.LeaseDuration = 5 * time.Second // the TTL of (b)
 	b := start(t, cfg)
-	reply, grants := bundle.replyQueue(t)
+	_, grants := bundle.replyQueue(t)
 	// The sentinel comes after them in the queue: once it is recorded,
 	// they have all been handled.
-	bundle.publishConfirmed(t, rawStatus(t, "sentinel", map[string]any{"store_id": storeID, "queue": reply}))
+	bundle.publishConfirmed(t, rawStatus(t, "sentinel", map[string]any{"store_id": storeID}))
 	require.Eventually(t, func() bool { return slices.Contains(bundle.agentIDs(t), "sentinel") }, 10*time.Second, 10*time.Millisecond)
 	require.Equal(t, []string{"sentinel"}, bundle.agentIDs(t), "statuses of another store or run were recorded")
 	require.EqualValues(t, 4, b.Stats().Rejected[broadcaster.RejectOtherStore], "each drop is counted")
@@ -108,14 +108,14 @@ func TestStatusesFromAnotherStoreOrRunAreNotApplied(t *testing.T) {
 	// (b) Of this store, but sent longer ago than a lease: it asks for a
 	// lease that would already have run out.
 	stale := time.Now().Add(-2 * cfg.LeaseDuration).UTC()
-	bundle.publishConfirmed(t, rawStatus(t, "expired", map[string]any{"store_id": storeID, "sent_at": stale, "queue": reply}))
+	bundle.publishConfirmed(t, rawStatus(t, "expired", map[string]any{"store_id": storeID, "sent_at": stale}))
 	require.Eventually(t, func() bool { return b.Stats().Rejected[broadcaster.RejectExpired] == 1 }, 10*time.Second, 10*time.Millisecond)
 	require.Equal(t, []string{"sentinel"}, bundle.agentIDs(t), "an expired status was recorded")
 	requireNoDelivery(t, grants, 200*time.Millisecond)
 
 	// (c) The normal path: current statuses of this store are recorded
 	// and granted.
-	bundle.publishConfirmed(t, rawStatus(t, "current", map[string]any{"store_id": storeID, "queue": reply}))
+	bundle.publishConfirmed(t, rawStatus(t, "current", map[string]any{"store_id": storeID}))
 	require.Equal(t, "current", waitGrant(t, grants, nil, 10*time.Second).AgentID)
 	require.Equal(t, []string{"current", "sentinel"}, bundle.agentIDs(t))
 	stats := b.Stats()
@@ -142,14 +142,15 @@ func TestStoreMigratedAgainUnderARunningBroadcaster(t *testing.T) {
 	}, 10*time.Second, 50*time.Millisecond)
 	_, err := bundle.store.Migrate(context.Background())
 	require.NoError(t, err)
+	testenv.AllowTestPrincipals(t, bundle.store)
 	renewed := bundle.storeID(t)
 	require.NotEqual(t, old, renewed)
 	waitState(t, states, nil, 10*time.Second, func(st wire.State) bool { return st.StoreID == renewed })
 
-	reply, grants := bundle.replyQueue(t)
+	_, grants := bundle.replyQueue(t)
 	bundle.publishConfirmed(t,
-		rawStatus(t, "of-the-old-store", map[string]any{"store_id": old, "queue": reply}),
-		rawStatus(t, "of-the-new-store", map[string]any{"store_id": renewed, "queue": reply}))
+		rawStatus(t, "of-the-old-store", map[string]any{"store_id": old}),
+		rawStatus(t, "of-the-new-store", map[string]any{"store_id": renewed}))
 	require.Equal(t, "of-the-new-store", waitGrant(t, grants, nil, 10*time.Second).AgentID)
 	require.Equal(t, []string{"of-the-new-store"}, bundle.agentIDs(t))
 	require.EqualValues(t, 1, b.Stats().Rejected[broadcaster.RejectOtherStore])

@@ -96,22 +96,23 @@ func requireClosedWith(t *testing.T, conn *amqp.Connection, code int, op func(ch
 	t.Log(amqpErr.Reason)
 }
 
-func encodeStatus(t *testing.T, agentID, queue string) []byte {
+func encodeStatus(t *testing.T, agentID string) []byte {
 	t.Helper()
-	body, err := wire.EncodeStatus(wire.Status{AgentID: agentID, Service: "billing", Queue: queue, SentAt: time.Now()})
+	body, err := wire.EncodeStatus(testenv.Credentials(wire.Status{AgentID: agentID, Service: "billing", SentAt: time.Now()}))
 	require.NoError(t, err)
 	return body
 }
 
 func TestPermissions(t *testing.T) {
 	e := testenv.NewLeastPrivilege(t, permissionsDoc)
-	stateExchange, statusQueue := amqpx.StateExchange(e.Prefix), amqpx.StatusQueue(e.Prefix)
+	stateExchange, statusQueue, grantExchange := amqpx.StateExchange(e.Prefix), amqpx.StatusQueue(e.Prefix), amqpx.GrantExchange(e.Prefix)
 
 	// The broadcaster creates the topology, as it does at start.
 	bconn := dialAs(t, e, e.Broadcaster)
 	bch := channel(t, bconn)
 	require.NoError(t, amqpx.DeclareStateExchange(bch, e.Prefix))
 	require.NoError(t, amqpx.DeclareStatusQueue(bconn, e.Prefix))
+	require.NoError(t, amqpx.DeclareGrantExchange(bch, e.Prefix))
 	statuses, err := bch.Consume(statusQueue, "", true, false, false, false, nil)
 	require.NoError(t, err)
 
@@ -125,7 +126,17 @@ func TestPermissions(t *testing.T) {
 	require.NoError(t, err)
 	require.True(t, strings.HasPrefix(q.Name, "amq.gen-"), q.Name)
 	require.NoError(t, ach.QueueBind(q.Name, "", stateExchange, false, nil))
+	require.NoError(t, ach.ExchangeDeclarePassive(grantExchange, amqp.ExchangeDirect, true, false, false, false, nil))
+	require.NoError(t, ach.QueueBind(q.Name, "a1", grantExchange, false, nil), "an agent binds its queue under its ID")
 	inbox, err := ach.Consume(q.Name, "", true, true, false, false, nil)
+	require.NoError(t, err)
+	// Another agent, with the same user, and its own queue.
+	oconn := dialAs(t, e, e.Agent)
+	och := channel(t, oconn)
+	oq, err := och.QueueDeclare("", false, true, true, false, nil)
+	require.NoError(t, err)
+	require.NoError(t, och.QueueBind(oq.Name, "a2", grantExchange, false, nil))
+	otherInbox, err := och.Consume(oq.Name, "", true, true, false, false, nil)
 	require.NoError(t, err)
 
 	t.Run("broadcaster publishes states and grants", func(t *testing.T) {
@@ -138,14 +149,27 @@ func TestPermissions(t *testing.T) {
 
 		grant, err := wire.EncodeGrant(wire.Grant{AgentID: "a1", Seq: 1, LeaseMS: 1000, Epoch: 7})
 		require.NoError(t, err)
-		publishConfirmed(t, bconn, "", q.Name, amqp.Publishing{Body: grant})
+		publishConfirmed(t, bconn, grantExchange, "a1", amqp.Publishing{Body: grant})
 		d = receive(t, inbox)
-		require.Equal(t, "", d.Exchange)
+		require.Equal(t, grantExchange, d.Exchange)
 		require.Equal(t, grant, d.Body)
+		select {
+		case d := <-otherInbox:
+			t.Fatalf("a grant for a1 reached another agent's queue: %s", d.Body)
+		case <-time.After(200 * time.Millisecond):
+		}
+	})
+
+	t.Run("broadcaster cannot publish into a queue by name", func(t *testing.T) {
+		// No write on amq.default: whatever a status says, a grant cannot
+		// be reflected into another application's queue.
+		requireClosedWith(t, bconn, amqp.AccessRefused, func(ch *amqp.Channel) error {
+			return ch.PublishWithContext(context.Background(), "", q.Name, false, false, amqp.Publishing{Body: []byte("{}")})
+		})
 	})
 
 	t.Run("agent publishes statuses with its validated user_id", func(t *testing.T) {
-		body := encodeStatus(t, "a1", q.Name)
+		body := encodeStatus(t, "a1")
 		publishConfirmed(t, aconn, "", statusQueue, amqp.Publishing{Body: body, UserId: e.Agent})
 		d := receive(t, statuses)
 		require.Equal(t, body, d.Body)
@@ -155,7 +179,7 @@ func TestPermissions(t *testing.T) {
 	t.Run("broker refuses a user_id that is not the agent's", func(t *testing.T) {
 		requireClosedWith(t, aconn, amqp.PreconditionFailed, func(ch *amqp.Channel) error {
 			return ch.PublishWithContext(context.Background(), "", statusQueue, false, false,
-				amqp.Publishing{Body: encodeStatus(t, "a1", q.Name), UserId: e.Broadcaster})
+				amqp.Publishing{Body: encodeStatus(t, "a1"), UserId: e.Broadcaster})
 		})
 	})
 
@@ -177,6 +201,11 @@ func TestPermissions(t *testing.T) {
 				require.NoError(t, err)
 				require.False(t, acked, "the broker confirmed a state published by an agent")
 				return nil
+			}},
+			{"publish a grant", amqp.AccessRefused, func(ch *amqp.Channel) error {
+				grant, err := wire.EncodeGrant(wire.Grant{AgentID: "a2", Seq: 1, LeaseMS: 1 << 30, Epoch: 7})
+				require.NoError(t, err)
+				return ch.PublishWithContext(context.Background(), grantExchange, "a2", false, false, amqp.Publishing{Body: grant})
 			}},
 			{"declare the state exchange", amqp.AccessRefused, func(ch *amqp.Channel) error {
 				return amqpx.DeclareStateExchange(ch, e.Prefix)
@@ -204,6 +233,9 @@ func TestPermissions(t *testing.T) {
 				_, err := ch.QueueDeclare("amq.gen-mine", false, true, true, false, nil)
 				return err
 			}},
+			{"declare the grant exchange", amqp.AccessRefused, func(ch *amqp.Channel) error {
+				return amqpx.DeclareGrantExchange(ch, e.Prefix)
+			}},
 			{"bind to another exchange", amqp.AccessRefused, func(ch *amqp.Channel) error {
 				return ch.QueueBind(q.Name, "#", "amq.topic", false, nil)
 			}},
@@ -216,6 +248,10 @@ func TestPermissions(t *testing.T) {
 		other := dialAs(t, e, e.Agent)
 		requireClosedWith(t, other, amqp.ResourceLocked, func(ch *amqp.Channel) error {
 			_, err := ch.Consume(q.Name, "", true, false, false, false, nil)
+			return err
+		})
+		requireClosedWith(t, other, amqp.ResourceLocked, func(ch *amqp.Channel) error {
+			_, err := ch.QueuePurge(q.Name, false)
 			return err
 		})
 	})

@@ -10,6 +10,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/phasecast/phasecast/internal/phase"
+	"github.com/phasecast/phasecast/internal/testenv"
 	"github.com/phasecast/phasecast/internal/wire"
 	"github.com/phasecast/phasecast/schema"
 )
@@ -43,9 +44,9 @@ func TestSlowPreconditionDoesNotBlockStatusWrites(t *testing.T) {
 	b.agent(agentSpec{id: "b", drained: epoch, releases: []string{"L"}})
 
 	status := func(id string) wire.Status {
-		return wire.Status{V: wire.Version, Kind: wire.KindStatus, AgentID: id, Service: "svc-" + id, Host: "host-" + id,
+		return testenv.Credentials(wire.Status{V: wire.StatusVersion, Kind: wire.KindStatus, AgentID: id, Service: "svc-" + id, Host: "host-" + id,
 			PID: 4242, Version: "v1", Releases: []string{"L"}, Seq: b.seq.Add(1), AppliedEpoch: epoch,
-			DrainedEpoch: epoch, SentAt: time.Now()}
+			DrainedEpoch: epoch, SentAt: time.Now()})
 	}
 	// Agent a's statuses go the broadcaster's way, agent b's through the
 	// store, each in a loop of its own, so that neither waits for the

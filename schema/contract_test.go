@@ -111,9 +111,9 @@ func (b *contractBundle) agent(a agentSpec) {
 	if a.lease == 0 {
 		a.lease = time.Minute
 	}
-	st := wire.Status{V: wire.Version, Kind: wire.KindStatus, AgentID: a.id, Service: "svc-" + a.id, Host: "host-" + a.id,
+	st := testenv.Credentials(wire.Status{V: wire.StatusVersion, Kind: wire.KindStatus, AgentID: a.id, Service: "svc-" + a.id, Host: "host-" + a.id,
 		PID: 4242, Version: "v1.2.3", Releases: a.releases, Seq: b.seq.Add(1), AppliedEpoch: a.drained,
-		DrainedEpoch: a.drained, AppName: a.appName, SentAt: time.Now()}
+		DrainedEpoch: a.drained, AppName: a.appName, SentAt: time.Now()})
 	_, recorded, err := b.store.RecordStatuses(b.ctx, []wire.Status{st}, a.lease)
 	require.NoError(b.t, err)
 	require.Equal(b.t, []string{a.id}, recorded)

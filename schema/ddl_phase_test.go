@@ -16,6 +16,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/phasecast/phasecast/internal/phase"
+	"github.com/phasecast/phasecast/internal/testenv"
 	"github.com/phasecast/phasecast/internal/wire"
 	"github.com/phasecast/phasecast/schema"
 )
@@ -183,8 +184,8 @@ func TestContractDDLDeadlineAndLateOldCode(t *testing.T) {
 	logs := &syncBuffer{onWrite: func(line string) {
 		if strings.Contains(line, "retrying") {
 			once.Do(func() {
-				st := wire.Status{V: wire.Version, Kind: wire.KindStatus, AgentID: "old", Service: "svc-old", Host: "host-old",
-					PID: 4343, Version: "v0.9", Releases: []string{"K"}, Seq: 1, SentAt: time.Now()}
+				st := testenv.Credentials(wire.Status{V: wire.StatusVersion, Kind: wire.KindStatus, AgentID: "old", Service: "svc-old", Host: "host-old",
+					PID: 4343, Version: "v0.9", Releases: []string{"K"}, Seq: 1, SentAt: time.Now()})
 				_, _, err := b.store.RecordStatuses(context.Background(), []wire.Status{st}, time.Minute)
 				registered <- err
 			})

@@ -1,17 +1,11 @@
 package schema
 
 import (
-	"context"
-	"database/sql"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"strings"
 	"time"
-
-	"github.com/jmoiron/sqlx"
-
-	"github.com/phasecast/phasecast/internal/wire"
 )
 
 // StatusKey names one agent process's status: the agent's ID and the
@@ -37,9 +31,19 @@ type StatusIgnoredError struct {
 	HolderHost        string
 	HolderPID         int
 	HolderSeq         int64
+	// Refused is why the status changed nothing when it did not prove who
+	// sent it: a Refusal reason (RefusedUnauthenticated, RefusedSeqBound).
+	Refused string
 }
 
 func (e *StatusIgnoredError) Error() string {
+	switch e.Refused {
+	case RefusedUnauthenticated:
+		return fmt.Sprintf("%s: status seq %d of agent %q: refused as unauthenticated: its token is not the one the agent's row is bound to, or this database role is not allowed to enrol agents of its service ('phasecast agents allow')",
+			ErrStatusIgnored, e.Seq, e.AgentID)
+	case RefusedSeqBound:
+		return fmt.Sprintf("%s: status seq %d of agent %q: refused: the seq is more than 2^40 ahead of the agent's row", ErrStatusIgnored, e.Seq, e.AgentID)
+	}
 	if e.Conflict {
 		return fmt.Sprintf("%s: status seq %d of agent %q: the ID is held by another live process (host %s, pid %d, incarnation %q) until its lease ends; give each process its own ID",
 			ErrStatusIgnored, e.Seq, e.AgentID, e.HolderHost, e.HolderPID, e.HolderIncarnation)
@@ -52,20 +56,6 @@ func (e *StatusIgnoredError) Error() string {
 }
 
 func (e *StatusIgnoredError) Unwrap() error { return ErrStatusIgnored }
-
-// whyIgnored reads the row that made the store ignore st. conflict says
-// the statement recorded st as a rival.
-func (s *Store) whyIgnored(ctx context.Context, tx *sqlx.Tx, st wire.Status, conflict bool) (*StatusIgnoredError, error) {
-	e := &StatusIgnoredError{AgentID: st.AgentID, Incarnation: st.Incarnation, Seq: st.Seq, Conflict: conflict}
-	var live bool
-	err := tx.QueryRowContext(ctx, s.sql(`SELECT incarnation, host, pid, seq, lease_expires_at > now() FROM @schema.agents WHERE id = $1`), st.AgentID).
-		Scan(&e.HolderIncarnation, &e.HolderHost, &e.HolderPID, &e.HolderSeq, &live)
-	if err != nil && !errors.Is(err, sql.ErrNoRows) {
-		return nil, err
-	}
-	e.Conflict = conflict || live && e.HolderIncarnation != st.Incarnation
-	return e, nil
-}
 
 // Rival is another live process that claims an agent's ID: its statuses
 // are refused while the row's holder has a live lease.

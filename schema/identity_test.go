@@ -44,7 +44,7 @@ func TestStoreIdentity(t *testing.T) {
 		require.NoError(t, err)
 		require.Equal(t, id, st.StoreID)
 		requireSealed(t, store) // the digest, which leaves the id out, still matches
-		synced, err := store.SyncAgent(ctx, wire.Status{AgentID: "a-1", Seq: 1, StoreID: id, SentAt: time.Now()}, time.Second)
+		synced, err := store.SyncAgent(ctx, testenv.Credentials(wire.Status{AgentID: "a-1", Service: "s", Seq: 1, StoreID: id, SentAt: time.Now()}), time.Second)
 		require.NoError(t, err)
 		require.Equal(t, id, synced.StoreID)
 		require.Equal(t, st.Digest(), synced.Digest())

@@ -14,7 +14,7 @@ import (
 
 // leaseStatus is a status of agent id with seq.
 func leaseStatus(id string, seq uint64) wire.Status {
-	return wire.Status{V: wire.Version, Kind: wire.KindStatus, AgentID: id, Service: "svc", Host: "h", PID: 1, Seq: seq, SentAt: time.Now()}
+	return testenv.Credentials(wire.Status{V: wire.StatusVersion, Kind: wire.KindStatus, AgentID: id, Service: "svc", Host: "h", PID: 1, Seq: seq, SentAt: time.Now()})
 }
 
 func leaseExpiry(t *testing.T, store *schema.Store, id string) time.Time {
@@ -73,7 +73,7 @@ func TestShorterLeaseNeverMovesExpiryEarlier(t *testing.T) {
 func incarnationStatus(id, incarnation, host string, seq uint64, drained int64) wire.Status {
 	st := leaseStatus(id, seq)
 	st.Incarnation, st.Host, st.Releases, st.AppliedEpoch, st.DrainedEpoch = incarnation, host, []string{"L"}, drained, drained
-	return st
+	return testenv.Credentials(st)
 }
 
 func agentByID(t *testing.T, store *schema.Store, id string) schema.Agent {

@@ -35,7 +35,7 @@ func TestStateOneStatement(t *testing.T) {
 	}
 	st, err = store.State(ctx)
 	require.NoError(t, err)
-	synced, err := store.SyncAgent(ctx, wire.Status{V: wire.Version, Kind: wire.KindStatus, AgentID: "a", Service: "s", Seq: 1}, time.Second)
+	synced, err := store.SyncAgent(ctx, testenv.Credentials(wire.Status{V: wire.StatusVersion, Kind: wire.KindStatus, AgentID: "a", Service: "s", Seq: 1}), time.Second)
 	require.NoError(t, err)
 	require.Equal(t, synced, st)
 	require.Equal(t, []wire.Release{

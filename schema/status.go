@@ -29,6 +29,10 @@ type Agent struct {
 	// Incarnation is the process whose statuses the row holds (empty for
 	// agents that predate incarnations).
 	Incarnation string `db:"incarnation" json:"incarnation,omitempty"`
+	// VouchedBy is the principal that enrolled the row ("amqp:<user>",
+	// "db:<role>"; empty when no principal was checked: a broadcaster run
+	// with --insecure, or a row older than migration 008).
+	VouchedBy string `db:"vouched_by" json:"vouched_by"`
 	// Rivals are other live processes claiming the same ID (Conflicted).
 	Rivals Rivals `db:"rivals" json:"rivals,omitempty"`
 }
@@ -71,7 +75,7 @@ func (s *Store) CountAcked(ctx context.Context, release string, epoch int64, idP
 
 const agentColumns = `id, service, host, pid, version, releases, app_name, seq, applied_epoch, drained_epoch,
 	inflight, last_seen, lease_expires_at,
-	(extract(epoch FROM lease_expires_at - now()) * 1000)::bigint AS lease_remaining_ms, incarnation, ` + rivalsColumn
+	(extract(epoch FROM lease_expires_at - now()) * 1000)::bigint AS lease_remaining_ms, incarnation, vouched_by, ` + rivalsColumn
 
 // LiveAgents returns the agents whose lease has not expired on the database
 // clock, ordered by service and id.

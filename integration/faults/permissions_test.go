@@ -14,6 +14,7 @@ import (
 	"github.com/phasecast/phasecast/internal/amqpx"
 	"github.com/phasecast/phasecast/internal/phase"
 	"github.com/phasecast/phasecast/internal/testenv"
+	"github.com/phasecast/phasecast/schema"
 )
 
 // TestLeastPrivilege: a broadcaster and agents run end to end with the
@@ -26,6 +27,9 @@ func TestLeastPrivilege(t *testing.T) {
 	e := setup(t)
 	lp := testenv.NewLeastPrivilege(t, "../../docs/rabbitmq-permissions.md")
 	e.usePrefix(lp.Prefix)
+	// The agents' broker user vouches for them, as 'phasecast agents allow
+	// SERVICE --amqp-user' lets it.
+	require.NoError(t, e.store.AllowPrincipal(e.ctx, schema.AnyService, schema.PrincipalAMQP, lp.Agent, "test"))
 	agentURL := lp.URL(t, lp.Agent)
 	e.startBroadcaster(func(c *broadcaster.Config) { c.AMQPURL = lp.URL(t, lp.Broadcaster) })
 	var cfgs []agent.Config

@@ -19,6 +19,30 @@ import (
 // StateExchange is the fanout exchange that carries state to every agent.
 func StateExchange(prefix string) string { return prefix + ".state" }
 
+// GrantExchange is the direct exchange that carries grants: each agent
+// binds its own queue with its agent ID as the routing key, and the
+// broadcaster publishes a grant with the ID the store recorded as the key,
+// so a grant reaches the agent it is for and no other queue, whatever a
+// status says.
+func GrantExchange(prefix string) string { return prefix + ".grant" }
+
+// DeclareGrantExchange declares the durable direct grant exchange.
+func DeclareGrantExchange(ch *amqp.Channel, prefix string) error {
+	return ch.ExchangeDeclare(GrantExchange(prefix), amqp.ExchangeDirect, true, false, false, false, nil)
+}
+
+// URLUser is the user an AMQP URL logs in as ("guest" when it names
+// none), or "" when it does not parse. RabbitMQ checks a message's user_id
+// property against the connection's user, so an agent that sets user_id to
+// it proves which broker user sent its statuses.
+func URLUser(url string) string {
+	u, err := amqp.ParseURI(url)
+	if err != nil {
+		return ""
+	}
+	return u.Username
+}
+
 // StatusQueue is the durable queue that carries agent status to the
 // broadcaster.
 func StatusQueue(prefix string) string { return prefix + ".status" }
@@ -34,11 +58,21 @@ func DeclareStateExchange(ch *amqp.Channel, prefix string) error {
 // broadcaster has declared it. Each attempt uses a scratch channel, since a
 // refusal closes the channel it happens on.
 func EnsureStateExchange(conn *amqp.Connection, prefix string) error {
+	return ensureExchange(conn, StateExchange(prefix), amqp.ExchangeFanout)
+}
+
+// EnsureGrantExchange makes sure the grant exchange exists, for an agent,
+// as EnsureStateExchange does the state exchange.
+func EnsureGrantExchange(conn *amqp.Connection, prefix string) error {
+	return ensureExchange(conn, GrantExchange(prefix), amqp.ExchangeDirect)
+}
+
+func ensureExchange(conn *amqp.Connection, name, kind string) error {
 	ch, err := conn.Channel()
 	if err != nil {
 		return err
 	}
-	err = DeclareStateExchange(ch, prefix)
+	err = ch.ExchangeDeclare(name, kind, true, false, false, false, nil)
 	if err == nil {
 		return ch.Close()
 	}
@@ -50,7 +84,7 @@ func EnsureStateExchange(conn *amqp.Connection, prefix string) error {
 		return err
 	}
 	defer ch.Close()
-	return ch.ExchangeDeclarePassive(StateExchange(prefix), amqp.ExchangeFanout, true, false, false, false, nil)
+	return ch.ExchangeDeclarePassive(name, kind, true, false, false, false, nil)
 }
 
 // DeleteTopology deletes the status queue and the state exchange of
@@ -60,7 +94,7 @@ func DeleteTopology(ch *amqp.Channel, prefix string, queues, exchanges []string)
 	for _, q := range append([]string{StatusQueue(prefix)}, queues...) {
 		_, _ = ch.QueueDelete(q, false, false, false)
 	}
-	for _, x := range append([]string{StateExchange(prefix)}, exchanges...) {
+	for _, x := range append([]string{StateExchange(prefix), GrantExchange(prefix)}, exchanges...) {
 		_ = ch.ExchangeDelete(x, false, false)
 	}
 }

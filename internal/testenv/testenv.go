@@ -3,6 +3,7 @@ package testenv
 import (
 	"context"
 	"crypto/rand"
+	"crypto/sha256"
 	"encoding/hex"
 	"os"
 	"testing"
@@ -60,7 +61,34 @@ func Store(t testing.TB) *schema.Store {
 	_, err = store.Migrate(ctx)
 	require.NoError(t, err)
 	t.Cleanup(func() { DropSchema(t, db, name) })
+	AllowTestPrincipals(t, store)
 	return store
+}
+
+// AllowTestPrincipals lets the tests' own database role and broker user
+// (the ones DatabaseURL and AMQPURL name) enrol agents of every service,
+// as an operator's 'phasecast agents allow' would: the tests run with
+// per-agent identity on.
+func AllowTestPrincipals(t testing.TB, store *schema.Store) {
+	t.Helper()
+	ctx := context.Background()
+	require.NoError(t, store.AllowOwnRole(ctx, schema.AnyService, "testenv"))
+	if user := amqpx.URLUser(AMQPURL()); user != "" {
+		require.NoError(t, store.AllowPrincipal(ctx, schema.AnyService, schema.PrincipalAMQP, user, "testenv"))
+	}
+}
+
+// Credentials gives a test status what an agent process's statuses carry:
+// an incarnation (if it has none, one named for the agent) and the token
+// of that incarnation, derived from the agent ID and the incarnation so
+// that a test's statuses for one agent process agree with each other.
+func Credentials(st wire.Status) wire.Status {
+	if st.Incarnation == "" {
+		st.Incarnation = "test-" + st.AgentID
+	}
+	sum := sha256.Sum256([]byte("phasecast test token\x00" + st.AgentID + "\x00" + st.Incarnation))
+	st.Token = hex.EncodeToString(sum[:])
+	return st
 }
 
 // Agent records an agent in the store as a status from it would: id, the
@@ -68,8 +96,9 @@ func Store(t testing.TB) *schema.Store {
 // lease of lease.
 func Agent(t testing.TB, store *schema.Store, id string, releases []string, drained int64, lease time.Duration) {
 	t.Helper()
-	st := wire.Status{V: wire.Version, Kind: wire.KindStatus, AgentID: id, Service: "svc", Host: "test", PID: 1, Version: "test",
+	st := wire.Status{V: wire.StatusVersion, Kind: wire.KindStatus, AgentID: id, Service: "svc", Host: "test", PID: 1, Version: "test",
 		Releases: releases, Seq: uint64(time.Now().UnixNano()), AppliedEpoch: drained, DrainedEpoch: drained, SentAt: time.Now()}
+	st = Credentials(st)
 	_, recorded, err := store.RecordStatuses(context.Background(), []wire.Status{st}, lease)
 	require.NoError(t, err)
 	require.Equal(t, []string{id}, recorded, "the store recorded the status of %s", id)

@@ -5,14 +5,26 @@ import (
 	"errors"
 	"fmt"
 	"math"
+	"regexp"
 	"strings"
 	"time"
 
 	"github.com/phasecast/phasecast/internal/phase"
 )
 
-// Version is the protocol version this build speaks.
+// Version is the protocol version of the states and grants this build
+// sends and accepts.
 const Version = 1
+
+// StatusVersion is the version of the statuses this build sends and
+// accepts. v2 statuses carry the agent's token (Status.Token); a v1 status
+// is refused, so an agent built before per-agent credentials is told
+// (broadcaster log and counter: version) rather than trusted.
+const StatusVersion = 2
+
+// TokenSize is the size of an agent's token, in bytes: Status.Token is
+// its lower-case hex.
+const TokenSize = 32
 
 // MaxMessageSize is the largest body a decoder accepts (1 MiB).
 const MaxMessageSize = 1 << 20
@@ -84,7 +96,12 @@ type Status struct {
 	// orders statuses within one incarnation only, and the store tells
 	// two live processes that claim one AgentID apart by it. Empty from
 	// agents that predate it.
-	Incarnation  string   `json:"incarnation,omitempty"`
+	Incarnation string `json:"incarnation,omitempty"`
+	// Token is the secret the agent process drew with its incarnation
+	// (TokenSize random bytes, lower-case hex). The store keeps its
+	// SHA-256 in the agent's row: only a status carrying it changes the
+	// row. It is never logged or shown.
+	Token        string   `json:"token,omitempty"`
 	Service      string   `json:"service"`
 	Host         string   `json:"host"`
 	PID          int      `json:"pid"`
@@ -96,8 +113,6 @@ type Status struct {
 	// Inflight counts guards still pinned to snapshots older than the
 	// applied one.
 	Inflight int64 `json:"inflight"`
-	// Queue is where the broadcaster sends this agent's grants.
-	Queue string `json:"queue"`
 	// AppName is the application_name of the service's database sessions,
 	// so the contract runner can tell them from sessions nobody vouches for.
 	AppName string `json:"app_name,omitempty"`
@@ -130,9 +145,12 @@ type Grant struct {
 	V       int    `json:"v"`
 	Kind    Kind   `json:"kind"`
 	AgentID string `json:"agent_id"`
-	Seq     uint64 `json:"seq"`
-	LeaseMS int64  `json:"lease_ms"`
-	Epoch   int64  `json:"epoch"`
+	// Incarnation is the agent process the grant is for: the one whose
+	// status the store recorded. An agent ignores a grant for another.
+	Incarnation string `json:"incarnation,omitempty"`
+	Seq         uint64 `json:"seq"`
+	LeaseMS     int64  `json:"lease_ms"`
+	Epoch       int64  `json:"epoch"`
 }
 
 // Lease returns the lease length the grant carries.
@@ -149,7 +167,7 @@ func EncodeState(s State) ([]byte, error) {
 
 // EncodeStatus stamps v and kind and encodes s.
 func EncodeStatus(s Status) ([]byte, error) {
-	s.V, s.Kind = Version, KindStatus
+	s.V, s.Kind = StatusVersion, KindStatus
 	return json.Marshal(s)
 }
 
@@ -200,8 +218,12 @@ func DecodeStatus(body []byte) (Status, error) {
 		return Status{}, fmt.Errorf("%w: status with no agent_id", ErrInvalid)
 	case len(s.AgentID) > 200:
 		return Status{}, fmt.Errorf("%w: agent_id longer than 200 bytes", ErrInvalid)
+	case s.Incarnation == "":
+		return Status{}, fmt.Errorf("%w: status with no incarnation", ErrInvalid)
 	case len(s.Incarnation) > MaxIncarnation:
 		return Status{}, fmt.Errorf("%w: incarnation longer than %d bytes", ErrInvalid, MaxIncarnation)
+	case !ValidToken(s.Token):
+		return Status{}, fmt.Errorf("%w: status without a token of %d bytes in lower-case hex", ErrInvalid, TokenSize)
 	case s.AppliedEpoch < 0 || s.DrainedEpoch < 0:
 		return Status{}, fmt.Errorf("%w: negative epoch", ErrInvalid)
 	case s.DrainedEpoch > s.AppliedEpoch:
@@ -214,10 +236,8 @@ func DecodeStatus(body []byte) (Status, error) {
 		return Status{}, fmt.Errorf("%w: pid %d out of range", ErrInvalid, s.PID)
 	case s.Seq > math.MaxInt64:
 		return Status{}, fmt.Errorf("%w: seq %d out of range", ErrInvalid, s.Seq)
-	case len(s.Queue) > 255:
-		return Status{}, fmt.Errorf("%w: queue name of %d bytes (AMQP allows 255)", ErrInvalid, len(s.Queue))
 	}
-	for _, str := range append([]string{s.AgentID, s.Incarnation, s.Service, s.Host, s.Version, s.AppName, s.Queue}, s.Releases...) {
+	for _, str := range append([]string{s.AgentID, s.Incarnation, s.Service, s.Host, s.Version, s.AppName}, s.Releases...) {
 		if strings.ContainsRune(str, 0) {
 			return Status{}, fmt.Errorf("%w: NUL byte in a string", ErrInvalid)
 		}
@@ -249,14 +269,47 @@ type header struct {
 }
 
 func (h header) check(kind Kind) error {
-	if h.V != Version {
-		return fmt.Errorf("%w: v=%d (this build speaks v=%d)", ErrVersion, h.V, Version)
-	}
 	if h.Kind != kind {
+		if h.V != Version && h.V != StatusVersion {
+			return fmt.Errorf("%w: v=%d (this build speaks v=%d)", ErrVersion, h.V, versionOf(kind))
+		}
 		return fmt.Errorf("%w: got %q, want %q", ErrKind, h.Kind, kind)
+	}
+	if want := versionOf(kind); h.V != want {
+		return fmt.Errorf("%w: %s v=%d (this build speaks v=%d)", ErrVersion, kind, h.V, want)
 	}
 	return nil
 }
+
+// versionOf is the version this build speaks for messages of kind.
+func versionOf(kind Kind) int {
+	if kind == KindStatus {
+		return StatusVersion
+	}
+	return Version
+}
+
+// ValidToken reports whether token is a Status.Token: TokenSize bytes in
+// lower-case hex.
+func ValidToken(token string) bool {
+	if len(token) != 2*TokenSize {
+		return false
+	}
+	for i := 0; i < len(token); i++ {
+		if c := token[i]; (c < '0' || c > '9') && (c < 'a' || c > 'f') {
+			return false
+		}
+	}
+	return true
+}
+
+// RedactToken returns body with the value of any "token" member replaced,
+// for logging a status's excerpt: the token is a credential.
+func RedactToken(body []byte) []byte {
+	return tokenMember.ReplaceAll(body, []byte(`"token":"(redacted)"`))
+}
+
+var tokenMember = regexp.MustCompile(`"token"\s*:\s*"[^"]*"?`)
 
 // message is a decoded message's header.
 type message interface{ header() header }

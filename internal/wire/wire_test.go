@@ -16,7 +16,7 @@ import (
 // Valid messages of each kind, as a sender on the wire would write them.
 const (
 	validState  = `{"v":1,"kind":"state","store_id":"6f1c2a8e-3d4b-4c5a-9e7f-0a1b2c3d4e5f","epoch":7,"releases":[{"name":"L","phase":"contract","removals":[{"table":"nova.instances","columns":["name","display_name"]},{"table":"legacy_flavors"}]}],"sent_at":"2026-01-02T03:04:05.123456789Z"}`
-	validStatus = `{"v":1,"kind":"status","store_id":"6f1c2a8e-3d4b-4c5a-9e7f-0a1b2c3d4e5f","agent_id":"api-1","service":"api","host":"h1","pid":42,"version":"1.2.3","releases":["L"],"seq":3,"applied_epoch":7,"drained_epoch":6,"inflight":2,"queue":"phasecast.agent.api-1","sent_at":"2026-01-02T03:04:05Z"}`
+	validStatus = `{"v":2,"kind":"status","store_id":"6f1c2a8e-3d4b-4c5a-9e7f-0a1b2c3d4e5f","agent_id":"api-1","incarnation":"i1","token":"abababababababababababababababababababababababababababababababab","service":"api","host":"h1","pid":42,"version":"1.2.3","releases":["L"],"seq":3,"applied_epoch":7,"drained_epoch":6,"inflight":2,"queue":"phasecast.agent.api-1","sent_at":"2026-01-02T03:04:05Z"}`
 	validGrant  = `{"v":1,"kind":"grant","agent_id":"api-1","seq":3,"lease_ms":15000,"epoch":7}`
 )
 
@@ -107,9 +107,13 @@ func TestDecodeRejects(t *testing.T) {
 		{name: "seq beyond bigint", kind: KindStatus, body: strings.Replace(validStatus, `"seq":3`, `"seq":9223372036854775808`, 1), err: ErrInvalid, contains: "seq"},
 		{name: "pid beyond int4", kind: KindStatus, body: strings.Replace(validStatus, `"pid":42`, `"pid":4294967296`, 1), err: ErrInvalid, contains: "pid"},
 		{name: "NUL in a string", kind: KindStatus, body: strings.Replace(validStatus, `"host":"h1"`, `"host":"h\u00001"`, 1), err: ErrInvalid, contains: "NUL"},
-		{name: "queue name over 255 bytes", kind: KindStatus, body: strings.Replace(validStatus, `"queue":"phasecast.agent.api-1"`, `"queue":"`+strings.Repeat("q", 256)+`"`, 1), err: ErrInvalid, contains: "queue name"},
-		{name: "incarnation too long", kind: KindStatus, body: strings.Replace(validStatus, `"agent_id":"api-1"`, `"agent_id":"api-1","incarnation":"`+strings.Repeat("i", MaxIncarnation+1)+`"`, 1), err: ErrInvalid, contains: "incarnation longer than"},
-		{name: "NUL in the incarnation", kind: KindStatus, body: strings.Replace(validStatus, `"agent_id":"api-1"`, `"agent_id":"api-1","incarnation":"a\u0000b"`, 1), err: ErrInvalid, contains: "NUL"},
+		{name: "incarnation too long", kind: KindStatus, body: strings.Replace(validStatus, `"incarnation":"i1"`, `"incarnation":"`+strings.Repeat("i", MaxIncarnation+1)+`"`, 1), err: ErrInvalid, contains: "incarnation longer than"},
+		{name: "NUL in the incarnation", kind: KindStatus, body: strings.Replace(validStatus, `"incarnation":"i1"`, `"incarnation":"a\u0000b"`, 1), err: ErrInvalid, contains: "NUL"},
+		{name: "status with no incarnation", kind: KindStatus, body: strings.Replace(validStatus, `"incarnation":"i1",`, ``, 1), err: ErrInvalid, contains: "no incarnation"},
+		{name: "status with no token", kind: KindStatus, body: strings.Replace(validStatus, `"token":"`+strings.Repeat("ab", TokenSize)+`",`, ``, 1), err: ErrInvalid, contains: "without a token"},
+		{name: "status with a short token", kind: KindStatus, body: strings.Replace(validStatus, `"token":"ab`, `"token":"`, 1), err: ErrInvalid, contains: "without a token"},
+		{name: "status with an upper-case token", kind: KindStatus, body: strings.Replace(validStatus, `"token":"ab`, `"token":"AB`, 1), err: ErrInvalid, contains: "without a token"},
+		{name: "status of version 1", kind: KindStatus, body: strings.Replace(validStatus, `"v":2`, `"v":1`, 1), err: ErrVersion, contains: "status v=1 (this build speaks v=2)"},
 		{name: "negative inflight", kind: KindStatus, body: strings.Replace(validStatus, `"inflight":2`, `"inflight":-1`, 1), err: ErrInvalid, contains: "negative inflight"},
 
 		// Grant values.
@@ -156,10 +160,10 @@ func TestDecodeIgnoresUnknownFields(t *testing.T) {
 		}}}, s)
 	})
 	t.Run("status", func(t *testing.T) {
-		body := `{"v":1,"kind":"status","agent_id":"a","applied_epoch":2,"drained_epoch":1,"zone":"eu-1","labels":{"k":"v"}}`
+		body := `{"v":2,"kind":"status","agent_id":"a","incarnation":"i","token":"abababababababababababababababababababababababababababababababab","applied_epoch":2,"drained_epoch":1,"zone":"eu-1","labels":{"k":"v"}}`
 		s, err := DecodeStatus([]byte(body))
 		require.NoError(t, err)
-		require.Equal(t, Status{V: 1, Kind: KindStatus, AgentID: "a", AppliedEpoch: 2, DrainedEpoch: 1}, s)
+		require.Equal(t, Status{V: 2, Kind: KindStatus, AgentID: "a", Incarnation: "i", Token: "abababababababababababababababababababababababababababababababab", AppliedEpoch: 2, DrainedEpoch: 1}, s)
 	})
 	t.Run("grant", func(t *testing.T) {
 		body := `{"v":1,"kind":"grant","agent_id":"a","seq":9,"lease_ms":1000,"epoch":3,"leader":"b-2","extra":null}`
@@ -201,13 +205,13 @@ func TestWireRoundTrip(t *testing.T) {
 			StoreID: "6f1c2a8e-3d4b-4c5a-9e7f-0a1b2c3d4e5f",
 			AgentID: "api-1", Service: "api", Host: "h1", PID: 42, Version: "1.2.3",
 			Releases: []string{"K", "L"}, Seq: 1<<63 - 1, AppliedEpoch: 7, DrainedEpoch: 7,
-			Inflight: 3, Queue: "phasecast.agent.api-1", SentAt: sentAt,
+			Inflight: 3, Incarnation: "i1", Token: strings.Repeat("ab", TokenSize), SentAt: sentAt,
 		}
 		body, err := EncodeStatus(in)
 		require.NoError(t, err)
 		out, err := DecodeStatus(body)
 		require.NoError(t, err)
-		in.V, in.Kind = Version, KindStatus
+		in.V, in.Kind = StatusVersion, KindStatus
 		require.Equal(t, in, out)
 	})
 	t.Run("grant", func(t *testing.T) {
@@ -230,7 +234,7 @@ func TestWireRoundTrip(t *testing.T) {
 		body, err = EncodeStatus(Status{V: 9, Kind: KindGrant, AgentID: "a"})
 		require.NoError(t, err)
 		require.NoError(t, json.Unmarshal(body, &h))
-		require.Equal(t, header{V: Version, Kind: KindStatus}, h)
+		require.Equal(t, header{V: StatusVersion, Kind: KindStatus}, h)
 
 		body, err = EncodeState(State{V: 9, Kind: KindGrant})
 		require.NoError(t, err)
@@ -362,4 +366,13 @@ func TestWantsGrant(t *testing.T) {
 		st := Status{SkipGrant: c.skip, Leaving: c.leaving, AppliedEpoch: c.applied}
 		require.Equal(t, c.want, st.WantsGrant(7), "skip=%v leaving=%v applied=%d", c.skip, c.leaving, c.applied)
 	}
+}
+
+func TestRedactTokenHidesTheCredential(t *testing.T) {
+	out := string(RedactToken([]byte(validStatus)))
+	require.NotContains(t, out, strings.Repeat("ab", TokenSize))
+	require.Contains(t, out, `"token":"(redacted)"`)
+	// A body cut short inside the token still hides what it holds.
+	cut := validStatus[:strings.Index(validStatus, `"token":"`)+20]
+	require.NotContains(t, string(RedactToken([]byte(cut))), "abababab")
 }

@@ -114,11 +114,11 @@ func TestLifecycleThroughTheCLI(t *testing.T) {
 	require.Len(t, rep.RecentFlips, 4)
 	require.Equal(t, rep.Version, rep.StoreVersion)
 
-	// A store from before this binary's migrations 002 and 005: status
+	// A store from before this binary's migrations 002 and 005 on: status
 	// says so, and a flip refuses with what to do.
 	q := `"` + b.store.Schema() + `"`
 	_, err := b.store.DB().Exec(`ALTER TABLE ` + q + `.epoch DROP COLUMN state_digest; ALTER TABLE ` + q + `.releases DROP COLUMN contracting_by;
-		DELETE FROM ` + q + `.schema_migrations WHERE version IN (2, 5)`)
+		DELETE FROM ` + q + `.schema_migrations WHERE version = 2 OR version >= 5`)
 	require.NoError(t, err)
 	var storeVersion int
 	require.NoError(t, b.store.DB().Get(&storeVersion, `SELECT max(version) FROM `+q+`.schema_migrations`))

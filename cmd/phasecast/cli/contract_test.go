@@ -10,14 +10,15 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/phasecast/phasecast/internal/phase"
+	"github.com/phasecast/phasecast/internal/testenv"
 	"github.com/phasecast/phasecast/internal/wire"
 	"github.com/phasecast/phasecast/schema"
 )
 
 // recordAgent records one agent status as the broadcaster does.
 func recordAgent(ctx context.Context, store *schema.Store, id string, drained int64, releases ...string) error {
-	st := wire.Status{V: wire.Version, Kind: wire.KindStatus, AgentID: id, Service: "svc-" + id, Host: "host-" + id,
-		PID: 4343, Version: "v0.9", Releases: releases, Seq: 1, AppliedEpoch: drained, DrainedEpoch: drained, SentAt: time.Now()}
+	st := testenv.Credentials(wire.Status{V: wire.StatusVersion, Kind: wire.KindStatus, AgentID: id, Service: "svc-" + id, Host: "host-" + id,
+		PID: 4343, Version: "v0.9", Releases: releases, Seq: 1, AppliedEpoch: drained, DrainedEpoch: drained, SentAt: time.Now()})
 	_, _, err := store.RecordStatuses(ctx, []wire.Status{st}, time.Minute)
 	return err
 }

@@ -27,6 +27,20 @@ type Env struct {
 	Logger      zerolog.Logger
 }
 
+// AllowOwnPrincipals lets the env's own database role and broker user
+// enrol agents of every service, as an operator's 'phasecast agents allow'
+// would: the demo and the bench run their agents as those, with per-agent
+// identity on.
+func (e *Env) AllowOwnPrincipals(ctx context.Context) error {
+	if err := e.Store.AllowOwnRole(ctx, schema.AnyService, "phasecast"); err != nil {
+		return err
+	}
+	if user := amqpx.URLUser(e.AMQPURL); user != "" {
+		return e.Store.AllowPrincipal(ctx, schema.AnyService, schema.PrincipalAMQP, user, "phasecast")
+	}
+	return nil
+}
+
 // BroadcasterConfig returns a broadcaster configuration for the env with
 // intervals short enough for demos and tests; callers adjust it further.
 func (e *Env) BroadcasterConfig() *broadcaster.Config {

@@ -336,6 +336,9 @@ func Run(ctx context.Context, opts Options) (rep *Report, err error) {
 	if _, err := e.store.Migrate(ctx); err != nil {
 		return nil, err
 	}
+	if err := (&fleet.Env{Store: e.store, AMQPURL: opts.AMQPURL}).AllowOwnPrincipals(ctx); err != nil {
+		return nil, err
+	}
 	cleanups = append(cleanups, e.deleteAMQP)
 	if e.agents, err = sqlx.Open("postgres", dsn); err != nil {
 		return nil, err

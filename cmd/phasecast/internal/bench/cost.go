@@ -2,6 +2,8 @@ package bench
 
 import (
 	"context"
+	crand "crypto/rand"
+	"encoding/hex"
 	"fmt"
 	"sync"
 	"sync/atomic"
@@ -177,6 +179,19 @@ func (e *env) statusIntake(ctx context.Context) (StatusIntake, error) {
 	if err != nil {
 		return StatusIntake{}, err
 	}
+	if err := amqpx.DeclareGrantExchange(sink, e.prefix); err != nil {
+		return StatusIntake{}, err
+	}
+	// Each simulated agent has its own token, as each agent process does,
+	// and its grants routed to the sink by its ID.
+	tokens := make([]string, agents)
+	for i := range tokens {
+		tokens[i] = randomToken()
+		if err := sink.QueueBind(q.Name, rateAgent(i), amqpx.GrantExchange(e.prefix), false, nil); err != nil {
+			return StatusIntake{}, err
+		}
+	}
+	user := amqpx.URLUser(e.opts.AMQPURL)
 	grants, err := sink.Consume(q.Name, "", true, false, false, false, nil)
 	if err != nil {
 		return StatusIntake{}, err
@@ -198,14 +213,15 @@ func (e *env) statusIntake(ctx context.Context) (StatusIntake, error) {
 		for i := 0; pctx.Err() == nil; i++ {
 			seq++
 			body, err := wire.EncodeStatus(wire.Status{
-				StoreID: storeID, AgentID: fmt.Sprintf("rate-%d", i%agents), Service: "bench-rate", Host: "bench", PID: 1, Version: "bench",
+				StoreID: storeID, AgentID: rateAgent(i % agents), Incarnation: "bench-rate", Token: tokens[i%agents],
+				Service: "bench-rate", Host: "bench", PID: 1, Version: "bench",
 				Releases: []string{"L"}, Seq: seq, AppliedEpoch: e.epoch, DrainedEpoch: e.epoch,
-				Queue: q.Name, SentAt: time.Now().UTC(),
+				SentAt: time.Now().UTC(),
 			})
 			if err != nil {
 				return
 			}
-			if ch.PublishWithContext(pctx, "", amqpx.StatusQueue(e.prefix), false, false, amqp.Publishing{Body: body}) != nil {
+			if ch.PublishWithContext(pctx, "", amqpx.StatusQueue(e.prefix), false, false, amqp.Publishing{Body: body, UserId: user}) != nil {
 				return
 			}
 			offered.Add(1)
@@ -236,4 +252,14 @@ func (e *env) statusIntake(ctx context.Context) (StatusIntake, error) {
 		GrantsPerSec:     float64(s1.GrantsSent-s0.GrantsSent) / elapsed,
 		DistinctAgents:   agents,
 	}, nil
+}
+
+// rateAgent is the ID of the status intake's simulated agent i.
+func rateAgent(i int) string { return fmt.Sprintf("rate-%d", i) }
+
+// randomToken is a fresh agent token (wire.Status.Token).
+func randomToken() string {
+	b := make([]byte, wire.TokenSize)
+	_, _ = crand.Read(b)
+	return hex.EncodeToString(b)
 }

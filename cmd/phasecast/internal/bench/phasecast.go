@@ -271,9 +271,10 @@ func (e *env) messageSizes(ctx context.Context) (int, int, error) {
 		return 0, 0, err
 	}
 	status, err := wire.EncodeStatus(wire.Status{
-		StoreID: st.StoreID, AgentID: "bench-db-1000-999", Service: "bench", Host: "bench", PID: 123456, Version: "bench",
+		StoreID: st.StoreID, AgentID: "bench-db-1000-999", Incarnation: "0123456789abcdef", Token: randomToken(),
+		Service: "bench", Host: "bench", PID: 123456, Version: "bench",
 		Releases: []string{"L"}, Seq: uint64(time.Now().UnixNano()), AppliedEpoch: 10, DrainedEpoch: 10,
-		Queue: "amq.gen-JzTY20BRgKO-HjmUJj0wLg", AppName: "phasecast:bench-db-1000-999", SentAt: time.Now().UTC(),
+		AppName: "phasecast:bench-db-1000-999", SentAt: time.Now().UTC(),
 	})
 	if err != nil {
 		return 0, 0, err
