@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/jmoiron/sqlx"
+	"github.com/lib/pq"
 )
 
 // Kinds of Principal: who sent a status.
@@ -164,4 +165,19 @@ func (s *Store) auditAccess(ctx context.Context, tx *sqlx.Tx, action, subject, d
 	_, err := tx.ExecContext(ctx, s.sql(`INSERT INTO @schema.access_audit (action, subject, detail, actor) VALUES ($1, $2, $3, $4)`),
 		action, subject, detail, actor)
 	return err
+}
+
+// ServiceRoleGrants is the SQL that lets a service's database role run
+// its agents through the store path, and nothing more: USAGE on the
+// store's schema and EXECUTE on the three functions agents call
+// (agent_sync, agent_state, agent_digest), which run as the store's owner
+// and apply record_agents' rule with the role as principal. No privilege
+// on any table: the role cannot write, or even read, the agents table.
+// docs/SECURITY.md gives it for the default schema.
+func (s *Store) ServiceRoleGrants(role string) []string {
+	r := pq.QuoteIdentifier(role)
+	return []string{
+		s.sql(`GRANT USAGE ON SCHEMA @schema TO ` + r),
+		s.sql(`GRANT EXECUTE ON FUNCTION @schema.agent_sync(jsonb, bytea, bigint), @schema.agent_state(), @schema.agent_digest() TO ` + r),
+	}
 }

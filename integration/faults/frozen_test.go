@@ -114,7 +114,6 @@ func (e *env) frozenLink() (p *faultproxy.Proxy, dsn, app string) {
 	return p, dsn, app
 }
 
-
 // sessionActive reports whether a session with appName is running a
 // statement now.
 func (e *env) sessionActive(appName string) bool {

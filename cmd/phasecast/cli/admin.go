@@ -272,7 +272,7 @@ func printReport(out io.Writer, rep *schema.Report) error {
 		fmt.Fprintf(w, "%s\t%s\t%d\t%s\n", r.Name, r.Phase, r.PhaseEpoch, describeRemovals(r.Removed))
 	}
 
-	fmt.Fprintln(w, "\nAGENT\tSERVICE\tHOST/PID\tAPPLIED\tDRAINED\tLEASE\tKNOWS\tACKED CONTRACT")
+	fmt.Fprintln(w, "\nAGENT\tSERVICE\tHOST/PID\tAPPLIED\tDRAINED\tLEASE\tKNOWS\tACKED CONTRACT\tVOUCHED BY")
 	if len(rep.Agents) == 0 {
 		fmt.Fprintln(w, "(none)")
 	}
@@ -281,8 +281,12 @@ func printReport(out io.Writer, rep *schema.Report) error {
 		if a.Live() {
 			lease = (time.Duration(a.LeaseRemainingMS) * time.Millisecond).Round(100 * time.Millisecond).String()
 		}
-		fmt.Fprintf(w, "%s\t%s\t%s/%d\t%d\t%d\t%s\t%s\t%s\n", a.ID, a.Service, a.Host, a.PID,
-			a.AppliedEpoch, a.DrainedEpoch, lease, strings.Join(a.Releases, ","), ackedContracts(a, rep.Releases))
+		vouched := a.VouchedBy
+		if vouched == "" {
+			vouched = "-" // enrolled by a broadcaster run with --insecure, or before per-agent identity
+		}
+		fmt.Fprintf(w, "%s\t%s\t%s/%d\t%d\t%d\t%s\t%s\t%s\t%s\n", a.ID, a.Service, a.Host, a.PID,
+			a.AppliedEpoch, a.DrainedEpoch, lease, strings.Join(a.Releases, ","), ackedContracts(a, rep.Releases), vouched)
 	}
 	for _, a := range rep.Agents {
 		if note := a.ConflictNote(); note != "" {
