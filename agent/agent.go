@@ -221,6 +221,9 @@ func New(cfg Config) (*Agent, error) {
 	// the creation time in nanoseconds, which is what ordered a successor
 	// above its predecessor before incarnations, for broadcasters built
 	// before them, which order by seq alone.
+	if cfg.StateKey == nil {
+		a.log.Warn().Msg(InsecureAgentWarning)
+	}
 	a.incarnation = randomHex(8)
 	a.token = randomHex(wire.TokenSize)
 	if cfg.Connection != nil {

@@ -758,7 +758,9 @@ func TestReconnect(t *testing.T) {
 			require.Eventually(t, func() bool { return a.Stats().Reconnects >= 1 }, 10*time.Second, 10*time.Millisecond)
 			b.fake.waitStatus(t, 0, 10*time.Second, func(wire.Status) bool { s := a.session(); return s != nil && s.queue != queue })
 			if withDB {
-				require.Greater(t, a.Stats().Resyncs, r0, "a reconnect re-syncs from the store")
+				// The new session re-syncs before its first status.
+				require.Eventually(t, func() bool { return a.Stats().Resyncs > r0 }, 10*time.Second, 10*time.Millisecond,
+					"a reconnect re-syncs from the store")
 			}
 			e := flip(t, b.store, "L", phase.Migrate)
 			b.fake.publishNow()

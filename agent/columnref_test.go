@@ -13,7 +13,7 @@ import (
 // against the string one for every registered column, over states that
 // hide nothing, columns, whole tables and a mix of releases.
 func TestColumnRemovedAgreesWithRemoved(t *testing.T) {
-	a, err := New(Config{Service: "svc", Tables: testTables()})
+	a, err := New(Config{Insecure: true, Service: "svc", Tables: testTables()})
 	require.NoError(t, err)
 	states := []*wire.State{
 		stateL(1, phase.Expand),

@@ -140,6 +140,13 @@ type Config struct {
 	// agent's queue could extend its lease.
 	StateKey ed25519.PublicKey
 
+	// Insecure lets the agent run without StateKey. New refuses a Config
+	// with neither: without the key a forged grant, published by anyone
+	// who can write to the agent's queue, would extend the agent's lease,
+	// and an agent without a DB would apply a forged state. The agent
+	// logs InsecureAgentWarning when it starts so.
+	Insecure bool
+
 	// StatusMACKey, if set, authenticates status messages with
 	// wire.MACHeader (HMAC-SHA256).
 	StatusMACKey []byte
@@ -284,6 +291,9 @@ func (c Config) validate() error {
 	if c.ConfirmInterval < 0 {
 		fail("Config.ConfirmInterval is %s: give a positive interval, or 0 for the default %s", c.ConfirmInterval, DefaultConfirmInterval)
 	}
+	if c.StateKey == nil && !c.Insecure {
+		fail("Config.StateKey is required (the broadcaster's public key, state.pub from 'phasecast keys generate'); set Config.Insecure to run without it: " + InsecureAgentWarning)
+	}
 	if c.StateKey != nil && len(c.StateKey) != ed25519.PublicKeySize {
 		fail("Config.StateKey is %d bytes; an Ed25519 public key is %d", len(c.StateKey), ed25519.PublicKeySize)
 	}
@@ -329,3 +339,7 @@ func validateTableName(name string) error {
 }
 
 func isControl(r rune) bool { return r < 0x20 || r == 0x7f }
+
+// InsecureAgentWarning names the risk of an agent run without StateKey
+// (Config.Insecure).
+const InsecureAgentWarning = "INSECURE: without the state public key a forged grant would extend this agent's lease, and without a DB a forged state would be applied"

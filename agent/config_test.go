@@ -1,15 +1,17 @@
 package agent
 
 import (
+	"crypto/ed25519"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/rs/zerolog"
 	"github.com/stretchr/testify/require"
 )
 
 func TestNewDefaults(t *testing.T) {
-	a, err := New(Config{Service: "nova-api"})
+	a, err := New(Config{Insecure: true, Service: "nova-api"})
 	require.NoError(t, err)
 	cfg := a.cfg
 	require.Regexp(t, `^nova-api-.+-\d+-[0-9a-f]{4}$`, a.ID())
@@ -24,7 +26,7 @@ func TestNewDefaults(t *testing.T) {
 	require.Equal(t, 100*time.Millisecond, cfg.ConfirmInterval)
 	require.Equal(t, DefaultApplicationName(a.ID()), a.ApplicationName())
 
-	b, err := New(Config{Service: "nova-api"})
+	b, err := New(Config{Insecure: true, Service: "nova-api"})
 	require.NoError(t, err)
 	require.NotEqual(t, a.ID(), b.ID())
 }
@@ -68,4 +70,21 @@ func TestNewValidates(t *testing.T) {
 			require.NotContains(t, err.Error(), "hunter2")
 		})
 	}
+}
+
+// TestAgentRefusesToRunWithoutStateKey: secure by default. Without the
+// broadcaster's public key a forged grant would extend the agent's lease,
+// so New refuses unless the caller says Insecure, and then names the risk
+// in its log.
+func TestAgentRefusesToRunWithoutStateKey(t *testing.T) {
+	_, err := New(Config{Service: "nova-api"})
+	require.ErrorContains(t, err, "Config.StateKey is required")
+	require.ErrorContains(t, err, "a forged grant would extend this agent's lease")
+
+	var logs strings.Builder
+	_, err = New(Config{Service: "nova-api", Insecure: true, Logger: zerolog.New(&logs)})
+	require.NoError(t, err)
+	require.Contains(t, logs.String(), InsecureAgentWarning)
+	_, err = New(Config{Service: "nova-api", StateKey: make(ed25519.PublicKey, ed25519.PublicKeySize)})
+	require.NoError(t, err)
 }

@@ -2,6 +2,7 @@ package agent_test
 
 import (
 	"context"
+	"crypto/ed25519"
 	"log"
 	"net/url"
 	"time"
@@ -23,6 +24,9 @@ func Example() {
 		Service: "nova-api", ID: id, Version: "27.1.0", Releases: []string{"L"},
 		Tables: map[string][]string{"instances": {"id", "name", "display_name", "common_name"}},
 		DB:     db.DB,
+		// state.pub from 'phasecast keys generate': grants and states are
+		// checked against it (Config.Insecure runs without, at a risk).
+		StateKey: statePub,
 	})
 	if err != nil {
 		log.Fatal(err)
@@ -48,3 +52,6 @@ func Example() {
 	}
 	defer rows.Close()
 }
+
+// statePub is the broadcaster's public key, as the service loads it.
+var statePub ed25519.PublicKey

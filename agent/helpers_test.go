@@ -74,6 +74,10 @@ func (b *bundle) config(t *testing.T, withDB bool) Config {
 		InitialLease:      2 * time.Second,
 		ConfirmInterval:   20 * time.Millisecond,
 		Logger:            zerolog.New(zerolog.NewTestWriter(t)).Level(zerolog.DebugLevel),
+		// The fake broadcaster signs only when a test gives it a key;
+		// those tests set StateKey, and the rest forge unsigned messages
+		// on purpose.
+		Insecure: true,
 	}
 	if withDB {
 		cfg.DB = b.store.DB().DB
@@ -170,7 +174,7 @@ func agentRow(t *testing.T, store *schema.Store, id string) schema.Agent {
 // started: nothing renews or expires the lease.
 func newTestAgent(tb testing.TB, st *wire.State) *Agent {
 	tb.Helper()
-	a, err := New(Config{Service: "bench", Tables: testTables()})
+	a, err := New(Config{Insecure: true, Service: "bench", Tables: testTables()})
 	require.NoError(tb, err)
 	a.apply(st)
 	a.drained.Store(st.Epoch)

@@ -61,8 +61,11 @@ func TestAgentBehindTransactionPoolerBinaryParameters(t *testing.T) {
 	st := a.Stats()
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
-	_, recorded, err := pooledStore.RecordStatuses(ctx, []wire.Status{{V: wire.Version, Kind: wire.KindStatus,
-		AgentID: "goodbye-" + a.ID(), Service: "nova-api", Seq: 1, Releases: []string{"L"}, Leaving: true}}, 0)
+	bye := testenv.Credentials(wire.Status{V: wire.StatusVersion, Kind: wire.KindStatus,
+		AgentID: "goodbye-" + a.ID(), Service: "nova-api", Seq: 1, Releases: []string{"L"}, Leaving: true})
+	_, err = pooledStore.SyncAgent(ctx, bye, 0) // agent_sync: the token as bytea, the status as text
+	require.NoError(t, err)
+	_, recorded, err := pooledStore.RecordStatuses(ctx, []wire.Status{func() wire.Status { s := bye; s.Seq++; return s }()}, 0)
 	require.NoError(t, err)
 	require.Len(t, recorded, 1)
 

@@ -88,7 +88,7 @@ func TestSnapshotSharesUntouchedTables(t *testing.T) {
 }
 
 func TestTableRef(t *testing.T) {
-	a, err := New(Config{Service: "svc", Tables: testTables()})
+	a, err := New(Config{Insecure: true, Service: "svc", Tables: testTables()})
 	require.NoError(t, err)
 	require.PanicsWithValue(t, `agent: table "flavors" is not registered in Config.Tables (registered: ["Billing.invoices" "instances" "legacy_flavors" "nova.instances"])`,
 		func() { a.Table("flavors") })
@@ -98,7 +98,7 @@ func TestTableRef(t *testing.T) {
 }
 
 func TestGuardBeforeStart(t *testing.T) {
-	a, err := New(Config{Service: "svc"})
+	a, err := New(Config{Insecure: true, Service: "svc"})
 	require.NoError(t, err)
 	require.Nil(t, a.Snapshot())
 	g, err := a.Enter()

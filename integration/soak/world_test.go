@@ -599,7 +599,7 @@ func (w *world) startBroadcaster(b *bcast, lease time.Duration) error {
 		"--database-url", testenv.DatabaseURL(), "--amqp-url", b.amqp.URL(testenv.AMQPURL()),
 		"--schema", w.store.Schema(), "--exchange-prefix", w.prefix, "--id", id,
 		"--lease", lease.String(), "--beacon-interval", "1s", "--liveness-interval", "250ms", "--poll-interval", "250ms",
-		"--log-format", "json", "--log-level", "info")
+		"--log-format", "json", "--log-level", "info", "--insecure")
 	if err != nil {
 		return err
 	}

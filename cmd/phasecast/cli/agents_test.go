@@ -53,3 +53,16 @@ func TestAgentsAllowDenyForget(t *testing.T) {
 	require.Contains(t, got, "forget ghost-1 by alice")
 	require.Contains(t, got, "deny amqp:nova-agent by bob")
 }
+
+// TestBroadcastRefusesWithoutStateKey: secure by default. 'phasecast
+// broadcast' without --state-key refuses to start and says how to go on;
+// --insecure is the explicit way out.
+func TestBroadcastRefusesWithoutStateKey(t *testing.T) {
+	b, _ := setupCLI(t)
+	code, _, errOut := b.run(t, "broadcast")
+	require.Equal(t, 1, code)
+	require.Contains(t, errOut, "no state key: give --state-key (make one with 'phasecast keys generate'), or run with --insecure")
+	code, out, errOut := b.run(t, "broadcast", "--help")
+	require.Zero(t, code, errOut)
+	require.Contains(t, out, "anyone who can publish to the state exchange can move agents' phases and leases")
+}

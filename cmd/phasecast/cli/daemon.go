@@ -2,6 +2,7 @@ package cli
 
 import (
 	"context"
+	"errors"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus/collectors"
@@ -32,6 +33,12 @@ and answers each with a lease grant. Run several for availability: one leads
 			keys, err := keyFlags.load()
 			if err != nil {
 				return err
+			}
+			if keys.StatePrivate == nil && !cfg.Insecure {
+				return errors.New("no state key: give --state-key (make one with 'phasecast keys generate'), or run with --insecure and accept its risk")
+			}
+			if cfg.Insecure {
+				log.Warn().Msg(InsecureBroadcastWarning)
 			}
 			store, err := g.openStore(cmd.Context())
 			if err != nil {
@@ -65,6 +72,11 @@ and answers each with a lease grant. Run several for availability: one leads
 	f.DurationVar(&cfg.LivenessInterval, "liveness-interval", time.Second, "how often liveness is written and standbys try to lead")
 	f.StringVar(&cfg.MetricsAddr, "metrics-addr", "", "serve Prometheus metrics on this address at /metrics, e.g. :9464 (default: off)")
 	f.DurationVar(&cfg.BrokerLossTimeout, "broker-loss-timeout", broadcaster.DefaultBrokerLossTimeout, "a leader that reaches no broker for this long steps down, so a standby that reaches one leads")
+	f.BoolVar(&cfg.Insecure, "insecure", false, "run without a state key, and let any broker user enrol agents: "+InsecureBroadcastWarning)
 	keyFlags.register(cmd)
 	return cmd
 }
+
+// InsecureBroadcastWarning names the risk of 'phasecast broadcast
+// --insecure'.
+const InsecureBroadcastWarning = "INSECURE: anyone who can publish to the state exchange can move agents' phases and leases; statuses are accepted from any broker user"

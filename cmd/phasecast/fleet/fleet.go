@@ -2,6 +2,8 @@ package fleet
 
 import (
 	"context"
+	"crypto/ed25519"
+	"crypto/rand"
 	"errors"
 	"fmt"
 	"sync"
@@ -25,13 +27,25 @@ type Env struct {
 	AMQPURL     string
 	Prefix      string
 	Logger      zerolog.Logger
+	// StateKey, when set (Secure), signs the broadcaster's states and
+	// grants, and its public half is every agent's Config.StateKey.
+	// Without it agents run with Config.Insecure.
+	StateKey ed25519.PrivateKey
 }
 
-// AllowOwnPrincipals lets the env's own database role and broker user
-// enrol agents of every service, as an operator's 'phasecast agents allow'
-// would: the demo and the bench run their agents as those, with per-agent
-// identity on.
-func (e *Env) AllowOwnPrincipals(ctx context.Context) error {
+// Secure sets the env up as an operator would for production: a fresh
+// state key pair ('phasecast keys generate'), and the env's own database
+// role and broker user allowed to enrol agents of every service ('phasecast
+// agents allow'). The demo and the bench run so, which is why they need no
+// keys or principals from the user.
+func (e *Env) Secure(ctx context.Context) error {
+	if e.StateKey == nil {
+		_, priv, err := ed25519.GenerateKey(rand.Reader)
+		if err != nil {
+			return err
+		}
+		e.StateKey = priv
+	}
 	if err := e.Store.AllowOwnRole(ctx, schema.AnyService, "phasecast"); err != nil {
 		return err
 	}
@@ -47,7 +61,8 @@ func (e *Env) BroadcasterConfig() *broadcaster.Config {
 	return &broadcaster.Config{
 		Store: e.Store, DatabaseURL: e.DatabaseURL, AMQPURL: e.AMQPURL, ExchangePrefix: e.Prefix,
 		BeaconInterval: time.Second, LeaseDuration: 5 * time.Second, LivenessInterval: 500 * time.Millisecond,
-		Logger: e.Logger.With().Str("component", "broadcaster").Logger(),
+		Logger:     e.Logger.With().Str("component", "broadcaster").Logger(),
+		SigningKey: e.StateKey,
 	}
 }
 
@@ -73,11 +88,18 @@ func (e *Env) StartBroadcaster(ctx context.Context, cfg *broadcaster.Config, lea
 // AgentConfig returns an agent configuration for the env; callers set the
 // service, releases and tables.
 func (e *Env) AgentConfig() agent.Config {
-	return agent.Config{
+	cfg := agent.Config{
 		AMQPURL: e.AMQPURL, Schema: e.Store.Schema(), ExchangePrefix: e.Prefix,
 		HeartbeatInterval: time.Second,
 		Logger:            e.Logger.With().Str("component", "agent").Logger(),
 	}
+	if e.StateKey != nil {
+		cfg.StateKey = e.StateKey.Public().(ed25519.PublicKey)
+	} else {
+		// Tests that forge unsigned states and grants on purpose run so.
+		cfg.Insecure = true
+	}
+	return cfg
 }
 
 // ServiceConfig is a novalike configuration for the env.

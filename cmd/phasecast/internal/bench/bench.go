@@ -2,6 +2,7 @@ package bench
 
 import (
 	"context"
+	"crypto/ed25519"
 	"crypto/rand"
 	"encoding/hex"
 	"errors"
@@ -287,14 +288,15 @@ type Fleet struct {
 
 // env is one run's corner of the servers.
 type env struct {
-	opts   Options
-	store  *schema.Store
-	prefix string
-	bc     *broadcaster.Broadcaster
-	clock  *fleet.AckClock
-	phase  phase.Phase // release L's phase
-	epoch  int64       // the store's epoch
-	agents *sqlx.DB    // the agents' (and pollers') pool
+	opts     Options
+	store    *schema.Store
+	prefix   string
+	stateKey ed25519.PrivateKey // signs states and grants; agents hold its public half
+	bc       *broadcaster.Broadcaster
+	clock    *fleet.AckClock
+	phase    phase.Phase // release L's phase
+	epoch    int64       // the store's epoch
+	agents   *sqlx.DB    // the agents' (and pollers') pool
 	// appName is the application_name of every database session of the
 	// run, so its backends can be told from other clients'.
 	appName string
@@ -336,9 +338,11 @@ func Run(ctx context.Context, opts Options) (rep *Report, err error) {
 	if _, err := e.store.Migrate(ctx); err != nil {
 		return nil, err
 	}
-	if err := (&fleet.Env{Store: e.store, AMQPURL: opts.AMQPURL}).AllowOwnPrincipals(ctx); err != nil {
+	secure := &fleet.Env{Store: e.store, AMQPURL: opts.AMQPURL}
+	if err := secure.Secure(ctx); err != nil {
 		return nil, err
 	}
+	e.stateKey = secure.StateKey
 	cleanups = append(cleanups, e.deleteAMQP)
 	if e.agents, err = sqlx.Open("postgres", dsn); err != nil {
 		return nil, err
@@ -368,6 +372,7 @@ func Run(ctx context.Context, opts Options) (rep *Report, err error) {
 		Store: e.store, DatabaseURL: dsn, AMQPURL: opts.AMQPURL, ExchangePrefix: e.prefix,
 		BeaconInterval: opts.BeaconInterval,
 		Logger:         opts.Logger.With().Str("component", "broadcaster").Logger(),
+		SigningKey:     e.stateKey,
 	}
 	// Installed in either mode: the cost measurements time acks with it.
 	bcfg.OnRecorded = e.clock.OnRecorded

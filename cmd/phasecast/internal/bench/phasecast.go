@@ -2,6 +2,7 @@ package bench
 
 import (
 	"context"
+	"crypto/ed25519"
 	"fmt"
 	"math/rand/v2"
 	"runtime"
@@ -178,6 +179,7 @@ func (e *env) startFleet(ctx context.Context, n int, path Path, idPrefix string,
 			Service: "bench", ID: fmt.Sprintf("%s%d", idPrefix, i), Host: "bench", Version: "bench",
 			Releases: []string{"L"}, Tables: benchTables(),
 			Schema: e.store.Schema(), ExchangePrefix: e.prefix, Connection: fl.conns[i/e.opts.AgentsPerConn],
+			StateKey:          e.stateKey.Public().(ed25519.PublicKey),
 			HeartbeatInterval: heartbeat,
 			Logger:            e.opts.Logger.With().Str("component", "agent").Logger(),
 			OnChange: func(_, cur *agent.Snapshot) {

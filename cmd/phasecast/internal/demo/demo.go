@@ -255,7 +255,7 @@ func (d *pass) run(ctx context.Context) (*outcome, error) {
 	d.tl.now("store migrated; %s created with 1000 rows", d.appTable)
 
 	env := &fleet.Env{Store: store, DatabaseURL: o.DatabaseURL, AMQPURL: o.AMQPURL, Prefix: d.prefix, Logger: o.Logger}
-	if err := env.AllowOwnPrincipals(ctx); err != nil {
+	if err := env.Secure(ctx); err != nil {
 		return nil, err
 	}
 	var acks fleet.AckClock

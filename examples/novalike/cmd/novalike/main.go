@@ -38,6 +38,7 @@ func main() {
 	var keyOpts keys.LoadOptions
 	flag.StringVar(&keyOpts.StatePubFile, "state-pub", "", "Ed25519 public key file that checks state and grants ($"+keys.EnvStatePub+" holds the key itself)")
 	flag.StringVar(&keyOpts.StatusMACFile, "status-mac", "", "HMAC key file for status messages ($"+keys.EnvStatusMAC+")")
+	insecure := flag.Bool("insecure", false, "run without the state public key: "+agent.InsecureAgentWarning)
 	flag.Parse()
 
 	// Only the public key and the MAC key reach the agent: it checks
@@ -48,7 +49,7 @@ func main() {
 		os.Exit(1)
 	}
 	cfg.Releases = splitComma(*releases)
-	cfg.Agent = agent.Config{AMQPURL: *amqpURL, Schema: *schemaName, ExchangePrefix: *prefix, StateKey: k.StatePublic, StatusMACKey: k.StatusMAC}
+	cfg.Agent = agent.Config{AMQPURL: *amqpURL, Schema: *schemaName, ExchangePrefix: *prefix, StateKey: k.StatePublic, StatusMACKey: k.StatusMAC, Insecure: *insecure}
 	cfg.Logger = zerolog.New(zerolog.ConsoleWriter{Out: os.Stderr}).With().Timestamp().Str("service", cfg.Service).Logger()
 
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, os.Interrupt)

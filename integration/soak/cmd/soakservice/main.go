@@ -104,6 +104,7 @@ func run(path string) error {
 		DB: storeDB, Schema: cfg.Schema, AMQPURL: cfg.AMQPURL, ExchangePrefix: cfg.Prefix,
 		HeartbeatInterval: cfg.HeartbeatInterval, LeaseMargin: cfg.LeaseMargin,
 		InitialLease: cfg.InitialLease, ConfirmInterval: cfg.ConfirmInterval, ApplicationName: appName,
+		Insecure: true, // the soak's broadcasters run with --insecure
 		OnChange: func(_, s *agent.Snapshot) {
 			record(soak.Event{Kind: soak.EventApply, At: soak.Now(), Epoch: s.Epoch()})
 		},
