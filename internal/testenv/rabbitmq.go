@@ -131,6 +131,7 @@ type LeastPrivilege struct {
 	Vhost, Prefix      string
 	Broadcaster, Agent string // the users' names
 	passwords          map[string]string
+	agentPerms         []string // the agent user's configure, write and read, for AddAgentUser
 }
 
 // NewLeastPrivilege creates the vhost and the users of the document at
@@ -168,8 +169,25 @@ func NewLeastPrivilege(t testing.TB, docPath string) *LeastPrivilege {
 			args = append(args, re)
 		}
 		Rabbitmqctl(t, timeout, "", args...)
+		if docUser == DocAgent {
+			e.agentPerms = args[4:]
+		}
 	}
 	return e
+}
+
+// AddAgentUser adds another user with the agent's permissions, as one
+// user per service would be (the user name ends in name), and returns it.
+func (e *LeastPrivilege) AddAgentUser(t testing.TB, name string) string {
+	t.Helper()
+	const timeout = 30 * time.Second
+	user := e.Vhost + "-" + name
+	pw := randomPassword(t)
+	e.passwords[user] = pw
+	Rabbitmqctl(t, timeout, pw, "add_user", user, pw)
+	t.Cleanup(func() { Rabbitmqctl(t, timeout, "", "delete_user", user) })
+	Rabbitmqctl(t, timeout, "", append([]string{"set_permissions", "-p", e.Vhost, user}, e.agentPerms...)...)
+	return user
 }
 
 // URL returns the test broker's URL for user (Broadcaster or Agent) in the
