@@ -114,8 +114,9 @@
 // are published with publisher confirms: one the broker nacks, returns or
 // does not confirm within Config.StatusConfirmTimeout drops the
 // connection, and the next one's first status carries the newer state. Each connection gets a server-named,
-// exclusive, auto-delete queue bound to the state exchange; grants arrive
-// on the same queue. A process that runs many agents (the benchmark runs
+// exclusive, auto-delete queue bound to the state exchange and, under the
+// agent's ID, to the grant exchange: grants arrive on the same queue, and
+// only the agent's own (each names its incarnation). A process that runs many agents (the benchmark runs
 // a thousand) can have several share one connection: NewSharedConnection
 // and Config.Connection. Each agent then opens its own channels and queue
 // on it, and when it drops, each re-syncs and reconnects as it would on a

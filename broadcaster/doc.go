@@ -23,8 +23,15 @@
 //     still hold an earlier run's statuses. Good ones are recorded in
 //     batches, one transaction per batch (StatusBatchMax,
 //     StatusBatchWait), each extending the
-//     agent's lease on the database clock. A recorded status is answered
-//     with a grant on the agent's own queue, carrying its seq, the lease
+//     agent's lease on the database clock. The store records a status only
+//     if it carries the token the agent's row is bound to, or if its
+//     sender (the user_id RabbitMQ validated) is allowed to enrol agents
+//     of its service (schema.Store.RecordSent; Config.Insecure skips that
+//     check); anything else is acked, counted as "unauthenticated" and
+//     changes nothing. A recorded status is answered
+//     with a grant on the grant exchange, routed by the agent ID the store
+//     recorded (never by anything the status says) to the agent's own
+//     queue, carrying its incarnation, its seq, the lease
 //     and the epoch current when it was recorded, unless the agent asked
 //     for none (an ack on a fresh lease, wire.Status.SkipGrant) and is not
 //     behind that epoch. Deliveries are acked only

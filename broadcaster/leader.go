@@ -256,7 +256,7 @@ type leader struct {
 	brokerHealth
 }
 
-// outgoing is one message for the default exchange.
+// outgoing is one grant for the grant exchange.
 type outgoing struct {
 	agentID string // the routing key on the grant exchange: the ID the store recorded
 	msg     amqp.Publishing

@@ -25,9 +25,9 @@ import (
 	"github.com/phasecast/phasecast/schema"
 )
 
-// attacker publishes whatever it likes as the broker's guest user: what
-// any client with write access to the state exchange and amq.default can
-// do.
+// attacker publishes whatever it likes as the broker's guest user, without
+// a user_id: what any client with write access to the state exchange and
+// amq.default can do, with no principal to vouch for it.
 type attacker struct {
 	t  *testing.T
 	ch *amqp.Channel
