@@ -1,10 +1,14 @@
 package broadcaster_test
 
 import (
+	"bytes"
 	"context"
+	"strings"
+	"sync"
 	"testing"
 	"time"
 
+	"github.com/rs/zerolog"
 	"github.com/stretchr/testify/require"
 
 	"github.com/phasecast/phasecast/broadcaster"
@@ -62,4 +66,44 @@ func TestStatusWithoutPrincipalEnrolsNothing(t *testing.T) {
 	require.Eventually(t, func() bool { return b.Stats().Rejected[broadcaster.RejectUnauthenticated] == 1 }, 10*time.Second, 10*time.Millisecond)
 	require.Empty(t, bundle.agentIDs(t))
 	requireNoDelivery(t, grants, 300*time.Millisecond)
+}
+
+// syncBuffer is a log sink safe for the broadcaster's goroutines.
+type syncBuffer struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+}
+
+func (b *syncBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.Write(p)
+}
+
+func (b *syncBuffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.String()
+}
+
+// TestOldAgentIsToldWhy: a status of wire v1, from an agent built before
+// per-agent tokens, is refused and counted as a version mismatch, with a
+// warning that names the agent, its service and host and says to upgrade
+// it, rather than dropped in silence.
+func TestOldAgentIsToldWhy(t *testing.T) {
+	t.Parallel()
+	bundle := setup(t)
+	logs := &syncBuffer{}
+	cfg := bundle.config(t)
+	cfg.Logger = zerolog.New(logs)
+	b := start(t, cfg)
+	bundle.sendRaw(t, []byte(`{"v":1,"kind":"status","agent_id":"nova-api-7","service":"nova-api","host":"compute-3","seq":1,"queue":"amq.gen-x"}`), nil)
+	require.Eventually(t, func() bool { return b.Stats().Rejected[broadcaster.RejectVersion] == 1 }, 10*time.Second, 10*time.Millisecond)
+	require.Eventually(t, func() bool { return strings.Contains(logs.String(), `"agent_id":"nova-api-7"`) }, 5*time.Second, 10*time.Millisecond)
+	out := logs.String()
+	require.Contains(t, out, `"service":"nova-api"`)
+	require.Contains(t, out, `"host":"compute-3"`)
+	require.Contains(t, out, "status v=1 (this build speaks v=2)")
+	require.Contains(t, out, "upgrade the agent")
+	require.Empty(t, bundle.agentIDs(t))
 }
