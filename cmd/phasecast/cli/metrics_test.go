@@ -6,6 +6,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"path/filepath"
 	"testing"
 	"time"
 
@@ -29,8 +30,12 @@ func TestBroadcastServesMetrics(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	prefix := testenv.Prefix(t)
+	keyDir := t.TempDir()
+	code, _, errOut := b.run(t, "keys", "generate", "--dir", keyDir)
+	require.Zero(t, code, errOut)
 	args := []string{"--database-url", testenv.DatabaseURL(), "--amqp-url", testenv.AMQPURL(), "--schema", b.store.Schema(),
-		"--exchange-prefix", prefix, "--log-level", "warn", "broadcast", "--metrics-addr", addr}
+		"--exchange-prefix", prefix, "--log-level", "warn", "broadcast", "--metrics-addr", addr,
+		"--state-key", filepath.Join(keyDir, "state.key")}
 	exited := make(chan int, 1)
 	var stderr bytes.Buffer
 	go func() { exited <- Main(ctx, args, io.Discard, &stderr) }()
@@ -57,7 +62,7 @@ func TestBroadcastServesMetrics(t *testing.T) {
 
 	// A second daemon on the same address does not start.
 	var out2 bytes.Buffer
-	code := Main(context.Background(), args, io.Discard, &out2)
+	code = Main(context.Background(), args, io.Discard, &out2)
 	require.Equal(t, 1, code, out2.String())
 	require.Contains(t, out2.String(), "MetricsAddr")
 
