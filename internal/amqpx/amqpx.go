@@ -31,16 +31,19 @@ func DeclareGrantExchange(ch *amqp.Channel, prefix string) error {
 	return ch.ExchangeDeclare(GrantExchange(prefix), amqp.ExchangeDirect, true, false, false, false, nil)
 }
 
-// URLUser is the user an AMQP URL logs in as ("guest" when it names
-// none), or "" when it does not parse. RabbitMQ checks a message's user_id
-// property against the connection's user, so an agent that sets user_id to
-// it proves which broker user sent its statuses.
-func URLUser(url string) string {
-	u, err := amqp.ParseURI(url)
-	if err != nil {
-		return ""
+// URLUser is the user an AMQP URL, or the first of a cluster's list of
+// them (config.SplitURLs), logs in as ("guest" when it names none), or ""
+// when none parses. RabbitMQ checks a message's user_id property against
+// the connection's user, so an agent that sets user_id to it proves which
+// broker user sent its statuses. A cluster's users are cluster-wide: the
+// nodes of one list name the same user.
+func URLUser(urls string) string {
+	for _, url := range config.SplitURLs(urls) {
+		if u, err := amqp.ParseURI(url); err == nil {
+			return u.Username
+		}
 	}
-	return u.Username
+	return ""
 }
 
 // StatusQueue is the durable queue that carries agent status to the

@@ -33,3 +33,9 @@ func TestPublishing(t *testing.T) {
 		require.Nil(t, amqpx.Publishing("phasecast-test", tc.kind, body, "").Headers, tc.kind)
 	}
 }
+
+func TestURLUserOfAClusterList(t *testing.T) {
+	require.Equal(t, "nova", amqpx.URLUser("amqp://nova:pw@h1:5672/, amqp://nova:pw@h2:5672/"))
+	require.Equal(t, "guest", amqpx.URLUser("amqp://h1/"))
+	require.Equal(t, "", amqpx.URLUser("http://nope/"))
+}

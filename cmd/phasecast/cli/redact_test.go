@@ -17,7 +17,7 @@ func TestAMQPURLListNeverPrintsAPassword(t *testing.T) {
 	list := "amqp://guest:first-s3cret@127.0.0.1:1/,amqp://other:second-s3cret@127.0.0.1:2/"
 	var out, errOut bytes.Buffer
 	code := Main(context.Background(), []string{
-		"--database-url", testenv.DatabaseURL(), "--schema", store.Schema(), "--amqp-url", list, "broadcast",
+		"--database-url", testenv.DatabaseURL(), "--schema", store.Schema(), "--amqp-url", list, "broadcast", "--insecure",
 	}, &out, &errOut)
 	require.Equal(t, 1, code, errOut.String())
 	for _, secret := range []string{"first-s3cret", "second-s3cret"} {
