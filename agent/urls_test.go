@@ -13,13 +13,13 @@ import (
 // by its place, and neither that error nor a failed start shows any of
 // the list's passwords, whatever the dial errors say.
 func TestAMQPURLListValidatedAndNeverShowsAPassword(t *testing.T) {
-	_, err := New(Config{Service: "svc", AMQPURL: "amqp://a:first-s3cret@127.0.0.1:1/,http://b:second-s3cret@h2/"})
+	_, err := New(Config{Insecure: true, Service: "svc", AMQPURL: "amqp://a:first-s3cret@127.0.0.1:1/,http://b:second-s3cret@h2/"})
 	require.ErrorContains(t, err, "Config.AMQPURL: URL 2 of 2")
 	require.NotContains(t, err.Error(), "s3cret")
 
 	logs := &lockedBuffer{}
 	a, err := New(Config{
-		Service: "svc", AMQPURL: "amqp://a:first-s3cret@127.0.0.1:1/, amqp://b:second-s3cret@127.0.0.1:2/",
+		Insecure: true, Service: "svc", AMQPURL: "amqp://a:first-s3cret@127.0.0.1:1/, amqp://b:second-s3cret@127.0.0.1:2/",
 		Logger: zerolog.New(logs),
 	})
 	require.NoError(t, err)
