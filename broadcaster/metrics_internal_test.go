@@ -41,7 +41,7 @@ func TestAgentsByState(t *testing.T) {
 	testenv.Agent(t, store, "old", nil, 3, time.Minute)
 	testenv.Agent(t, store, "fenced", []string{"L"}, 3, time.Millisecond)
 	testenv.Agent(t, store, "gone", []string{"L"}, 3, time.Millisecond)
-	_, err := store.DB().Exec(`UPDATE `+pq.QuoteIdentifier(store.Schema())+`.agents SET lease_expires_at = now() - interval '1 hour' WHERE id = 'gone'`)
+	_, err := store.DB().Exec(`UPDATE ` + pq.QuoteIdentifier(store.Schema()) + `.agents SET lease_expires_at = now() - interval '1 hour' WHERE id = 'gone'`)
 	require.NoError(t, err)
 	time.Sleep(10 * time.Millisecond) // the short leases run out
 
