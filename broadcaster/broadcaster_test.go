@@ -8,6 +8,7 @@ import (
 	"os"
 	"runtime"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -34,6 +35,9 @@ type testBundle struct {
 	// grantQueue is the queue replyQueue declared, which every status the
 	// test sends binds to the grant exchange under its agent ID.
 	grantQueue string
+
+	storeIDOnce sync.Once
+	storeIDVal  string
 }
 
 func setup(t *testing.T) *testBundle {
@@ -223,14 +227,24 @@ func status(id string, seq uint64) wire.Status {
 // storeID is the identity of the test's store, which statuses must name.
 func (tb *testBundle) storeID(t *testing.T) string {
 	t.Helper()
-	id, err := tb.store.ID(context.Background())
-	require.NoError(t, err)
-	return id
+	tb.storeIDOnce.Do(func() {
+		id, err := tb.store.ID(context.Background())
+		require.NoError(t, err)
+		tb.storeIDVal = id
+	})
+	return tb.storeIDVal
 }
 
 // sendStatus publishes st to the status queue, with a MAC when key is set.
 // A status that names no store is sent as of the test's store.
 func (tb *testBundle) sendStatus(t *testing.T, st wire.Status, key []byte) {
+	t.Helper()
+	body, headers := tb.statusBody(t, st, key)
+	tb.sendRaw(t, body, headers)
+}
+
+// statusBody encodes st as sendStatus sends it, with its MAC header.
+func (tb *testBundle) statusBody(t *testing.T, st wire.Status, key []byte) ([]byte, amqp.Table) {
 	t.Helper()
 	if st.StoreID == "" {
 		st.StoreID = tb.storeID(t)
@@ -241,7 +255,7 @@ func (tb *testBundle) sendStatus(t *testing.T, st wire.Status, key []byte) {
 	if key != nil {
 		headers = amqp.Table{wire.MACHeader: wire.MAC(key, body)}
 	}
-	tb.sendRaw(t, body, headers)
+	return body, headers
 }
 
 func (tb *testBundle) sendRaw(t *testing.T, body []byte, headers amqp.Table) {

@@ -144,9 +144,17 @@ func TestStatus(t *testing.T) {
 		waitGrant(t, grants, nil, 10*time.Second)
 		batchesBefore := b.Stats().StatusBatches
 
+		// Build (and bind the grant queue for) every status first, then
+		// publish them back to back: the batcher must meet a burst, not
+		// a sender paced by its own round trips.
 		const n = 300
+		msgs := make([]amqp.Publishing, n)
 		for i := range n {
-			bundle.sendStatus(t, status(fmt.Sprintf("agent-%03d", i), 1), nil)
+			body, headers := bundle.statusBody(t, status(fmt.Sprintf("agent-%03d", i), 1), nil)
+			msgs[i] = bundle.publishing(t, body, headers)
+		}
+		for _, msg := range msgs {
+			require.NoError(t, bundle.ch.PublishWithContext(ctx, "", amqpx.StatusQueue(bundle.prefix), false, false, msg))
 		}
 		for range n {
 			waitGrant(t, grants, nil, 10*time.Second)
