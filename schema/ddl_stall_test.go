@@ -1,0 +1,223 @@
+package schema_test
+
+import (
+	"context"
+	"database/sql"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/lib/pq"
+	"github.com/stretchr/testify/require"
+
+	"github.com/phasecast/phasecast/internal/testenv"
+	"github.com/phasecast/phasecast/schema"
+)
+
+// stallBound is what the tests below allow a live read to stall behind
+// the DROP at the defaults. The goal is 100ms; the bound leaves room for a
+// loaded CI machine, and each test logs the figure it saw.
+const stallBound = 300 * time.Millisecond
+
+// TestContractDropDoesNotQueueBehindLongTransaction: with a long
+// transaction holding a lock on the table, the runner's DROP does not wait
+// in the lock queue, where every read of the table would wait behind it; it
+// goes through once the transaction ends.
+func TestContractDropDoesNotQueueBehindLongTransaction(t *testing.T) {
+	t.Parallel()
+	b, _ := setupAcked(t, "a")
+
+	blocker := b.holdLock()
+	const hold = 2500 * time.Millisecond
+	released := make(chan struct{})
+	go func() {
+		defer close(released)
+		time.Sleep(hold)
+		_, _ = blocker.ExecContext(context.Background(), `COMMIT`)
+	}()
+
+	readers := startReaders(t, b, 2, false)
+	queue := watchLockQueue(t, b)
+
+	start := time.Now()
+	res, err := b.store.Contract(b.ctx, "L", fast(schema.ContractOptions{}))
+	took := time.Since(start)
+	readers.stop()
+	waited := queue.stop()
+	<-released
+	require.NoError(t, err)
+	t.Logf("took %s, %d attempts (%d held off), %d reads, longest read %s, longest wait of an ACCESS EXCLUSIVE request in the lock queue %s",
+		took.Round(time.Millisecond), res.Attempts, res.HeldOff, readers.reads.Load(), readers.longest(), waited)
+	require.Equal(t, schema.OutcomeComplete, res.Outcome)
+	require.GreaterOrEqual(t, took, hold-100*time.Millisecond, "the DROP cannot go before the transaction ends")
+	require.Greater(t, readers.reads.Load(), int64(50))
+	// The default lock_timeout is 50ms; the rest is sampling and load.
+	require.Less(t, waited, 250*time.Millisecond, "the DROP queued for its lock past its lock_timeout")
+	require.Less(t, readers.longest(), stallBound, "reads stalled behind the DROP")
+	require.Equal(t, []string{"instances.id", "instances.common_name"}, b.columns())
+}
+
+// TestContractDropNotStarvedByShortTransactions: a steady stream of short
+// transactions that keeps the table always locked does not starve the
+// DROP, nor do its reads stall long behind it.
+func TestContractDropNotStarvedByShortTransactions(t *testing.T) {
+	t.Parallel()
+	b, _ := setupAcked(t, "a")
+
+	readers := startReaders(t, b, 6, true)
+	// Let the stream settle so the table is busy when the DDL begins.
+	require.Eventually(t, func() bool { return readers.reads.Load() > 30 }, 10*time.Second, 5*time.Millisecond)
+
+	res, err := b.store.Contract(b.ctx, "L", fast(schema.ContractOptions{}))
+	readers.stop()
+	require.NoError(t, err)
+	ddl := res.DDLEnd.Sub(res.DDLStart)
+	t.Logf("DDL phase %s, %d attempts (%d held off), %d short transactions, longest %s",
+		ddl.Round(time.Millisecond), res.Attempts, res.HeldOff, readers.reads.Load(), readers.longest())
+	require.Equal(t, schema.OutcomeComplete, res.Outcome)
+	require.Less(t, ddl, 5*time.Second, "the stream of short transactions starved the DROP")
+	require.Less(t, readers.longest(), stallBound, "short transactions stalled behind the DROP")
+	require.Equal(t, []string{"instances.id", "instances.common_name"}, b.columns())
+}
+
+// readerLoop is live traffic on the instances table: each reader reads a
+// column the release keeps, in a loop, and the longest read is kept.
+type readerLoop struct {
+	wg    sync.WaitGroup
+	done  chan struct{}
+	reads atomic.Int64
+	max   atomic.Int64
+}
+
+// startReaders starts n readers on connections of their own. With tx, each
+// read is a short transaction: BEGIN; SELECT; pg_sleep(5ms); COMMIT, timed
+// whole; otherwise a single SELECT and a 2ms pause.
+func startReaders(t *testing.T, b *contractBundle, n int, tx bool) *readerLoop {
+	t.Helper()
+	db, err := sql.Open("postgres", testenv.DatabaseURL())
+	require.NoError(t, err)
+	t.Cleanup(func() { db.Close() })
+	r := &readerLoop{done: make(chan struct{})}
+	t.Cleanup(r.stop)
+	read := `SELECT common_name FROM ` + pq.QuoteIdentifier(b.app) + `.instances WHERE id = $1`
+	for w := range n {
+		conn, err := db.Conn(b.ctx)
+		require.NoError(t, err)
+		r.wg.Add(1)
+		go func() {
+			defer r.wg.Done()
+			defer conn.Close()
+			for i := 0; ; i++ {
+				select {
+				case <-r.done:
+					return
+				default:
+				}
+				start := time.Now()
+				var err error
+				if tx {
+					err = shortTransaction(b.ctx, conn, read, 1+(i*n+w)%100)
+				} else {
+					var v sql.NullString
+					err = conn.QueryRowContext(b.ctx, read, 1+(i*n+w)%100).Scan(&v)
+				}
+				if err != nil {
+					t.Errorf("reader %d: %v", w, err)
+					return
+				}
+				r.reads.Add(1)
+				if l := time.Since(start).Nanoseconds(); l > r.max.Load() {
+					r.max.Store(l)
+				}
+				if !tx {
+					time.Sleep(2 * time.Millisecond)
+				}
+			}
+		}()
+	}
+	return r
+}
+
+func shortTransaction(ctx context.Context, conn *sql.Conn, read string, id int) error {
+	if _, err := conn.ExecContext(ctx, `BEGIN`); err != nil {
+		return err
+	}
+	var v sql.NullString
+	if err := conn.QueryRowContext(ctx, read, id).Scan(&v); err != nil {
+		_, _ = conn.ExecContext(ctx, `ROLLBACK`)
+		return err
+	}
+	if _, err := conn.ExecContext(ctx, `SELECT pg_sleep(0.005)`); err != nil {
+		_, _ = conn.ExecContext(ctx, `ROLLBACK`)
+		return err
+	}
+	_, err := conn.ExecContext(ctx, `COMMIT`)
+	return err
+}
+
+func (r *readerLoop) stop() {
+	select {
+	case <-r.done:
+	default:
+		close(r.done)
+	}
+	r.wg.Wait()
+}
+
+func (r *readerLoop) longest() time.Duration { return time.Duration(r.max.Load()) }
+
+// lockQueueWatch samples pg_locks every few milliseconds for an ACCESS
+// EXCLUSIVE request on the instances table that is waiting, and keeps the
+// longest stretch one backend was seen waiting.
+type lockQueueWatch struct {
+	done    chan struct{}
+	stopped chan struct{}
+	longest time.Duration
+}
+
+func watchLockQueue(t *testing.T, b *contractBundle) *lockQueueWatch {
+	t.Helper()
+	w := &lockQueueWatch{done: make(chan struct{}), stopped: make(chan struct{})}
+	table := pq.QuoteIdentifier(b.app) + `.instances`
+	go func() {
+		defer close(w.stopped)
+		since := map[int]time.Time{}
+		for {
+			select {
+			case <-w.done:
+				return
+			case <-time.After(3 * time.Millisecond):
+			}
+			var pids []int64
+			err := b.db.SelectContext(b.ctx, &pids, `SELECT pid FROM pg_locks
+				WHERE locktype = 'relation' AND relation = to_regclass($1) AND mode = 'AccessExclusiveLock' AND NOT granted`, table)
+			if err != nil {
+				continue // the table is gone once the DROP committed
+			}
+			now := time.Now()
+			waiting := map[int]time.Time{}
+			for _, p := range pids {
+				first, ok := since[int(p)]
+				if !ok {
+					first = now
+				}
+				waiting[int(p)] = first
+				w.longest = max(w.longest, now.Sub(first))
+			}
+			since = waiting
+		}
+	}()
+	t.Cleanup(func() { w.stop() })
+	return w
+}
+
+func (w *lockQueueWatch) stop() time.Duration {
+	select {
+	case <-w.done:
+	default:
+		close(w.done)
+	}
+	<-w.stopped
+	return w.longest
+}
