@@ -228,17 +228,17 @@ type Plan struct {
 // ContractResult reports a contract run. Times are the runner's clock.
 type ContractResult struct {
 	Plan
-	Outcome  string        `json:"outcome"`
-	Dropped  []string      `json:"dropped"` // the columns and tables this run dropped, quoted
-	Waited   time.Duration `json:"waited"`
+	Outcome string        `json:"outcome"`
+	Dropped []string      `json:"dropped"` // the columns and tables this run dropped, quoted
+	Waited  time.Duration `json:"waited"`
 	// Attempts counts the DDL's rounds for its locks: each looks at
 	// pg_locks, then either runs the statement under lock_timeout or holds
 	// off, a transaction open too long holding a lock it needs (HeldOff).
-	Attempts int `json:"attempts"`
-	HeldOff  int `json:"held_off"` // rounds of Attempts that held off instead of trying
-	AckedAt  time.Time     `json:"acked_at,omitzero"`
-	DDLStart time.Time     `json:"ddl_start,omitzero"`
-	DDLEnd   time.Time     `json:"ddl_end,omitzero"`
+	Attempts int       `json:"attempts"`
+	HeldOff  int       `json:"held_off"` // rounds of Attempts that held off instead of trying
+	AckedAt  time.Time `json:"acked_at,omitzero"`
+	DDLStart time.Time `json:"ddl_start,omitzero"`
+	DDLEnd   time.Time `json:"ddl_end,omitzero"`
 	// Exec is how the contract command ran, when one did.
 	Exec *ExecReport `json:"exec,omitempty"`
 }
