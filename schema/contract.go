@@ -81,11 +81,12 @@ type ContractOptions struct {
 	// queues for long in front of live traffic, whose queries on the table
 	// wait behind it. Before each try the runner looks in pg_locks and
 	// holds off while another session holding a lock on the table has had
-	// its transaction open for LockTimeout or more; it tries when the
+	// its transaction open for the lock_timeout or more; it tries when the
 	// holders are only younger ones, and retries a timed-out try after a
-	// short backoff, once in a while (after 4 in a row) with twice
-	// LockTimeout, so a stream of short transactions does not starve it.
-	// Defaults to 50ms.
+	// short backoff. A stream of transactions that keeps the table locked
+	// (4 tries in a row timed out, or 3 old holders ended while others
+	// took their place) doubles the lock_timeout, up to 2s, so it cannot
+	// starve the DROP. Defaults to 50ms (DefaultLockTimeout).
 	LockTimeout time.Duration
 	// DDLTimeout bounds the DDL phase, which begins once the release is in
 	// contracting: lock-timeout retries stop when it has passed (after at
@@ -916,36 +917,27 @@ func isIdentRune(r rune) bool {
 	return r == '_' || r == '$' || unicode.IsLetter(r) || unicode.IsDigit(r)
 }
 
-// Pacing of the DDL's tries for its lock.
+// DDL retry backoff bounds, after a try that timed out: short, since a
+// stream of short transactions leaves gaps often.
 const (
-	// ddlBackoffMin and ddlBackoffMax bound the capped, jittered
-	// exponential backoff after a try that timed out with only young
-	// holders of a lock on the table: short, since a stream of short
-	// transactions leaves gaps often.
 	ddlBackoffMin = 50 * time.Millisecond
 	ddlBackoffMax = time.Second
-	// starveTries: after this many tries in a row timed out with only
-	// young holders, the next one waits twice the lock_timeout, so a
-	// stream of transactions each a little longer than lock_timeout does
-	// not starve the DROP.
-	starveTries = 4
 )
 
 // runDDL runs each statement in its own transaction with a short
 // lock_timeout, and never lets it wait long in the lock queue, where it
 // would hold up every query of the table behind it. Before each try it
 // looks in pg_locks for other sessions' locks on the table (and, for a
-// cascade, on the relations among its planned dependents): while one is
-// held by a transaction open for at least the lock_timeout, which is not
-// likely to end within it, it holds off and looks again every
-// 10–50ms; it tries only when no holder is there or all are young. A try
-// that cannot get its lock in time (SQLSTATE 55P03) is retried after a
-// short, capped, jittered backoff, and after starveTries such tries in a
-// row one try waits twice the lock_timeout. All until opts.DDLTimeout has
-// passed. Every PollInterval, and before each try, it looks for live agents
-// running code that predates the release, which may have registered since
-// contracting began, and reports each once. Any other error stops the run
-// with the release in contracting.
+// cascade, on the relations among its planned dependents), and holds off,
+// looking again every 10–50ms, while one is held by a transaction open
+// longer than the lock_timeout (lockPacer). A try that cannot get its
+// lock in time (SQLSTATE 55P03) is retried after a short, capped, jittered
+// backoff. A stream of transactions that keeps the table locked lengthens
+// the lock_timeout, up to 2s, until a try can wait one out. All until
+// opts.DDLTimeout has passed. Every PollInterval, and before each try, it
+// looks for live agents running code that predates the release, which may
+// have registered since contracting began, and reports each once. Any
+// other error stops the run with the release in contracting.
 func (s *Store) runDDL(ctx context.Context, conn *sqlx.Conn, res *ContractResult, m *Manifest, opts ContractOptions, log zerolog.Logger) error {
 	res.DDLStart = time.Now()
 	defer func() { res.DDLEnd = time.Now() }()
@@ -978,15 +970,23 @@ func (s *Store) runDDL(ctx context.Context, conn *sqlx.Conn, res *ContractResult
 				Waited: time.Since(res.DDLStart), Attempts: res.Attempts, HeldOff: res.HeldOff, Holder: holder, OldCode: res.OldCodeDuringDDL}
 		}
 		backoff := retry.Backoff{Min: ddlBackoffMin, Max: ddlBackoffMax}
+		pacer := newLockPacer(opts.LockTimeout)
+		lengthened := func(why string) {
+			log.Info().Str("ddl", stmt).Dur("lock_timeout", pacer.lockTimeout).
+				Msgf("DDL lengthens its lock_timeout to %s: %s", pacer.lockTimeout, why)
+		}
 		var heldBy *LockHolder // the old holder last logged
-		youngFails := 0
 		for attempt := 1; ; attempt++ {
 			res.Attempts++
 			holders, err := lockHolders(ctx, conn, rels)
 			if err != nil {
 				return fail(err)
 			}
-			if old, ok := oldHolder(holders, opts.LockTimeout); ok {
+			old, holdOff, longer := pacer.look(holders)
+			if longer {
+				lengthened("transactions open longer than it keep ending while others hold the table, a stream that leaves no gap")
+			}
+			if holdOff {
 				res.HeldOff++
 				if heldBy == nil || heldBy.PID != old.PID {
 					log.Warn().Str("ddl", stmt).Int("attempt", attempt).Int("holder_pid", old.PID).Dur("holder_age", old.Age).
@@ -994,7 +994,6 @@ func (s *Store) runDDL(ctx context.Context, conn *sqlx.Conn, res *ContractResult
 				}
 				heldBy = &old
 				backoff.Reset()
-				youngFails = 0
 				if !time.Now().Before(deadline) {
 					return timedOut(heldBy)
 				}
@@ -1010,15 +1009,7 @@ func (s *Store) runDDL(ctx context.Context, conn *sqlx.Conn, res *ContractResult
 			if err := watch(true); err != nil {
 				return fail(err)
 			}
-			lockTimeout := opts.LockTimeout
-			if youngFails >= starveTries {
-				// A stream of transactions each longer than lock_timeout.
-				lockTimeout *= 2
-				youngFails = 0
-				log.Info().Str("ddl", stmt).Int("attempt", attempt).Dur("lock_timeout", lockTimeout).
-					Msgf("DDL timed out %d times in a row with only young holders of its lock: trying once with twice the lock_timeout", starveTries)
-			}
-			dropped, gone, err := s.execDDL(ctx, conn, r, stmt, lockTimeout, planned)
+			dropped, gone, err := s.execDDL(ctx, conn, r, stmt, pacer.lockTimeout, planned)
 			if err == nil {
 				res.Dropped = append(res.Dropped, dropped...)
 				res.AlreadyGone = replaceGone(res.AlreadyGone, r, gone)
@@ -1038,7 +1029,9 @@ func (s *Store) runDDL(ctx context.Context, conn *sqlx.Conn, res *ContractResult
 				}
 				return fail(err)
 			}
-			youngFails++
+			if pacer.timedOut() {
+				lengthened(fmt.Sprintf("%d tries in a row timed out with only younger holders", starveTries))
+			}
 			if !time.Now().Before(deadline) {
 				return timedOut(nil)
 			}

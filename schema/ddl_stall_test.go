@@ -37,7 +37,7 @@ func TestContractDropDoesNotQueueBehindLongTransaction(t *testing.T) {
 		_, _ = blocker.ExecContext(context.Background(), `COMMIT`)
 	}()
 
-	readers := startReaders(t, b, 2, false)
+	readers := startReaders(t, b, 2, 0)
 	queue := watchLockQueue(t, b)
 
 	start := time.Now()
@@ -65,7 +65,7 @@ func TestContractDropNotStarvedByShortTransactions(t *testing.T) {
 	t.Parallel()
 	b, _ := setupAcked(t, "a")
 
-	readers := startReaders(t, b, 6, true)
+	readers := startReaders(t, b, 6, 5*time.Millisecond)
 	// Let the stream settle so the table is busy when the DDL begins.
 	require.Eventually(t, func() bool { return readers.reads.Load() > 30 }, 10*time.Second, 5*time.Millisecond)
 
@@ -81,6 +81,33 @@ func TestContractDropNotStarvedByShortTransactions(t *testing.T) {
 	require.Equal(t, []string{"instances.id", "instances.common_name"}, b.columns())
 }
 
+// TestContractDropNotStarvedByLongerTransactions: a steady stream of
+// transactions each longer than the lock_timeout, overlapping so that one
+// open longer than lock_timeout nearly always holds the table, does not
+// starve the DROP either: the runner sees them end one after another and
+// lengthens its lock_timeout until it can wait one out.
+func TestContractDropNotStarvedByLongerTransactions(t *testing.T) {
+	t.Parallel()
+	b, _ := setupAcked(t, "a")
+
+	const hold = 150 * time.Millisecond // 3× the default lock_timeout
+	readers := startReaders(t, b, 6, hold)
+	require.Eventually(t, func() bool { return readers.reads.Load() > 12 }, 10*time.Second, 5*time.Millisecond)
+
+	res, err := b.store.Contract(b.ctx, "L", fast(schema.ContractOptions{DDLTimeout: 30 * time.Second}))
+	readers.stop()
+	require.NoError(t, err)
+	ddl := res.DDLEnd.Sub(res.DDLStart)
+	t.Logf("DDL phase %s, %d attempts (%d held off), %d transactions of %s, longest %s",
+		ddl.Round(time.Millisecond), res.Attempts, res.HeldOff, readers.reads.Load(), hold, readers.longest())
+	require.Equal(t, schema.OutcomeComplete, res.Outcome)
+	require.Less(t, ddl, 10*time.Second, "the stream of transactions starved the DROP")
+	// Waiting one out takes up to its length; a stall of the old default
+	// lock_timeout, 2s, is what the runner must stay under.
+	require.Less(t, readers.longest(), hold+time.Second, "transactions stalled behind the DROP")
+	require.Equal(t, []string{"instances.id", "instances.common_name"}, b.columns())
+}
+
 // readerLoop is live traffic on the instances table: each reader reads a
 // column the release keeps, in a loop, and the longest read is kept.
 type readerLoop struct {
@@ -90,10 +117,10 @@ type readerLoop struct {
 	max   atomic.Int64
 }
 
-// startReaders starts n readers on connections of their own. With tx, each
-// read is a short transaction: BEGIN; SELECT; pg_sleep(5ms); COMMIT, timed
-// whole; otherwise a single SELECT and a 2ms pause.
-func startReaders(t *testing.T, b *contractBundle, n int, tx bool) *readerLoop {
+// startReaders starts n readers on connections of their own. With a
+// positive hold, each read is a transaction: BEGIN; SELECT; pg_sleep(hold);
+// COMMIT, timed whole; otherwise a single SELECT and a 2ms pause.
+func startReaders(t *testing.T, b *contractBundle, n int, hold time.Duration) *readerLoop {
 	t.Helper()
 	db, err := sql.Open("postgres", testenv.DatabaseURL())
 	require.NoError(t, err)
@@ -116,8 +143,8 @@ func startReaders(t *testing.T, b *contractBundle, n int, tx bool) *readerLoop {
 				}
 				start := time.Now()
 				var err error
-				if tx {
-					err = shortTransaction(b.ctx, conn, read, 1+(i*n+w)%100)
+				if hold > 0 {
+					err = readTransaction(b.ctx, conn, read, 1+(i*n+w)%100, hold)
 				} else {
 					var v sql.NullString
 					err = conn.QueryRowContext(b.ctx, read, 1+(i*n+w)%100).Scan(&v)
@@ -130,7 +157,7 @@ func startReaders(t *testing.T, b *contractBundle, n int, tx bool) *readerLoop {
 				if l := time.Since(start).Nanoseconds(); l > r.max.Load() {
 					r.max.Store(l)
 				}
-				if !tx {
+				if hold == 0 {
 					time.Sleep(2 * time.Millisecond)
 				}
 			}
@@ -139,7 +166,7 @@ func startReaders(t *testing.T, b *contractBundle, n int, tx bool) *readerLoop {
 	return r
 }
 
-func shortTransaction(ctx context.Context, conn *sql.Conn, read string, id int) error {
+func readTransaction(ctx context.Context, conn *sql.Conn, read string, id int, hold time.Duration) error {
 	if _, err := conn.ExecContext(ctx, `BEGIN`); err != nil {
 		return err
 	}
@@ -148,7 +175,7 @@ func shortTransaction(ctx context.Context, conn *sql.Conn, read string, id int) 
 		_, _ = conn.ExecContext(ctx, `ROLLBACK`)
 		return err
 	}
-	if _, err := conn.ExecContext(ctx, `SELECT pg_sleep(0.005)`); err != nil {
+	if _, err := conn.ExecContext(ctx, `SELECT pg_sleep($1)`, hold.Seconds()); err != nil {
 		_, _ = conn.ExecContext(ctx, `ROLLBACK`)
 		return err
 	}
