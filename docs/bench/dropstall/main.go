@@ -2,8 +2,8 @@
 // the contract runner's DROP, with pgbench reading a column the release
 // keeps while the runner drops two others. Scenario "long": a transaction
 // holds a lock on the table for --hold while the runner contracts.
-// Scenario "stream": goroutines run short transactions on the table
-// (BEGIN; SELECT; pg_sleep(5ms); COMMIT) so it is always locked. It prints
+// Scenario "stream": goroutines run transactions on the table (BEGIN;
+// SELECT; pg_sleep(--stream-hold, 5ms); COMMIT) so it is always locked. It prints
 // one Markdown table row: the reads' max, p99 and p50 latency over the
 // run, the reads over 100ms, and the DDL phase's length. docs/bench/
 // drop-stall.sh runs it for the old and the new defaults; BENCHMARKS.md
@@ -50,16 +50,17 @@ func main() {
 	duration := flag.Duration("duration", 12*time.Second, "pgbench's run (-T)")
 	rate := flag.Int("rate", 200, "pgbench's reads per second (-R), over 4 clients")
 	streams := flag.Int("streams", 6, "goroutines running short transactions (stream)")
+	streamHold := flag.Duration("stream-hold", 5*time.Millisecond, "each stream transaction's pg_sleep")
 	label := flag.String("label", "", "the row's first cell")
 	pgbench := flag.String("pgbench", "/usr/bin/pgbench", "pgbench binary")
 	flag.Parse()
-	if err := run(*scenario, *lockTimeout, *hold, *duration, *rate, *streams, *label, *pgbench); err != nil {
+	if err := run(*scenario, *lockTimeout, *hold, *duration, *rate, *streams, *streamHold, *label, *pgbench); err != nil {
 		fmt.Fprintln(os.Stderr, "dropstall:", err)
 		os.Exit(1)
 	}
 }
 
-func run(scenario string, lockTimeout, hold, duration time.Duration, rate, streams int, label, pgbench string) error {
+func run(scenario string, lockTimeout, hold, duration time.Duration, rate, streams int, streamHold time.Duration, label, pgbench string) error {
 	ctx := context.Background()
 	url := config.Env(config.EnvDatabaseURL, config.DefaultDatabaseURL)
 	db, err := sqlx.Open("postgres", url)
@@ -131,7 +132,7 @@ func run(scenario string, lockTimeout, hold, duration time.Duration, rate, strea
 						return
 					default:
 					}
-					if err := shortTransaction(ctx, conn, 1+i%rows); err != nil {
+					if err := streamTransaction(ctx, conn, 1+i%rows, streamHold); err != nil {
 						errs <- err
 						return
 					}
@@ -178,7 +179,13 @@ func run(scenario string, lockTimeout, hold, duration time.Duration, rate, strea
 			outside = append(outside, r.latency)
 		}
 	}
-	fmt.Printf("| %s | %s | %s | %d | %s | %s | %d | %s | %s | %s | %d |\n", label, scenario, ms(res.DDLEnd.Sub(res.DDLStart)), res.Attempts,
+	name := scenario
+	if scenario == "stream" {
+		name = fmt.Sprintf("stream of %s transactions", streamHold)
+	} else {
+		name = fmt.Sprintf("%s transaction", hold)
+	}
+	fmt.Printf("| %s | %s | %s | %d | %s | %s | %d | %s | %s | %s | %d |\n", label, name, ms(res.DDLEnd.Sub(res.DDLStart)), res.Attempts,
 		ms(quantile(during, 1)), ms(quantile(during, 0.99)), over(during, 100*time.Millisecond), ms(quantile(during, 0.5)),
 		ms(quantile(outside, 1)), ms(quantile(outside, 0.99)), len(reads))
 	return nil
@@ -233,7 +240,7 @@ func setup(ctx context.Context, db *sqlx.DB) (*schema.Store, error) {
 	return store, nil
 }
 
-func shortTransaction(ctx context.Context, conn *sql.Conn, id int) error {
+func streamTransaction(ctx context.Context, conn *sql.Conn, id int, hold time.Duration) error {
 	tx, err := conn.BeginTx(ctx, nil)
 	if err != nil {
 		return err
@@ -243,7 +250,7 @@ func shortTransaction(ctx context.Context, conn *sql.Conn, id int) error {
 	if err := tx.QueryRowContext(ctx, `SELECT common_name FROM `+appSchema+`.instances WHERE id = $1`, id).Scan(&v); err != nil {
 		return err
 	}
-	if _, err := tx.ExecContext(ctx, `SELECT pg_sleep(0.005)`); err != nil {
+	if _, err := tx.ExecContext(ctx, `SELECT pg_sleep($1)`, hold.Seconds()); err != nil {
 		return err
 	}
 	return tx.Commit()
