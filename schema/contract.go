@@ -975,7 +975,8 @@ func (s *Store) runDDL(ctx context.Context, conn *sqlx.Conn, res *ContractResult
 			log.Info().Str("ddl", stmt).Dur("lock_timeout", pacer.lockTimeout).
 				Msgf("DDL lengthens its lock_timeout to %s: %s", pacer.lockTimeout, why)
 		}
-		var heldBy *LockHolder // the old holder last logged
+		var heldBy *LockHolder // the old holder held off for at the last look
+		var loggedAt time.Time
 		for attempt := 1; ; attempt++ {
 			res.Attempts++
 			holders, err := lockHolders(ctx, conn, rels)
@@ -988,7 +989,9 @@ func (s *Store) runDDL(ctx context.Context, conn *sqlx.Conn, res *ContractResult
 			}
 			if holdOff {
 				res.HeldOff++
-				if heldBy == nil || heldBy.PID != old.PID {
+				// Once per holder, and at most every second for a stream.
+				if (heldBy == nil || heldBy.PID != old.PID) && time.Since(loggedAt) >= time.Second {
+					loggedAt = time.Now()
 					log.Warn().Str("ddl", stmt).Int("attempt", attempt).Int("holder_pid", old.PID).Dur("holder_age", old.Age).
 						Msgf("DDL holds off: %s holds a lock it needs and is not likely to end within lock_timeout; retrying once it ends", old)
 				}
