@@ -248,3 +248,50 @@ func (w *lockQueueWatch) stop() time.Duration {
 	<-w.stopped
 	return w.longest
 }
+
+// TestContractCascadeHoldsOffForDependentsHolder: with cascade, the runner
+// locks the dependents' relations under the table's lock, so a long
+// transaction holding one of them (a table whose foreign key references a
+// removed column) holds it off too, instead of making reads of the table
+// wait while it holds the table.
+func TestContractCascadeHoldsOffForDependentsHolder(t *testing.T) {
+	t.Parallel()
+	b, _ := setupAckedRelease(t, "a", `
+release: L
+removed:
+  - table: APP.instances
+    columns: [name, display_name]
+    cascade: true
+`)
+	b.exec(`ALTER TABLE APP.instances ADD CONSTRAINT instances_name_key UNIQUE (name)`,
+		`CREATE TABLE APP.child (id int, instance_name text CONSTRAINT child_fk REFERENCES APP.instances (name))`)
+
+	blocker, err := b.db.Conn(b.ctx)
+	require.NoError(t, err)
+	t.Cleanup(func() { blocker.Close() })
+	_, err = blocker.ExecContext(b.ctx, `BEGIN`)
+	require.NoError(t, err)
+	_, err = blocker.ExecContext(b.ctx, `SELECT count(*) FROM `+pq.QuoteIdentifier(b.app)+`.child`)
+	require.NoError(t, err)
+	const hold = 1500 * time.Millisecond
+	released := make(chan struct{})
+	go func() {
+		defer close(released)
+		time.Sleep(hold)
+		_, _ = blocker.ExecContext(context.Background(), `COMMIT`)
+	}()
+	readers := startReaders(t, b, 2, 0)
+
+	start := time.Now()
+	res, err := b.store.Contract(b.ctx, "L", fast(schema.ContractOptions{}))
+	took := time.Since(start)
+	readers.stop()
+	<-released
+	require.NoError(t, err)
+	t.Logf("took %s, %d attempts (%d held off), %d reads, longest %s", took.Round(time.Millisecond), res.Attempts, res.HeldOff, readers.reads.Load(), readers.longest())
+	require.Equal(t, schema.OutcomeComplete, res.Outcome)
+	require.Positive(t, res.HeldOff)
+	require.GreaterOrEqual(t, took, hold-100*time.Millisecond)
+	require.Less(t, readers.longest(), stallBound, "reads stalled behind the DROP")
+	require.Equal(t, []string{"child.id", "child.instance_name", "instances.id", "instances.common_name"}, b.columns())
+}
