@@ -28,14 +28,8 @@ func TestContractDropDoesNotQueueBehindLongTransaction(t *testing.T) {
 	t.Parallel()
 	b, _ := setupAcked(t, "a")
 
-	blocker := b.holdLock()
 	const hold = 2500 * time.Millisecond
-	released := make(chan struct{})
-	go func() {
-		defer close(released)
-		time.Sleep(hold)
-		_, _ = blocker.ExecContext(context.Background(), `COMMIT`)
-	}()
+	released := commitAfter(b.holdLock(), hold)
 
 	readers := startReaders(t, b, 2, 0)
 	queue := watchLockQueue(t, b)
@@ -106,6 +100,18 @@ func TestContractDropNotStarvedByLongerTransactions(t *testing.T) {
 	// lock_timeout, 2s, is what the runner must stay under.
 	require.Less(t, readers.longest(), hold+time.Second, "transactions stalled behind the DROP")
 	require.Equal(t, []string{"instances.id", "instances.common_name"}, b.columns())
+}
+
+// commitAfter commits the transaction open on conn after d; the channel
+// closes then.
+func commitAfter(conn *sql.Conn, d time.Duration) <-chan struct{} {
+	released := make(chan struct{})
+	go func() {
+		defer close(released)
+		time.Sleep(d)
+		_, _ = conn.ExecContext(context.Background(), `COMMIT`)
+	}()
+	return released
 }
 
 // readerLoop is live traffic on the instances table: each reader reads a
@@ -274,12 +280,7 @@ removed:
 	_, err = blocker.ExecContext(b.ctx, `SELECT count(*) FROM `+pq.QuoteIdentifier(b.app)+`.child`)
 	require.NoError(t, err)
 	const hold = 1500 * time.Millisecond
-	released := make(chan struct{})
-	go func() {
-		defer close(released)
-		time.Sleep(hold)
-		_, _ = blocker.ExecContext(context.Background(), `COMMIT`)
-	}()
+	released := commitAfter(blocker, hold)
 	readers := startReaders(t, b, 2, 0)
 
 	start := time.Now()
