@@ -57,6 +57,10 @@ const (
 	OutcomeDDLTimeout      = "ddl_timeout"      // the DDL could not take its locks in time; run again
 )
 
+// DefaultLockTimeout is ContractOptions.LockTimeout's default: reads of
+// the table stall at most about this long behind a try of the DROP.
+const DefaultLockTimeout = 50 * time.Millisecond
+
 // ContractOptions tune a contract run.
 type ContractOptions struct {
 	// Timeout bounds the wait for acknowledgements. Defaults to 10m.
@@ -73,9 +77,16 @@ type ContractOptions struct {
 	// whatever its application_name says, or for a lock on a table losing
 	// columns under no live agent's application_name. Defaults to none.
 	Poolers []string
-	// LockTimeout is the lock_timeout of each DDL statement; a statement
-	// that cannot get its lock in time is retried with backoff, so it never
-	// queues for long in front of live traffic. Defaults to 2s.
+	// LockTimeout is the lock_timeout of each DDL statement, so it never
+	// queues for long in front of live traffic, whose queries on the table
+	// wait behind it. Before each try the runner looks in pg_locks and
+	// holds off while another session holding a lock on the table has had
+	// its transaction open for the lock_timeout or more; it tries when the
+	// holders are only younger ones, and retries a timed-out try after a
+	// short backoff. A stream of transactions that keeps the table locked
+	// (4 tries in a row timed out, or 3 old holders ended while others
+	// took their place) doubles the lock_timeout, up to 2s, so it cannot
+	// starve the DROP. Defaults to 50ms (DefaultLockTimeout).
 	LockTimeout time.Duration
 	// DDLTimeout bounds the DDL phase, which begins once the release is in
 	// contracting: lock-timeout retries stop when it has passed (after at
@@ -130,7 +141,7 @@ func (o ContractOptions) withDefaults() (ContractOptions, error) {
 		def  time.Duration
 	}{
 		{"Timeout", &o.Timeout, 10 * time.Minute},
-		{"LockTimeout", &o.LockTimeout, 2 * time.Second},
+		{"LockTimeout", &o.LockTimeout, DefaultLockTimeout},
 		{"DDLTimeout", &o.DDLTimeout, 10 * time.Minute},
 		{"PollInterval", &o.PollInterval, 250 * time.Millisecond},
 		{"LeaderWithin", &o.LeaderWithin, 15 * time.Second},
@@ -218,13 +229,17 @@ type Plan struct {
 // ContractResult reports a contract run. Times are the runner's clock.
 type ContractResult struct {
 	Plan
-	Outcome  string        `json:"outcome"`
-	Dropped  []string      `json:"dropped"` // the columns and tables this run dropped, quoted
-	Waited   time.Duration `json:"waited"`
-	Attempts int           `json:"attempts"` // DDL attempts, lock-timeout retries included
-	AckedAt  time.Time     `json:"acked_at,omitzero"`
-	DDLStart time.Time     `json:"ddl_start,omitzero"`
-	DDLEnd   time.Time     `json:"ddl_end,omitzero"`
+	Outcome string        `json:"outcome"`
+	Dropped []string      `json:"dropped"` // the columns and tables this run dropped, quoted
+	Waited  time.Duration `json:"waited"`
+	// Attempts counts the DDL's rounds for its locks: each looks at
+	// pg_locks, then either runs the statement under lock_timeout or holds
+	// off, a transaction open too long holding a lock it needs (HeldOff).
+	Attempts int       `json:"attempts"`
+	HeldOff  int       `json:"held_off"` // rounds of Attempts that held off instead of trying
+	AckedAt  time.Time `json:"acked_at,omitzero"`
+	DDLStart time.Time `json:"ddl_start,omitzero"`
+	DDLEnd   time.Time `json:"ddl_end,omitzero"`
 	// Exec is how the contract command ran, when one did.
 	Exec *ExecReport `json:"exec,omitempty"`
 }
@@ -290,13 +305,19 @@ type DDLTimeoutError struct {
 	Statement string // its DDL
 	Timeout   time.Duration
 	Waited    time.Duration // since the DDL phase began
-	Attempts  int           // DDL attempts of the run
+	Attempts  int           // DDL rounds of the run (ContractResult.Attempts)
+	HeldOff   int           // rounds that held off, an old transaction holding a lock
+	Holder    *LockHolder   // the old transaction holding a lock the statement needs, when one was seen last
 	OldCode   []Agent       // live agents running code that predates the release, seen during the DDL
 }
 
 func (e *DDLTimeoutError) Error() string {
-	msg := fmt.Sprintf("release %q: the DDL phase passed its deadline of %s (--ddl-timeout) after %s and %d attempts: removed[%d]: %s still could not take its lock within lock_timeout, so a long transaction holds a lock on the table: end it, then run again",
-		e.Release, e.Timeout, e.Waited.Round(time.Millisecond), e.Attempts, e.Index, e.Statement)
+	msg := fmt.Sprintf("release %q: the DDL phase passed its deadline of %s (--ddl-timeout) after %s and %d attempts (%d held off): removed[%d]: %s still could not take its lock within lock_timeout, so a long transaction holds a lock on the table",
+		e.Release, e.Timeout, e.Waited.Round(time.Millisecond), e.Attempts, e.HeldOff, e.Index, e.Statement)
+	if e.Holder != nil {
+		msg += ": " + e.Holder.String()
+	}
+	msg += ": end it, then run again"
 	if len(e.OldCode) > 0 {
 		msg += fmt.Sprintf("; %d agent%s running code that predates %s appeared meanwhile (%s)", len(e.OldCode), plural(len(e.OldCode)), e.Release, describeAgents(e.OldCode))
 	}
@@ -896,22 +917,28 @@ func isIdentRune(r rune) bool {
 	return r == '_' || r == '$' || unicode.IsLetter(r) || unicode.IsDigit(r)
 }
 
-// DDL retry backoff bounds.
+// DDL retry backoff bounds, after a try that timed out: short, since a
+// stream of short transactions leaves gaps often.
 const (
-	ddlBackoffMin = 100 * time.Millisecond
-	ddlBackoffMax = 5 * time.Second
+	ddlBackoffMin = 50 * time.Millisecond
+	ddlBackoffMax = time.Second
 )
 
 // runDDL runs each statement in its own transaction with a short
-// lock_timeout. A statement that cannot get its lock in time (SQLSTATE
-// 55P03) is retried after a capped, jittered exponential backoff, so it never
-// waits long in the lock queue, where it would hold up every query behind
-// it, until opts.DDLTimeout has passed. Before each attempt it looks for
-// live agents running code that predates the release, which may have
-// registered since contracting began, and reports each once. Any other
-// error stops the run with the release in contracting.
+// lock_timeout, and never lets it wait long in the lock queue, where it
+// would hold up every query of the table behind it. Before each try it
+// looks in pg_locks for other sessions' locks on the table (and, for a
+// cascade, on the relations among its planned dependents), and holds off,
+// looking again every 10–50ms, while one is held by a transaction open
+// longer than the lock_timeout (lockPacer). A try that cannot get its
+// lock in time (SQLSTATE 55P03) is retried after a short, capped, jittered
+// backoff. A stream of transactions that keeps the table locked lengthens
+// the lock_timeout, up to 2s, until a try can wait one out. All until
+// opts.DDLTimeout has passed. Every PollInterval, and before each try, it
+// looks for live agents running code that predates the release, which may
+// have registered since contracting began, and reports each once. Any
+// other error stops the run with the release in contracting.
 func (s *Store) runDDL(ctx context.Context, conn *sqlx.Conn, res *ContractResult, m *Manifest, opts ContractOptions, log zerolog.Logger) error {
-	lockTimeout := fmt.Sprintf("%dms", opts.LockTimeout.Milliseconds())
 	res.DDLStart = time.Now()
 	defer func() { res.DDLEnd = time.Now() }()
 	deadline := res.DDLStart.Add(opts.DDLTimeout)
@@ -920,15 +947,72 @@ func (s *Store) runDDL(ctx context.Context, conn *sqlx.Conn, res *ContractResult
 	for _, d := range res.Dependents {
 		planned[dependentKey(d)] = true
 	}
+	var watched time.Time
+	watch := func(force bool) error {
+		if !force && time.Since(watched) < opts.PollInterval {
+			return nil
+		}
+		watched = time.Now()
+		return s.watchOldCode(ctx, conn, res, log)
+	}
 	for i, r := range m.Removed {
 		stmt := r.DDL()
-		backoff := retry.Backoff{Min: ddlBackoffMin, Max: ddlBackoffMax}
-		for attempt := 1; ; attempt++ {
+		fail := func(err error) error { return fmt.Errorf("removed[%d]: %s: %w", i, stmt, err) }
+		rels, err := ddlRelations(ctx, conn, r)
+		if err != nil {
+			return fail(err)
+		}
+		timedOut := func(holder *LockHolder) error {
 			if err := s.watchOldCode(ctx, conn, res, log); err != nil {
-				return fmt.Errorf("removed[%d]: %s: %w", i, stmt, err)
+				log.Warn().Err(err).Msg("reading the agents after the DDL deadline failed")
 			}
+			return &DDLTimeoutError{Release: res.Release, Index: i, Statement: stmt, Timeout: opts.DDLTimeout,
+				Waited: time.Since(res.DDLStart), Attempts: res.Attempts, HeldOff: res.HeldOff, Holder: holder, OldCode: res.OldCodeDuringDDL}
+		}
+		backoff := retry.Backoff{Min: ddlBackoffMin, Max: ddlBackoffMax}
+		pacer := newLockPacer(opts.LockTimeout)
+		lengthened := func(why string) {
+			log.Info().Str("ddl", stmt).Dur("lock_timeout", pacer.lockTimeout).
+				Msgf("DDL lengthens its lock_timeout to %s: %s", pacer.lockTimeout, why)
+		}
+		var heldBy *LockHolder // the old holder held off for at the last look
+		var loggedAt time.Time
+		for attempt := 1; ; attempt++ {
 			res.Attempts++
-			dropped, gone, err := s.execDDL(ctx, conn, r, stmt, lockTimeout, planned)
+			holders, err := lockHolders(ctx, conn, rels)
+			if err != nil {
+				return fail(err)
+			}
+			old, holdOff, longer := pacer.look(holders)
+			if longer {
+				lengthened("transactions open longer than it keep ending while others hold the table, a stream that leaves no gap")
+			}
+			if holdOff {
+				res.HeldOff++
+				// Once per holder, and at most every second for a stream.
+				if (heldBy == nil || heldBy.PID != old.PID) && time.Since(loggedAt) >= time.Second {
+					loggedAt = time.Now()
+					log.Warn().Str("ddl", stmt).Int("attempt", attempt).Int("holder_pid", old.PID).Dur("holder_age", old.Age).
+						Msgf("DDL holds off: %s holds a lock it needs and is not likely to end within lock_timeout; retrying once it ends", old)
+				}
+				heldBy = &old
+				backoff.Reset()
+				if !time.Now().Before(deadline) {
+					return timedOut(heldBy)
+				}
+				if err := watch(false); err != nil {
+					return fail(err)
+				}
+				if err := retry.Sleep(ctx, min(holdOffPoll(), time.Until(deadline))); err != nil {
+					return fail(err)
+				}
+				continue
+			}
+			heldBy = nil
+			if err := watch(true); err != nil {
+				return fail(err)
+			}
+			dropped, gone, err := s.execDDL(ctx, conn, r, stmt, pacer.lockTimeout, planned)
 			if err == nil {
 				res.Dropped = append(res.Dropped, dropped...)
 				res.AlreadyGone = replaceGone(res.AlreadyGone, r, gone)
@@ -946,27 +1030,39 @@ func (s *Store) runDDL(ctx context.Context, conn *sqlx.Conn, res *ContractResult
 				if errors.As(err, &changed) {
 					changed.Release = res.Release
 				}
-				return fmt.Errorf("removed[%d]: %s: %w", i, stmt, err)
+				return fail(err)
 			}
-			now := time.Now()
-			if !now.Before(deadline) {
-				if err := s.watchOldCode(ctx, conn, res, log); err != nil {
-					log.Warn().Err(err).Msg("reading the agents after the DDL deadline failed")
-				}
-				return &DDLTimeoutError{Release: res.Release, Index: i, Statement: stmt, Timeout: opts.DDLTimeout,
-					Waited: now.Sub(res.DDLStart), Attempts: res.Attempts, OldCode: res.OldCodeDuringDDL}
+			if pacer.timedOut() {
+				lengthened(fmt.Sprintf("%d tries in a row timed out with only younger holders", starveTries))
+			}
+			if !time.Now().Before(deadline) {
+				return timedOut(nil)
 			}
 			// Jitter keeps retries from lining up with each other or with
 			// a periodic job.
-			sleep := min(backoff.Next(), deadline.Sub(now))
-			log.Warn().Str("ddl", stmt).Int("attempt", attempt).Dur("retry_in", sleep).
+			sleep := min(backoff.Next(), time.Until(deadline))
+			log.Warn().Str("ddl", stmt).Int("attempt", attempt).Int("young_holders", len(holders)).Dur("retry_in", sleep).
 				Msg("DDL could not take its lock within lock_timeout; retrying")
 			if err := retry.Sleep(ctx, sleep); err != nil {
-				return fmt.Errorf("removed[%d]: %s: %w", i, stmt, err)
+				return fail(err)
 			}
 		}
 	}
-	return s.watchOldCode(ctx, conn, res, log)
+	return watch(true)
+}
+
+// ddlRelations lists the relations r's statement locks: its table and, for
+// a cascade, the relations among its dependents (quoted names).
+func ddlRelations(ctx context.Context, q sqlx.QueryerContext, r Removal) ([]string, error) {
+	rels := []string{r.QuotedTable()}
+	if !r.Cascade {
+		return rels, nil
+	}
+	_, deps, err := removalDependents(ctx, q, r)
+	if err != nil {
+		return nil, fmt.Errorf("dependents of %s: %w", r.QuotedTable(), err)
+	}
+	return append(rels, deps...), nil
 }
 
 // watchOldCode adds to res the live agents running code that predates the
@@ -1011,13 +1107,13 @@ const maxLockRounds = maxDependentDepth
 // no new one turns up), and refuses with a *DependentsChangedError,
 // rolling back, when one is not in planned: the DROP runs in this
 // transaction, so what it takes is exactly what was listed here.
-func (s *Store) execDDL(ctx context.Context, conn *sqlx.Conn, r Removal, stmt, lockTimeout string, planned map[string]bool) (dropped []string, gone []Gone, err error) {
+func (s *Store) execDDL(ctx context.Context, conn *sqlx.Conn, r Removal, stmt string, lockTimeout time.Duration, planned map[string]bool) (dropped []string, gone []Gone, err error) {
 	tx, err := conn.BeginTxx(ctx, nil)
 	if err != nil {
 		return nil, nil, err
 	}
 	defer func() { _ = tx.Rollback() }()
-	if _, err := tx.ExecContext(ctx, `SELECT set_config('lock_timeout', $1, true)`, lockTimeout); err != nil {
+	if _, err := tx.ExecContext(ctx, `SELECT set_config('lock_timeout', $1, true)`, fmt.Sprintf("%dms", lockTimeout.Milliseconds())); err != nil {
 		return nil, nil, err
 	}
 	present, gone, err := removalPresence(ctx, tx, r)

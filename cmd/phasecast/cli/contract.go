@@ -34,7 +34,9 @@ func newContractCmd(g *globals) *cobra.Command {
      removed tables: their role may use them, they hold a lock on them, or
      their query names them (--strict refuses; --pooler names poolers);
   4. takes the release to contracting and runs the DDL with a short
-     lock_timeout, retrying on lock timeouts so the DROP never queues in
+     lock_timeout (--lock-timeout, 50ms), trying only while no transaction
+     open longer than that holds a lock on the table (it looks in pg_locks
+     first) and retrying on lock timeouts, so the DROP never queues in
      front of live traffic, until --ddl-timeout (exit 5, the release stays
      in contracting); a removed table or column that is already gone counts
      as done; each statement lists the dependents again under its lock and
@@ -98,7 +100,7 @@ still there). A re-run runs CMD again: it must be idempotent.`,
 	f.BoolVar(&opts.DryRun, "dry-run", false, "print the plan (DDL, agents acknowledged and missing, outside sessions) and change nothing")
 	f.BoolVar(&opts.Strict, "strict", false, "refuse when database sessions outside any agent are connected")
 	f.StringSliceVar(&opts.Poolers, "pooler", nil, "a connection pooler's client address, address range (CIDR) or role: its server sessions are listed as outside only for a query or a lock on a removed table, whatever their application_name (repeatable)")
-	f.DurationVar(&opts.LockTimeout, "lock-timeout", 2*time.Second, "lock_timeout of each DROP; retried with backoff on timeout")
+	f.DurationVar(&opts.LockTimeout, "lock-timeout", schema.DefaultLockTimeout, "lock_timeout of each DROP; tried only while no transaction open this long holds the table, retried on timeout")
 	f.DurationVar(&opts.DDLTimeout, "ddl-timeout", 10*time.Minute, "how long the DDL may keep retrying for its locks (exit 5 after; the release stays in contracting)")
 	f.DurationVar(&opts.LeaderWithin, "broadcaster-within", 15*time.Second, "refuse unless a leading broadcaster was alive this recently")
 	f.StringVar(&opts.Actor, "actor", defaultActor(), "who runs the contract, for the audit log")

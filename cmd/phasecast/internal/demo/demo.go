@@ -361,7 +361,7 @@ func (d *pass) contract(ctx context.Context, committed time.Time, epoch int64, a
 		d.tl.at(committed.Add(ackTimes[0]), "first acknowledgement recorded (+%s)", ms(ackTimes[0]))
 		d.tl.at(committed.Add(ackTimes[len(ackTimes)-1]), "last acknowledgement recorded (+%s): %d/%d agents", ms(ackTimes[len(ackTimes)-1]), len(ackTimes), out.agents)
 	}
-	d.tl.at(contract.DDLStart, "contracting: DDL start (lock_timeout 2s)")
+	d.tl.at(contract.DDLStart, "contracting: DDL start (lock_timeout %s)", schema.DefaultLockTimeout)
 	d.tl.at(contract.DDLEnd, "DDL end: dropped %s (%d attempt(s))", strings.Join(contract.Dropped, ", "), contract.Attempts)
 	d.tl.now("release L complete")
 	out.ackTimes, out.contract, out.dropAfter = ackTimes, contract, contract.DDLStart.Sub(committed)
