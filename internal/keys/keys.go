@@ -77,7 +77,7 @@ var ErrExists = errors.New("key file already exists")
 // and status.mac (0600). It returns the path of each file written, keyed by
 // file name. It refuses to overwrite: if any of the files exists, nothing
 // is written and the error wraps ErrExists. A failure part way removes the
-// files written so far.
+// files written so far. dir is created (mode 0700) if it does not exist.
 func WriteFiles(dir string, k Keys) (map[string]string, error) {
 	if err := k.validate(); err != nil {
 		return nil, err
@@ -99,6 +99,11 @@ func WriteFiles(dir string, k Keys) (map[string]string, error) {
 	}
 	if len(files) == 0 {
 		return nil, errors.New("write keys: no key is configured")
+	}
+	// A directory that is not there yet is made, private: it is about to
+	// hold the private key.
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return nil, fmt.Errorf("write keys: %w", err)
 	}
 	for _, f := range files {
 		path := filepath.Join(dir, f.name)

@@ -132,6 +132,18 @@ func TestWriteFilesPartial(t *testing.T) {
 	require.ErrorContains(t, err, "no key is configured")
 }
 
+// TestWriteFilesMakesTheDirectory: 'phasecast keys generate --dir D' with a
+// D not there yet used to fail with "no such file or directory".
+func TestWriteFilesMakesTheDirectory(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "keys", "fleet")
+	paths, err := keys.WriteFiles(dir, generate(t))
+	require.NoError(t, err)
+	require.FileExists(t, paths[keys.StateKeyFile])
+	info, err := os.Stat(dir)
+	require.NoError(t, err)
+	require.Equal(t, os.FileMode(0o700), info.Mode().Perm(), "the directory holding the private key is private")
+}
+
 func TestWriteFilesRefusesToOverwrite(t *testing.T) {
 	k := generate(t)
 	dir := t.TempDir()
