@@ -235,6 +235,14 @@ func (e *env) statusIntake(ctx context.Context) (StatusIntake, error) {
 	if err := retry.Sleep(ctx, e.opts.CostDuration-half); err != nil {
 		return StatusIntake{}, err
 	}
+	// The window ends only once a batch has been recorded in it: on a
+	// loaded machine one batch of a saturated queue can outlast a short
+	// window, which would read as an intake of zero.
+	for deadline := time.Now().Add(10 * time.Second); e.bc.Stats().StatusBatches == s0.StatusBatches && time.Now().Before(deadline); {
+		if err := retry.Sleep(ctx, 20*time.Millisecond); err != nil {
+			return StatusIntake{}, err
+		}
+	}
 	s1, elapsed := e.bc.Stats(), time.Since(t0).Seconds()
 	stop()
 	total := offered.Load()
