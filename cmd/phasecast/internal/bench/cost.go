@@ -235,10 +235,14 @@ func (e *env) statusIntake(ctx context.Context) (StatusIntake, error) {
 	if err := retry.Sleep(ctx, e.opts.CostDuration-half); err != nil {
 		return StatusIntake{}, err
 	}
-	// The window ends only once a batch has been recorded in it: on a
-	// loaded machine one batch of a saturated queue can outlast a short
-	// window, which would read as an intake of zero.
-	for deadline := time.Now().Add(10 * time.Second); e.bc.Stats().StatusBatches == s0.StatusBatches && time.Now().Before(deadline); {
+	// The window ends only once a batch has been recorded and granted in
+	// it: on a loaded machine one batch of a saturated queue can outlast
+	// a short window, which would read as an intake of zero.
+	quiet := func() bool {
+		s := e.bc.Stats()
+		return s.StatusBatches == s0.StatusBatches || s.GrantsSent == s0.GrantsSent
+	}
+	for deadline := time.Now().Add(10 * time.Second); quiet() && time.Now().Before(deadline); {
 		if err := retry.Sleep(ctx, 20*time.Millisecond); err != nil {
 			return StatusIntake{}, err
 		}
