@@ -145,10 +145,17 @@ func TestSerialBrokerRestart(t *testing.T) {
 	t.Cleanup(func() { startBroker(t) }) // whatever happens below
 	stopTook := time.Since(stopped)
 	epoch := e.flip(phase.Contract)
-	runner := e.runnerAsync(nil)
 	time.Sleep(time.Second)
 	startBroker(t)
 	up := time.Now()
+	// A leader that reaches no broker is not counted alive (it cannot tell
+	// the agents), so a runner started during the outage would refuse:
+	// start it once the broadcaster publishes again.
+	require.Eventually(t, func() bool {
+		ok, err := e.store.LeaderAliveWithin(e.ctx, 10*time.Second)
+		return err == nil && ok
+	}, time.Minute, 50*time.Millisecond, "the broadcaster leads and publishes again after the restart")
+	runner := e.runnerAsync(nil)
 
 	r := awaitRunner(t, runner, 2*longLease)
 	lastAck := e.requireDroppedAfterAcks(r, ids(agents))
