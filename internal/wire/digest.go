@@ -25,9 +25,17 @@ import (
 // keep confirming by digest.
 func (s *State) Digest() string {
 	h := sha256.New()
+	s.writeDigestInput(h)
+	return hex.EncodeToString(h.Sum(nil))
+}
+
+// writeDigestInput writes the bytes Digest hashes (docs/PROTOCOL.md,
+// "Digest"): uvarints for numbers and lengths, every string as the
+// uvarint of its length in bytes followed by its UTF-8 bytes.
+func (s *State) writeDigestInput(w io.Writer) {
 	var buf [binary.MaxVarintLen64]byte
-	putInt := func(n uint64) { h.Write(buf[:binary.PutUvarint(buf[:], n)]) }
-	putStr := func(s string) { putInt(uint64(len(s))); io.WriteString(h, s) }
+	putInt := func(n uint64) { w.Write(buf[:binary.PutUvarint(buf[:], n)]) }
+	putStr := func(s string) { putInt(uint64(len(s))); io.WriteString(w, s) }
 	putInt(uint64(s.Epoch))
 	putInt(uint64(len(s.Releases)))
 	for _, r := range s.Releases {
@@ -42,5 +50,4 @@ func (s *State) Digest() string {
 			}
 		}
 	}
-	return hex.EncodeToString(h.Sum(nil))
 }
