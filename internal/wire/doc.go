@@ -10,4 +10,8 @@
 // agent holding only the public key cannot forge a phase. Status messages are
 // authenticated with HMAC-SHA256. Signatures travel in AMQP headers, over the
 // exact body bytes.
+//
+// docs/PROTOCOL.md specifies the protocol for implementers in other
+// languages, and testdata/protocol holds conformance vectors that
+// protocol_vectors_test.go writes from, and checks against, this package.
 package wire
