@@ -21,24 +21,21 @@ func newMigrateCmd(g *globals) *cobra.Command {
 		Short: "Create or upgrade phasecast's own tables (safe to run concurrently and repeatedly)",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			store, err := g.openStore(cmd.Context())
-			if err != nil {
-				return err
-			}
-			defer store.Close()
-			res, err := store.Migrate(cmd.Context())
-			if err != nil {
-				return err
-			}
-			if asJSON {
-				return writeJSON(g.stdout, res)
-			}
-			if len(res.Applied) == 0 {
-				fmt.Fprintf(g.stdout, "schema %q is up to date (version %d)\n", store.Schema(), res.Current)
+			return g.withStore(cmd.Context(), func(store *schema.Store) error {
+				res, err := store.Migrate(cmd.Context())
+				if err != nil {
+					return err
+				}
+				if asJSON {
+					return writeJSON(g.stdout, res)
+				}
+				if len(res.Applied) == 0 {
+					fmt.Fprintf(g.stdout, "schema %q is up to date (version %d)\n", store.Schema(), res.Current)
+					return nil
+				}
+				fmt.Fprintf(g.stdout, "schema %q migrated to version %d (applied %v)\n", store.Schema(), res.Current, res.Applied)
 				return nil
-			}
-			fmt.Fprintf(g.stdout, "schema %q migrated to version %d (applied %v)\n", store.Schema(), res.Current, res.Applied)
-			return nil
+			})
 		},
 	}
 	cmd.Flags().BoolVar(&asJSON, "json", false, "print the result as JSON")
@@ -67,27 +64,24 @@ expand.`,
 			if err != nil {
 				return err
 			}
-			store, err := g.openStore(cmd.Context())
-			if err != nil {
-				return err
-			}
-			defer store.Close()
-			res, err := store.ApplyRelease(cmd.Context(), m, actor)
-			if err != nil {
-				return fmt.Errorf("release %q: %w", m.Release, err)
-			}
-			if asJSON {
-				return writeJSON(g.stdout, res)
-			}
-			switch {
-			case res.Unchanged:
-				fmt.Fprintf(g.stdout, "release %s unchanged (phase %s, epoch %d)\n", res.Release, res.Phase, res.Epoch)
-			case res.Updated:
-				fmt.Fprintf(g.stdout, "release %s updated in expand (epoch %d)\n", res.Release, res.Epoch)
-			default:
-				fmt.Fprintf(g.stdout, "release %s registered in expand (epoch %d)\n", res.Release, res.Epoch)
-			}
-			return nil
+			return g.withStore(cmd.Context(), func(store *schema.Store) error {
+				res, err := store.ApplyRelease(cmd.Context(), m, actor)
+				if err != nil {
+					return fmt.Errorf("release %q: %w", m.Release, err)
+				}
+				if asJSON {
+					return writeJSON(g.stdout, res)
+				}
+				switch {
+				case res.Unchanged:
+					fmt.Fprintf(g.stdout, "release %s unchanged (phase %s, epoch %d)\n", res.Release, res.Phase, res.Epoch)
+				case res.Updated:
+					fmt.Fprintf(g.stdout, "release %s updated in expand (epoch %d)\n", res.Release, res.Epoch)
+				default:
+					fmt.Fprintf(g.stdout, "release %s registered in expand (epoch %d)\n", res.Release, res.Epoch)
+				}
+				return nil
+			})
 		},
 	}
 	apply.Flags().BoolVar(&asJSON, "json", false, "print the result as JSON")
@@ -141,28 +135,25 @@ code that predates the release (exit 4; --force overrides only the last).`,
 			if err != nil {
 				return err
 			}
-			store, err := g.openStore(cmd.Context())
-			if err != nil {
-				return err
-			}
-			defer store.Close()
-			opts := schema.FlipOptions{Actor: f.actor, Note: f.note}
-			if to == phase.Contract {
-				opts.Check = store.ContractCheck(schema.ContractCheckOptions{
-					Force: force,
-					Warn: func(p schema.Problem) {
-						fmt.Fprintf(g.stderr, "warning: %s\n", p.Detail)
-					},
-					Gone: func(gone schema.Gone) {
-						fmt.Fprintf(g.stderr, "note: %s of removal %s is already gone: that part counts as done\n", gone.Object(), gone.Removal)
-					},
-				})
-			}
-			res, err := store.Flip(cmd.Context(), args[0], to, opts)
-			if err != nil {
-				return err
-			}
-			return f.print(g.stdout, res)
+			return g.withStore(cmd.Context(), func(store *schema.Store) error {
+				opts := schema.FlipOptions{Actor: f.actor, Note: f.note}
+				if to == phase.Contract {
+					opts.Check = store.ContractCheck(schema.ContractCheckOptions{
+						Force: force,
+						Warn: func(p schema.Problem) {
+							fmt.Fprintf(g.stderr, "warning: %s\n", p.Detail)
+						},
+						Gone: func(gone schema.Gone) {
+							fmt.Fprintf(g.stderr, "note: %s of removal %s is already gone: that part counts as done\n", gone.Object(), gone.Removal)
+						},
+					})
+				}
+				res, err := store.Flip(cmd.Context(), args[0], to, opts)
+				if err != nil {
+					return err
+				}
+				return f.print(g.stdout, res)
+			})
 		},
 	}
 	f.register(cmd)
@@ -177,16 +168,13 @@ func newRollbackCmd(g *globals) *cobra.Command {
 		Short: "Move a release from contract back to migrate (refused once a runner has started)",
 		Args:  cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			store, err := g.openStore(cmd.Context())
-			if err != nil {
-				return err
-			}
-			defer store.Close()
-			res, err := store.Rollback(cmd.Context(), args[0], schema.FlipOptions{Actor: f.actor, Note: f.note})
-			if err != nil {
-				return err
-			}
-			return f.print(g.stdout, res)
+			return g.withStore(cmd.Context(), func(store *schema.Store) error {
+				res, err := store.Rollback(cmd.Context(), args[0], schema.FlipOptions{Actor: f.actor, Note: f.note})
+				if err != nil {
+					return err
+				}
+				return f.print(g.stdout, res)
+			})
 		},
 	}
 	f.register(cmd)
@@ -223,27 +211,24 @@ place; elsewhere it writes the view as plain lines each time it changes.`,
 			if watch && wopts.refresh < 10*time.Millisecond {
 				return fmt.Errorf("--refresh is %s: it must be at least 10ms", wopts.refresh)
 			}
-			store, err := g.openStore(cmd.Context())
-			if err != nil {
-				return err
-			}
-			defer store.Close()
-			if watch {
-				log, err := g.logger()
+			return g.withStore(cmd.Context(), func(store *schema.Store) error {
+				if watch {
+					log, err := g.logger()
+					if err != nil {
+						return err
+					}
+					wopts.flips = flips
+					return g.watchStatus(cmd.Context(), store, g.stdout, wopts, log)
+				}
+				rep, err := store.Report(cmd.Context(), flips)
 				if err != nil {
 					return err
 				}
-				wopts.flips = flips
-				return g.watchStatus(cmd.Context(), store, g.stdout, wopts, log)
-			}
-			rep, err := store.Report(cmd.Context(), flips)
-			if err != nil {
-				return err
-			}
-			if asJSON {
-				return writeJSON(g.stdout, rep)
-			}
-			return printReport(g.stdout, rep)
+				if asJSON {
+					return writeJSON(g.stdout, rep)
+				}
+				return printReport(g.stdout, rep)
+			})
 		},
 	}
 	cmd.Flags().BoolVar(&asJSON, "json", false, "print the report as JSON")
