@@ -240,7 +240,11 @@ place; elsewhere it writes the view as plain lines each time it changes.`,
 
 func printReport(out io.Writer, rep *schema.Report) error {
 	w := tabwriter.NewWriter(out, 0, 4, 2, ' ', 0)
-	fmt.Fprintf(w, "schema %s, epoch %d", rep.Schema, rep.Epoch)
+	fmt.Fprintf(w, "schema %s", rep.Schema)
+	if rep.StoreID != "" {
+		fmt.Fprintf(w, ", store %s", rep.StoreID)
+	}
+	fmt.Fprintf(w, ", epoch %d", rep.Epoch)
 	if rep.Unpublished > 0 {
 		fmt.Fprintf(w, " (changes up to epoch %d not yet published: is a broadcaster running?)", rep.Unpublished)
 	}
@@ -255,6 +259,16 @@ func printReport(out io.Writer, rep *schema.Report) error {
 	}
 	for _, r := range rep.Releases {
 		fmt.Fprintf(w, "%s\t%s\t%d\t%s\n", r.Name, r.Phase, r.PhaseEpoch, describeRemovals(r.Removed))
+	}
+	for _, r := range rep.Releases {
+		switch {
+		case r.Phase != phase.Contracting:
+		case r.HeldBy != "":
+			fmt.Fprintf(w, "CONTRACTING %s: held by %s; should that run have stopped, 'phasecast contract %s' resumes at the DDL\n", r.Name, r.HeldBy, r.Name)
+		case rep.StoreVersion >= rep.Version:
+			// Only a store with contracting_by can say no runner holds it.
+			fmt.Fprintf(w, "CONTRACTING %s: no contract runner took it there; 'phasecast contract %s --recheck' checks and waits before dropping\n", r.Name, r.Name)
+		}
 	}
 
 	fmt.Fprintln(w, "\nAGENT\tSERVICE\tHOST/PID\tAPPLIED\tDRAINED\tLEASE\tKNOWS\tACKED CONTRACT\tVOUCHED BY")
