@@ -21,10 +21,7 @@ import (
 func TestStatusShowsStoreAndContractingRunner(t *testing.T) {
 	b, manifest := setupCLI(t)
 	ctx := context.Background()
-	for _, args := range [][]string{{"release", "apply", manifest}, {"flip", "L", "migrate"}, {"flip", "L", "contract"}} {
-		code, _, errOut := b.run(t, args...)
-		require.Zero(t, code, errOut)
-	}
+	b.readyToContract(t, manifest)
 	storeID, err := b.store.ID(ctx)
 	require.NoError(t, err)
 	require.NotEmpty(t, storeID)
@@ -50,17 +47,7 @@ func TestStatusShowsStoreAndContractingRunner(t *testing.T) {
 
 	// A runner takes it to contracting and stops there: its DDL cannot
 	// take its lock before --ddl-timeout.
-	rel, err := b.store.Release(ctx, "L")
-	require.NoError(t, err)
-	require.NoError(t, b.store.TouchBroadcaster(ctx, schema.Broadcaster{ID: "b1", Host: "h", PID: 1, Leader: true}))
-	require.NoError(t, recordAgent(ctx, b.store, "new", rel.ContractEpoch.Int64, "L"))
-	blocker, err := b.store.DB().Conn(ctx)
-	require.NoError(t, err)
-	defer blocker.Close()
-	_, err = blocker.ExecContext(ctx, `BEGIN`)
-	require.NoError(t, err)
-	_, err = blocker.ExecContext(ctx, fmt.Sprintf(`LOCK TABLE %q.instances IN ACCESS SHARE MODE`, b.store.Schema()))
-	require.NoError(t, err)
+	unlock := b.holdInstances(t)
 	code, _, errOut := b.run(t, "contract", "L", "--actor", "night-runner", "--lock-timeout", "50ms", "--ddl-timeout", "300ms")
 	require.Equal(t, ExitDDLTimeout, code, errOut)
 
@@ -68,19 +55,17 @@ func TestStatusShowsStoreAndContractingRunner(t *testing.T) {
 	text, rep = status()
 	require.Contains(t, text, fmt.Sprintf("schema %s, store %s, epoch ", b.store.Schema(), storeID))
 	require.Regexp(t, `L\s+contracting\s+`, text)
-	require.Contains(t, text, "CONTRACTING L: held by "+runner)
 	require.Regexp(t, regexp.QuoteMeta("CONTRACTING L: held by "+runner)+`[^)]+\); should that run have stopped, 'phasecast contract L' resumes at the DDL`, text)
 	require.Equal(t, storeID, rep.StoreID)
 	require.Equal(t, phase.Contracting, rep.Releases[0].Phase)
 	require.Contains(t, rep.Releases[0].HeldBy, runner)
-	require.Equal(t, rel.Name, rep.Releases[0].Name)
+	require.Equal(t, "L", rep.Releases[0].Name)
 	stored, err := b.store.Release(ctx, "L")
 	require.NoError(t, err)
 	require.Equal(t, stored.ContractingBy.String, rep.Releases[0].HeldBy, "the identity the runner recorded")
 
 	// Once complete, nobody holds it.
-	_, err = blocker.ExecContext(ctx, `ROLLBACK`)
-	require.NoError(t, err)
+	unlock()
 	code, _, errOut = b.run(t, "contract", "L")
 	require.Zero(t, code, errOut)
 	text, rep = status()
