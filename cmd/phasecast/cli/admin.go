@@ -128,7 +128,9 @@ epoch and is published to every agent.
 Flipping to contract first runs the release's preconditions (exit 3 if one
 returns a row) and the safety checks: removed columns that are NOT NULL with
 no default, objects that depend on removed columns, and live agents running
-code that predates the release (exit 4; --force overrides only the last).`,
+code that predates the release (exit 4; --force overrides only the last).
+Each object that a removal with cascade: true will drop is named on stderr,
+as is each removed table or column that is already gone.`,
 		Args: cobra.ExactArgs(2),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			to, err := phase.Parse(args[1])
@@ -145,6 +147,9 @@ code that predates the release (exit 4; --force overrides only the last).`,
 						},
 						Gone: func(gone schema.Gone) {
 							fmt.Fprintf(g.stderr, "note: %s of removal %s is already gone: that part counts as done\n", gone.Object(), gone.Removal)
+						},
+						Cascaded: func(d schema.Dependent) {
+							fmt.Fprintf(g.stderr, "note: %s depends on removal %s, which says cascade: true: the contract drops it too\n", d.Object(), d.Removal)
 						},
 					})
 				}

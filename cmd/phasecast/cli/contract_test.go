@@ -126,3 +126,31 @@ func TestFlipSaysRemovalAlreadyGone(t *testing.T) {
 	require.Contains(t, errOut, fmt.Sprintf(`note: column "%s"."instances"."name" of removal %s.instances is already gone: that part counts as done`,
 		b.store.Schema(), b.store.Schema()))
 }
+
+// TestFlipListsWhatCascadeDrops: flipping to contract names on stderr each
+// object a removal with cascade: true will drop, and only those; --json
+// output stays one JSON document.
+func TestFlipListsWhatCascadeDrops(t *testing.T) {
+	b, _ := setupCLI(t)
+	app := b.store.Schema()
+	_, err := b.store.DB().Exec(fmt.Sprintf(`CREATE VIEW %[1]q.v_names AS SELECT id, name FROM %[1]q.instances;
+		CREATE VIEW %[1]q.v_common AS SELECT id, common_name FROM %[1]q.instances`, app))
+	require.NoError(t, err)
+	manifest := b.write(t, "C.yaml", fmt.Sprintf(`release: C
+removed:
+  - table: %s.instances
+    columns: [name]
+    cascade: true
+`, app))
+	for _, args := range [][]string{{"release", "apply", manifest}, {"flip", "C", "migrate"}} {
+		code, _, errOut := b.run(t, args...)
+		require.Zero(t, code, errOut)
+	}
+	code, out, errOut := b.run(t, "flip", "C", "contract", "--json")
+	require.Zero(t, code, errOut)
+	var res schema.FlipResult
+	require.NoError(t, json.Unmarshal([]byte(out), &res), "stdout is the JSON alone: %q", out)
+	require.Equal(t, phase.Contract, res.To)
+	require.Equal(t, fmt.Sprintf("note: view \"%s\".\"v_names\" depends on removal %s.instances, which says cascade: true: the contract drops it too\n", app, app), errOut)
+	require.NotContains(t, errOut, "v_common")
+}
