@@ -28,11 +28,9 @@ var ErrStale = errors.New("agent: state may be stale: the lease ran out")
 
 var errNotRunning = fmt.Errorf("%w (the agent holds no state or is not running: Enter only after Start returned, and before Stop)", ErrStale)
 
-// Timeouts of the agent's own I/O.
-const (
-	syncTimeout    = 5 * time.Second // one Store.SyncAgent
-	publishTimeout = 2 * time.Second // one status publish
-)
+// syncTimeout bounds each of the agent's own store calls (SyncAgent,
+// StateDigest).
+const syncTimeout = 5 * time.Second
 
 // Agent holds the versioning state for one service and keeps it current.
 // All its methods are safe for concurrent use.

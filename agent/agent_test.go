@@ -1,7 +1,6 @@
 package agent
 
 import (
-	"bytes"
 	"context"
 	"crypto/ed25519"
 	"database/sql"
@@ -98,7 +97,7 @@ func TestStart(t *testing.T) {
 		cfg := b.config(t, true)
 		cfg.AMQPURL = "amqp://guest:hunter2@127.0.0.1:1/"
 		cfg.InitialLease = 600 * time.Millisecond
-		var logs lockedBuffer
+		var logs testenv.LogBuffer
 		cfg.Logger = cfg.Logger.Output(io.MultiWriter(zerolog.NewTestWriter(t), &logs))
 		a := startAgent(t, cfg)
 		require.Equal(t, epoch, a.Snapshot().Epoch())
@@ -540,7 +539,7 @@ func TestLeaseExpiry(t *testing.T) {
 
 		// A guard still open when Stop's context ends: no goodbye, the
 		// lease runs its course, and the log says so.
-		var logs lockedBuffer
+		var logs testenv.LogBuffer
 		cfg := b.config(t, false)
 		cfg.Logger = cfg.Logger.Output(io.MultiWriter(zerolog.NewTestWriter(t), &logs))
 		busy := startAgent(t, cfg)
@@ -819,22 +818,4 @@ func requireGoroutines(t *testing.T, base int) {
 		buf = buf[:runtime.Stack(buf, true)]
 		require.FailNow(t, "goroutines left behind", "%d goroutines, baseline %d:\n%s", n, base, buf)
 	}
-}
-
-// lockedBuffer collects log output from the agent's goroutines.
-type lockedBuffer struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (b *lockedBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.Write(p)
-}
-
-func (b *lockedBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.String()
 }

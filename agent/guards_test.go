@@ -9,6 +9,7 @@ import (
 	"github.com/rs/zerolog"
 	"github.com/stretchr/testify/require"
 
+	"github.com/phasecast/phasecast/internal/testenv"
 	"github.com/phasecast/phasecast/internal/wire"
 )
 
@@ -78,7 +79,7 @@ func TestNoStatusAfterTheGoodbye(t *testing.T) {
 	b := setup(t, fakeOptions{lease: 10 * time.Second})
 	applyRelease(t, b.store, manifestL)
 	for i := range 3 {
-		var logs lockedBuffer
+		var logs testenv.LogBuffer
 		cfg := b.config(t, false)
 		cfg.HeartbeatInterval = 20 * time.Millisecond
 		cfg.Logger = zerolog.New(&logs).Level(zerolog.DebugLevel)

@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"sync"
 	"sync/atomic"
-	"time"
 
 	amqp "github.com/rabbitmq/amqp091-go"
 	"github.com/rs/zerolog"
@@ -166,7 +165,7 @@ func (c *SharedConnection) serve(ctx context.Context, conn *amqp.Connection) err
 			err = ErrConnectionClosed
 			// Bounded: a broker that stopped answering must not hold up
 			// Close.
-			_ = conn.CloseDeadline(time.Now().Add(time.Second))
+			_ = amqpx.CloseBounded(conn)
 		case e, ok := <-closes:
 			if !ok || e == nil {
 				err = errors.New("connection closed")

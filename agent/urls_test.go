@@ -7,6 +7,8 @@ import (
 
 	"github.com/rs/zerolog"
 	"github.com/stretchr/testify/require"
+
+	"github.com/phasecast/phasecast/internal/testenv"
 )
 
 // Config.AMQPURL takes a list of a cluster's nodes: a bad entry is named
@@ -17,7 +19,7 @@ func TestAMQPURLListValidatedAndNeverShowsAPassword(t *testing.T) {
 	require.ErrorContains(t, err, "Config.AMQPURL: URL 2 of 2")
 	require.NotContains(t, err.Error(), "s3cret")
 
-	logs := &lockedBuffer{}
+	logs := &testenv.LogBuffer{}
 	a, err := New(Config{
 		Insecure: true, Service: "svc", AMQPURL: "amqp://a:first-s3cret@127.0.0.1:1/, amqp://b:second-s3cret@127.0.0.1:2/",
 		Logger: zerolog.New(logs),

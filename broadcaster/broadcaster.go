@@ -275,7 +275,7 @@ func closeOnDone(ctx context.Context, conn *amqp.Connection) (stop func()) {
 	wg.Go(func() {
 		select {
 		case <-ctx.Done():
-			_ = conn.CloseDeadline(time.Now().Add(time.Second))
+			_ = amqpx.CloseBounded(conn)
 		case <-done:
 		}
 	})

@@ -1,10 +1,8 @@
 package broadcaster_test
 
 import (
-	"bytes"
 	"context"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -13,6 +11,7 @@ import (
 
 	"github.com/phasecast/phasecast/broadcaster"
 	"github.com/phasecast/phasecast/internal/amqpx"
+	"github.com/phasecast/phasecast/internal/testenv"
 	"github.com/phasecast/phasecast/internal/wire"
 )
 
@@ -68,24 +67,6 @@ func TestStatusWithoutPrincipalEnrolsNothing(t *testing.T) {
 	requireNoDelivery(t, grants, 300*time.Millisecond)
 }
 
-// syncBuffer is a log sink safe for the broadcaster's goroutines.
-type syncBuffer struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (b *syncBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.Write(p)
-}
-
-func (b *syncBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.String()
-}
-
 // TestOldAgentIsToldWhy: a status of wire v1, from an agent built before
 // per-agent tokens, is refused and counted as a version mismatch, with a
 // warning that names the agent, its service and host and says to upgrade
@@ -93,7 +74,7 @@ func (b *syncBuffer) String() string {
 func TestOldAgentIsToldWhy(t *testing.T) {
 	t.Parallel()
 	bundle := setup(t)
-	logs := &syncBuffer{}
+	logs := &testenv.LogBuffer{}
 	cfg := bundle.config(t)
 	cfg.Logger = zerolog.New(logs)
 	b := start(t, cfg)

@@ -151,7 +151,7 @@ func TestContractExecKilledWhenRunnerStops(t *testing.T) {
 	pidFile := filepath.Join(dir, "pid")
 	ctx, stop := context.WithCancel(e.ctx)
 	defer stop()
-	var stdout, stderr lockedBuffer
+	var stdout, stderr testenv.LogBuffer
 	exited := make(chan int, 1)
 	go func() {
 		exited <- e.h.CLIWith(ctx, &stdout, &stderr, "contract", "L", "--exec", `sh -c 'echo $$ > `+pidFile+`; exec sleep 60' & wait`)

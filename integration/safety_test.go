@@ -169,6 +169,10 @@ removed:
 	e.flip("M", phase.Migrate)
 	code, out, errOut = e.cli("flip", "M", "contract")
 	require.Zero(t, code, "stdout:\n%s\nstderr:\n%s", out, errOut)
+	require.Contains(t, errOut, "note: "+view+" depends on removal "+e.app+".t, which says cascade: true: the contract drops it too")
+	require.Contains(t, errOut, "note: "+fk+" depends on removal "+e.app+".parent, which says cascade: true")
+	require.NotContains(t, errOut, "v_notes")
+	require.NotContains(t, errOut, "child_parent_id_fkey")
 
 	code, out, errOut = e.cli("contract", "M", "--dry-run")
 	require.Zero(t, code, "stdout:\n%s\nstderr:\n%s", out, errOut)

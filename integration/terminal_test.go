@@ -17,6 +17,7 @@ import (
 
 	"github.com/phasecast/phasecast/cmd/phasecast/cli"
 	"github.com/phasecast/phasecast/internal/phase"
+	"github.com/phasecast/phasecast/internal/testenv"
 	"github.com/phasecast/phasecast/schema"
 )
 
@@ -82,25 +83,6 @@ func (term *e2eTerminal) waitOutput(t *testing.T, limit time.Duration, from int,
 	})
 }
 
-// lockedBuffer is a bytes.Buffer safe to read while a command writes to
-// it.
-type lockedBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (l *lockedBuffer) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *lockedBuffer) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
-}
-
 // TestContractProgressRedrawnOnTerminal: on a terminal, the runner's
 // progress line is redrawn in place (carriage return, clear to end of
 // line), never wider than the terminal (a wrapped line cannot be redrawn:
@@ -121,7 +103,7 @@ func TestContractProgressRedrawnOnTerminal(t *testing.T) {
 
 	const cols = 80
 	term := e2eOpenTerminal(t, cols, 24)
-	var stdout lockedBuffer
+	var stdout testenv.LogBuffer
 	code := e.h.CLIWith(e.ctx, &stdout, term.TTY, "contract", "L", "--timeout", "2s")
 	out := term.Close()
 	require.Equal(t, cli.ExitTimeout, code, "stdout:\n%s\nterminal:\n%q", stdout.String(), out)
@@ -162,7 +144,7 @@ func TestStatusWatchShowsFlipOnTerminal(t *testing.T) {
 
 	term := e2eOpenTerminal(t, 200, 50)
 	ctx, stop := context.WithCancel(e.ctx)
-	var stderr lockedBuffer
+	var stderr testenv.LogBuffer
 	exited := make(chan int, 1)
 	go func() { exited <- e.h.CLIWith(ctx, term.TTY, &stderr, "status", "--watch", "--refresh", "1h") }()
 	defer func() {
@@ -236,7 +218,7 @@ func TestStatusWatchWritesPlainLinesOffTerminal(t *testing.T) {
 	e.startBroadcaster(true, nil)
 	a := e.startAgent(e.agentConfig("nova-api", true))
 
-	var out, stderr lockedBuffer
+	var out, stderr testenv.LogBuffer
 	ctx, stop := context.WithCancel(e.ctx)
 	exited := make(chan int, 1)
 	go func() { exited <- e.h.CLIWith(ctx, &out, &stderr, "status", "--watch", "--refresh", "50ms") }()

@@ -181,7 +181,7 @@ func TestContractDDLDeadlineAndLateOldCode(t *testing.T) {
 	// is retrying.
 	registered := make(chan error, 1)
 	var once sync.Once
-	logs := &syncBuffer{onWrite: func(line string) {
+	logs := &testenv.LogBuffer{OnWrite: func(line string) {
 		if strings.Contains(line, "retrying") {
 			once.Do(func() {
 				st := testenv.Credentials(wire.Status{V: wire.StatusVersion, Kind: wire.KindStatus, AgentID: "old", Service: "svc-old", Host: "host-old",
@@ -245,28 +245,4 @@ func (b *contractBundle) holdLock() *sql.Conn {
 	_, err = blocker.ExecContext(b.ctx, `LOCK TABLE `+pq.QuoteIdentifier(b.app)+`.instances IN ACCESS SHARE MODE`)
 	require.NoError(b.t, err)
 	return blocker
-}
-
-// syncBuffer collects log output from the runner and hands each write to
-// onWrite.
-type syncBuffer struct {
-	mu      sync.Mutex
-	buf     bytes.Buffer
-	onWrite func(string)
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	s.buf.Write(p)
-	s.mu.Unlock()
-	if s.onWrite != nil {
-		s.onWrite(string(p))
-	}
-	return len(p), nil
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.buf.String()
 }

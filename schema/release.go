@@ -119,7 +119,7 @@ type ReleaseRow struct {
 	// ContractingBy is the identity of the contract runner that took the
 	// release to contracting; not valid when it is not there, or when
 	// something other than a runner of this version put it there. Release
-	// fills it; Report does not, so that it reads older stores too.
+	// fills it, and Report too once the store has migration 005.
 	ContractingBy sql.NullString `db:"contracting_by" json:"-"`
 }
 

@@ -2,10 +2,13 @@ package schema
 
 import (
 	"context"
+	"slices"
 	"time"
 
 	"github.com/jmoiron/sqlx"
 	"github.com/lib/pq"
+
+	"github.com/phasecast/phasecast/internal/phase"
 )
 
 // Agent is one agent's row in the registry, with its lease read on the
@@ -105,6 +108,11 @@ type ReleaseStatus struct {
 	ContractEpoch *int64    `json:"contract_epoch,omitempty"`
 	Removed       []Removal `json:"removed"`
 	UpdatedAt     time.Time `json:"updated_at"`
+	// HeldBy is, for a release in contracting, the identity of the
+	// contract runner that took it there (ReleaseRow.ContractingBy);
+	// empty in any other phase, when no runner did, or on a store from
+	// before migration 005.
+	HeldBy string `json:"contracting_by,omitempty"`
 }
 
 // AuditEntry is one row of the audit log.
@@ -121,6 +129,10 @@ type AuditEntry struct {
 // Report is everything 'phasecast status' shows.
 type Report struct {
 	Schema string `json:"schema"`
+	// StoreID is the store's identity (Store.ID), which agents and
+	// broadcasters check every message against; empty on a store from
+	// before migration 003.
+	StoreID string `json:"store_id,omitempty"`
 	// StoreVersion is the newest migration applied to the store; Version
 	// the newest this binary knows. When the store is behind, changes
 	// refuse until 'phasecast migrate' runs.
@@ -147,8 +159,23 @@ func (s *Store) Report(ctx context.Context, recentFlips int) (*Report, error) {
 	}
 	rep := &Report{Schema: s.schema, Version: ms[len(ms)-1].version}
 	err = s.inTxOpts(ctx, readOnlySnapshot, func(tx *sqlx.Tx) error {
-		if err := tx.GetContext(ctx, &rep.StoreVersion, s.sql(`SELECT COALESCE(max(version), 0) FROM @schema.schema_migrations`)); err != nil {
+		// A store behind this binary is reported too: what a missing
+		// migration adds is read only where it was applied.
+		var applied []int
+		if err := tx.SelectContext(ctx, &applied, s.sql(`SELECT version FROM @schema.schema_migrations ORDER BY version`)); err != nil {
 			return err
+		}
+		if len(applied) > 0 {
+			rep.StoreVersion = applied[len(applied)-1]
+		}
+		if slices.Contains(applied, migrationStoreIdentity) {
+			if err := tx.GetContext(ctx, &rep.StoreID, s.sql(storeIDQuery)); err != nil {
+				return err
+			}
+		}
+		columns := releaseColumns + `, updated_at`
+		if slices.Contains(applied, migrationContractingBy) {
+			columns += `, contracting_by`
 		}
 		if err := tx.GetContext(ctx, &rep.Epoch, s.sql(epochQuery)); err != nil {
 			return err
@@ -167,7 +194,7 @@ func (s *Store) Report(ctx context.Context, recentFlips int) (*Report, error) {
 			ReleaseRow
 			UpdatedAt time.Time `db:"updated_at"`
 		}
-		if err := tx.SelectContext(ctx, &rows, s.sql(`SELECT `+releaseColumns+`, updated_at FROM @schema.releases ORDER BY created_at, name`)); err != nil {
+		if err := tx.SelectContext(ctx, &rows, s.sql(`SELECT `+columns+` FROM @schema.releases ORDER BY created_at, name`)); err != nil {
 			return err
 		}
 		for _, r := range rows {
@@ -178,6 +205,9 @@ func (s *Store) Report(ctx context.Context, recentFlips int) (*Report, error) {
 			rs := ReleaseStatus{ReleaseRow: r.ReleaseRow, Removed: nonNilRemovals(m.Removed), UpdatedAt: r.UpdatedAt}
 			if r.ContractEpoch.Valid {
 				rs.ContractEpoch = &r.ContractEpoch.Int64
+			}
+			if r.Phase == phase.Contracting {
+				rs.HeldBy = r.ContractingBy.String
 			}
 			rep.Releases = append(rep.Releases, rs)
 		}
@@ -192,6 +222,12 @@ func (s *Store) Report(ctx context.Context, recentFlips int) (*Report, error) {
 	})
 	return rep, err
 }
+
+// The migrations whose additions Report reads only once applied.
+const (
+	migrationStoreIdentity = 3 // 003_store_identity: store_identity
+	migrationContractingBy = 5 // 005_contracting_by: releases.contracting_by
+)
 
 func nonNilRemovals(r []Removal) []Removal {
 	if r == nil {

@@ -1,7 +1,6 @@
 package faults
 
 import (
-	"bytes"
 	"context"
 	"database/sql"
 	"errors"
@@ -446,38 +445,6 @@ func figure(t *testing.T, name string, value any) {
 		value = fmt.Sprintf("%.0fms", float64(d.Microseconds())/1000)
 	}
 	t.Logf("FIGURE %s %s=%v", t.Name(), name, value)
-}
-
-// logSink is a zerolog destination tests can search.
-type logSink struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (s *logSink) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.buf.Write(p)
-}
-
-// count returns how many lines contain every one of subs.
-func (s *logSink) count(subs ...string) int {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	n := 0
-	for line := range strings.Lines(s.buf.String()) {
-		ok := true
-		for _, sub := range subs {
-			if !strings.Contains(line, sub) {
-				ok = false
-				break
-			}
-		}
-		if ok {
-			n++
-		}
-	}
-	return n
 }
 
 // median of durations.

@@ -120,7 +120,7 @@ func (e *env) statusBody(st wire.Status) []byte {
 }
 
 // jsonLogger logs to sink at warn and above, in JSON so tests can search it.
-func jsonLogger(sink *logSink) zerolog.Logger {
+func jsonLogger(sink *testenv.LogBuffer) zerolog.Logger {
 	return zerolog.New(sink).Level(zerolog.WarnLevel).With().Timestamp().Logger()
 }
 
@@ -148,7 +148,7 @@ func TestForgedStatesWithoutKeys(t *testing.T) {
 	const floodSize = 10_000
 	e := setup(t)
 	e.startBroadcaster(nil)
-	sink := &logSink{}
+	sink := &testenv.LogBuffer{}
 	cfg := e.agentConfig("target-0", e.agentDB(2))
 	cfg.Logger = jsonLogger(sink)
 	a := e.startAgent(cfg)
@@ -162,7 +162,7 @@ func TestForgedStatesWithoutKeys(t *testing.T) {
 	x.toAgents(forgedState(t, migrate+1000, phase.Complete, e.table), nil)
 	waitFor(t, wait, "the forged state to be rejected", func() bool { return a.Stats().RejectedMessages[agent.RejectUnconfirmed] >= 1 })
 	require.Same(t, snap, a.Snapshot(), "a forged state changed the snapshot")
-	require.Positive(t, sink.count(`"reason":"unconfirmed"`, "message rejected"))
+	require.Positive(t, sink.Count(`"reason":"unconfirmed"`, "message rejected"))
 
 	// A flood. Store reads are what it may cost: at most one per
 	// ConfirmInterval after a burst of 4.
@@ -221,7 +221,7 @@ func TestSignedMessages(t *testing.T) {
 	require.NoError(t, err)
 	_, otherKey, err := ed25519.GenerateKey(rand.Reader)
 	require.NoError(t, err)
-	bsink, asink := &logSink{}, &logSink{}
+	bsink, asink := &testenv.LogBuffer{}, &testenv.LogBuffer{}
 	b := e.startBroadcaster(func(c *broadcaster.Config) {
 		c.SigningKey, c.StatusMACKey, c.Logger = k.StatePrivate, k.StatusMAC, jsonLogger(bsink)
 	})
@@ -298,8 +298,8 @@ func TestSignedMessages(t *testing.T) {
 			require.Positive(t, st.IgnoredStates, "the replayed state was ignored as old")
 			require.Same(t, snaps[i], a.Snapshot(), "agent %s changed its snapshot", a.ID())
 		}
-		require.GreaterOrEqual(t, asink.count(`"reason":"unsigned"`, "message rejected"), 4)
-		require.GreaterOrEqual(t, asink.count(`"reason":"bad_signature"`, "message rejected"), 4)
+		require.GreaterOrEqual(t, asink.Count(`"reason":"unsigned"`, "message rejected"), 4)
+		require.GreaterOrEqual(t, asink.Count(`"reason":"bad_signature"`, "message rejected"), 4)
 		figure(t, "rejected_per_agent", 4)
 		figure(t, "state_changes", 0)
 	})
@@ -316,7 +316,7 @@ func TestSignedMessages(t *testing.T) {
 		r := b.Stats().Rejected
 		require.EqualValues(t, 1, r[broadcaster.RejectUnsigned])
 		require.EqualValues(t, 2, r[broadcaster.RejectBadSignature])
-		require.GreaterOrEqual(t, bsink.count("status rejected"), 3)
+		require.GreaterOrEqual(t, bsink.Count("status rejected"), 3)
 		time.Sleep(500 * time.Millisecond)
 		select {
 		case rr := <-runner:
@@ -380,7 +380,7 @@ func TestHostileInputRejected(t *testing.T) {
 	t.Parallel()
 	const floodSize = 10_000
 	e := setup(t)
-	bsink, asink := &logSink{}, &logSink{}
+	bsink, asink := &testenv.LogBuffer{}, &testenv.LogBuffer{}
 	b := e.startBroadcaster(func(c *broadcaster.Config) { c.Logger = jsonLogger(bsink) })
 	var agents []*agent.Agent
 	for i, db := range []bool{true, false} {
@@ -440,9 +440,9 @@ func TestHostileInputRejected(t *testing.T) {
 			require.Same(t, snaps[i], a.Snapshot(), "agent %s changed its snapshot", a.ID())
 		}
 		for _, reason := range []string{agent.RejectMalformed, agent.RejectKind, agent.RejectVersion, agent.RejectTooLarge, agent.RejectInvalid, agent.RejectWrongAgent, agent.RejectUnknownSeq} {
-			require.Positive(t, asink.count(`"reason":"`+reason+`"`, "message rejected"), reason)
+			require.Positive(t, asink.Count(`"reason":"`+reason+`"`, "message rejected"), reason)
 		}
-		lines := asink.count(`"reason":"malformed"`, "message rejected")
+		lines := asink.Count(`"reason":"malformed"`, "message rejected")
 		require.Less(t, lines, 50, "a flood of %d must not flood the log", floodSize)
 		figure(t, "messages_rejected_per_agent", 2+floodSize+6)
 		figure(t, "malformed_log_lines", lines)
@@ -498,9 +498,9 @@ func TestHostileInputRejected(t *testing.T) {
 		recorded := after.StatusesRecorded
 		waitFor(t, wait, "real statuses to be recorded after the flood", func() bool { return b.Stats().StatusesRecorded > recorded })
 		for _, reason := range []string{broadcaster.RejectMalformed, broadcaster.RejectKind, broadcaster.RejectVersion, broadcaster.RejectTooLarge} {
-			require.Positive(t, bsink.count(`"reason":"`+reason+`"`, "status rejected"), reason)
+			require.Positive(t, bsink.Count(`"reason":"`+reason+`"`, "status rejected"), reason)
 		}
-		lines := bsink.count("status rejected")
+		lines := bsink.Count("status rejected")
 		require.Less(t, lines, 200, "a flood of %d must not flood the log", floodSize)
 		figure(t, "messages_rejected", 2+floodSize+6)
 		figure(t, "rejected_log_lines", lines)

@@ -55,7 +55,7 @@ func TestLeaderKilledBeforePublishing(t *testing.T) {
 	e := setup(t)
 	bin := binary(t, "phasecast")
 	keyDir, k := generateKeys(t)
-	broadcast := func(id string) *proc {
+	broadcast := func(id string) *testenv.Proc {
 		return startProc(t, id, bin, "broadcast",
 			"--database-url", testenv.DatabaseURL(), "--amqp-url", testenv.AMQPURL(),
 			"--schema", e.store.Schema(), "--exchange-prefix", e.prefix, "--id", id,
@@ -70,7 +70,7 @@ func TestLeaderKilledBeforePublishing(t *testing.T) {
 	standby := broadcast(standbyID)
 	waitFor(t, wait, "the second broadcaster to stand by", func() bool { _, ok := e.broadcasterRow(standbyID); return ok })
 	row, _ := e.broadcasterRow(leaderID)
-	require.Equal(t, leader.pid(), row.PID)
+	require.Equal(t, leader.PID, row.PID)
 
 	agentDB := e.agentDB(4)
 	svcDB := e.serviceDB("faults-kill", 8)
@@ -95,7 +95,7 @@ func TestLeaderKilledBeforePublishing(t *testing.T) {
 	// middle of recording statuses holds nothing a flip waits for: it
 	// records each batch in one statement, which the server finishes
 	// without it (see TestFrozenClientReleasesEpochLock).
-	leader.signal(syscall.SIGSTOP)
+	leader.Signal(syscall.SIGSTOP)
 	ctx, cancel := context.WithTimeout(e.ctx, time.Second)
 	res, err := e.store.Flip(ctx, "L", phase.Contract, schema.FlipOptions{Actor: "faults"})
 	cancel()
@@ -107,8 +107,8 @@ func TestLeaderKilledBeforePublishing(t *testing.T) {
 		require.Less(t, a.Stats().AppliedEpoch, epoch, a.ID())
 	}
 	killed := time.Now()
-	leader.signal(syscall.SIGKILL)
-	leader.wait(t, wait)
+	leader.Signal(syscall.SIGKILL)
+	waitExit(t, leader, wait)
 
 	var tookOver, published time.Duration
 	waitFor(t, wait, "the standby to lead", func() bool {
@@ -128,7 +128,7 @@ func TestLeaderKilledBeforePublishing(t *testing.T) {
 	for _, a := range agents {
 		require.Empty(t, a.Stats().RejectedMessages, "agent %s rejected messages of the signed broadcaster", a.ID())
 	}
-	require.Contains(t, standby.output(), "became leader")
+	require.Contains(t, standby.Output(), "became leader")
 	figure(t, "takeover", tookOver)
 	figure(t, "published_after_kill", published)
 	figure(t, "all_acked_after_kill", acked)

@@ -208,6 +208,7 @@ func TestPostgresTerminatedUnderRunner(t *testing.T) {
 		queries, failed, _ := requireTraffic(t, trs...)
 		figure(t, "sessions_terminated", terminated)
 		figure(t, "ddl_attempts_first_run", r.res.Attempts)
+		figure(t, "ddl_held_off_first_run", r.res.HeldOff)
 		figure(t, "queries", queries)
 		figure(t, "queries_failed", failed)
 	})

@@ -44,7 +44,7 @@ func TestServiceKilled(t *testing.T) {
 		require.NoError(t, err)
 		for _, a := range agents {
 			if a.Service == "victim" {
-				require.Equal(t, victim.pid(), a.PID)
+				require.Equal(t, victim.PID, a.PID)
 				victimID = a.ID
 				return true
 			}
@@ -68,9 +68,9 @@ func TestServiceKilled(t *testing.T) {
 	// The signed process applies and acknowledges a flip like any agent.
 	e.waitDrained(e.flip(phase.Migrate), append(ids(survivors), victimID)...)
 
-	victim.signal(syscall.SIGKILL)
+	victim.Signal(syscall.SIGKILL)
 	killed := time.Now()
-	victim.wait(t, wait)
+	waitExit(t, victim, wait)
 	epoch := e.flip(phase.Contract)
 	r, err := e.contract(e.ctx, e.store, nil)
 	e.requireDroppedAfterAcks(runnerResult{res: r, err: err}, ids(survivors))

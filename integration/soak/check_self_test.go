@@ -53,8 +53,10 @@ func TestCheckerFindsEachViolation(t *testing.T) {
 			require.NoError(t, h.Write(e))
 		}
 		require.NoError(t, h.Close())
-		w.procs = append(w.procs, &proc{name: name, agent: agentID, history: path, pid: len(w.procs) + 100,
-			started: time.Unix(0, at(0)), exited: time.Unix(0, at(10_000)), done: make(chan struct{})})
+		// Never started: the checker reads its name, pid, start and end
+		// (killed stands for the end).
+		w.procs = append(w.procs, &proc{Proc: &testenv.Proc{Name: name, PID: len(w.procs) + 100, Started: time.Unix(0, at(0))},
+			agent: agentID, history: path, killed: time.Unix(0, at(10_000))})
 	}
 	// The contract of R0001 at epoch 10: decided at 1140 ms, DDL from
 	// 1150 to 1200 ms, committed between 1170 and 1180 ms, counting a1

@@ -157,7 +157,7 @@ func (w *world) check() checkResult {
 				res.byState[u.sqlstate]++
 			}
 			if u.sqlstate == "42703" || u.sqlstate == "42P01" {
-				detail := fmt.Sprintf("%s (pid %d) epoch %d on %s from %s to %s: %s", h.p.name, h.p.pid, u.epoch, u.table, w.at(u.begin), w.at(u.end), u.err)
+				detail := fmt.Sprintf("%s (pid %d) epoch %d on %s from %s to %s: %s", h.p.Name, h.p.PID, u.epoch, u.table, w.at(u.begin), w.at(u.end), u.err)
 				if h.p.frozenWhile(u.begin, u.end) {
 					res.pauseLimit = append(res.pauseLimit, "query failed after a freeze inside its guard: "+detail)
 				} else {
@@ -192,7 +192,7 @@ func (w *world) check() checkResult {
 				state = "never ended; process gone " + w.at(u.end)
 			}
 			detail := fmt.Sprintf("%s: %s (pid %d) held a guard on epoch %d naming %s from %s (%s); DDL of contract epoch %d %s..%s, committed between %s and %s; outcome %q %s",
-				c.rel.name, h.p.name, h.p.pid, u.epoch, c.rel.what(), w.at(u.begin), state, c.epoch, w.at(from), w.at(to), w.at(after), w.at(before), u.outcome, u.sqlstate)
+				c.rel.name, h.p.Name, h.p.PID, u.epoch, c.rel.what(), w.at(u.begin), state, c.epoch, w.at(from), w.at(to), w.at(after), w.at(before), u.outcome, u.sqlstate)
 			switch {
 			case u.begin < after && u.end > before && h.p.frozenWhile(u.begin, after):
 				res.pauseLimit = append(res.pauseLimit, "guard frozen across a DROP: "+detail)
@@ -232,7 +232,7 @@ func (w *world) check() checkResult {
 			var running []*procHistory
 			var last *procHistory
 			for _, h := range byAgent[id] {
-				if h.p.started.UnixNano() < at && h.end > at {
+				if h.p.Started.UnixNano() < at && h.end > at {
 					running = append(running, h)
 				}
 				if h.started != 0 && h.started < at && (last == nil || h.started > last.started) {
@@ -250,12 +250,12 @@ func (w *world) check() checkResult {
 					continue // its agent had not started: not yet one of the fleet
 				}
 				if !h.appliedBy(c.epoch, at) {
-					add(violationFalseAck, "%s: agent %s counted as acknowledged epoch %d at %s, but its process %s (pid %d) had not applied it", c.rel.name, id, c.epoch, w.at(at), h.p.name, h.p.pid)
+					add(violationFalseAck, "%s: agent %s counted as acknowledged epoch %d at %s, but its process %s (pid %d) had not applied it", c.rel.name, id, c.epoch, w.at(at), h.p.Name, h.p.PID)
 					continue
 				}
 				for _, u := range h.units {
 					if u.epoch < c.epoch && u.begin < at && u.end > at {
-						add(violationFalseAck, "%s: agent %s counted as acknowledged epoch %d at %s, but its process %s (pid %d) held a guard on epoch %d from %s to %s", c.rel.name, id, c.epoch, w.at(at), h.p.name, h.p.pid, u.epoch, w.at(u.begin), w.at(u.end))
+						add(violationFalseAck, "%s: agent %s counted as acknowledged epoch %d at %s, but its process %s (pid %d) held a guard on epoch %d from %s to %s", c.rel.name, id, c.epoch, w.at(at), h.p.Name, h.p.PID, u.epoch, w.at(u.begin), w.at(u.end))
 						break
 					}
 				}

@@ -177,10 +177,10 @@ func (n *nemesis) inject(kind string, target int, jitter time.Duration) {
 		}
 		p := s.current()
 		d := 200*time.Millisecond + 2*jitter
-		note("SIGKILL %s (pid %d), restarted under the same ID after %s", p.name, p.pid, d)
+		note("SIGKILL %s (pid %d), restarted under the same ID after %s", p.Name, p.PID, d)
 		p.signal(syscall.SIGKILL)
 		n.later(d, func() {
-			<-p.done
+			<-p.Done()
 			if _, err := w.startService(s, true); err != nil {
 				w.t.Errorf("restart %s: %v", s.id, err)
 			}
@@ -194,10 +194,10 @@ func (n *nemesis) inject(kind string, target int, jitter time.Duration) {
 		}
 		p, id, l := b.current()
 		d := 500*time.Millisecond + 2*jitter
-		note("SIGKILL the leading broadcaster %s (pid %d), restarted after %s", id, p.pid, d)
+		note("SIGKILL the leading broadcaster %s (pid %d), restarted after %s", id, p.PID, d)
 		p.signal(syscall.SIGKILL)
 		n.later(d, func() {
-			<-p.done
+			<-p.Done()
 			if err := w.startBroadcaster(b, l); err != nil {
 				w.t.Errorf("restart broadcaster: %v", err)
 			}
@@ -211,9 +211,9 @@ func (n *nemesis) inject(kind string, target int, jitter time.Duration) {
 		}
 		p := s.current()
 		d := lease + 500*time.Millisecond + 2*jitter
-		note("SIGSTOP %s (pid %d) for %s, longer than the lease %s", p.name, p.pid, d, lease)
+		note("SIGSTOP %s (pid %d) for %s, longer than the lease %s", p.Name, p.PID, d, lease)
 		p.signal(syscall.SIGSTOP)
-		n.later(d, func() { p.signal(syscall.SIGCONT); s.release(); w.logf("HEAL %s: SIGCONT %s", kind, p.name) })
+		n.later(d, func() { p.signal(syscall.SIGCONT); s.release(); w.logf("HEAL %s: SIGCONT %s", kind, p.Name) })
 	case faultReLease:
 		b := w.bcasts[target%len(w.bcasts)]
 		if !b.claim() {
@@ -242,8 +242,8 @@ func (n *nemesis) inject(kind string, target int, jitter time.Duration) {
 			s.release()
 			return
 		}
-		note("second process %s started under the live agent's ID %s for %s", p.name, s.id, d)
-		n.later(d, func() { p.terminate(15 * time.Second); s.release(); w.logf("HEAL %s: %s stopped", kind, p.name) })
+		note("second process %s started under the live agent's ID %s for %s", p.Name, s.id, d)
+		n.later(d, func() { p.terminate(15 * time.Second); s.release(); w.logf("HEAL %s: %s stopped", kind, p.Name) })
 	case faultRollback:
 		i := int(n.current.Load())
 		if i < 0 || i >= len(w.releases) {

@@ -16,6 +16,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/phasecast/phasecast/internal/phase"
+	"github.com/phasecast/phasecast/internal/testenv"
 	"github.com/phasecast/phasecast/schema"
 )
 
@@ -31,9 +32,7 @@ var (
 
 func TestMain(m *testing.M) {
 	code := m.Run()
-	if binDir != "" {
-		_ = os.RemoveAll(binDir)
-	}
+	testenv.RemoveBuilt()
 	os.Exit(code)
 }
 
@@ -270,15 +269,16 @@ func (w *world) stopAll() {
 func (w *world) showLogs() {
 	for _, b := range w.bcasts {
 		if p, _, _ := b.current(); p != nil {
-			w.t.Logf("%s's log (last 3000 bytes):\n%s", p.name, p.tail(3000))
+			w.t.Logf("%s's log (last 3000 bytes):\n%s", p.Name, p.Tail(3000))
 		}
 	}
 	for _, p := range w.procs {
+		_, err := p.Exit()
 		p.mu.Lock()
-		err, killed := p.err, !p.killed.IsZero()
+		killed := !p.killed.IsZero()
 		p.mu.Unlock()
 		if err != nil && !killed {
-			w.t.Logf("%s exited: %v; its log (last 2000 bytes):\n%s", p.name, err, p.tail(2000))
+			w.t.Logf("%s exited: %v; its log (last 2000 bytes):\n%s", p.Name, err, p.Tail(2000))
 		}
 	}
 }

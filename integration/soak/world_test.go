@@ -6,9 +6,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"os"
-	"os/exec"
 	"path/filepath"
-	"runtime"
 	"strings"
 	"sync"
 	"syscall"
@@ -287,95 +285,39 @@ func (w *world) find(f finding) {
 
 // --- processes ---
 
-var (
-	buildOnce sync.Once
-	buildErr  error
-	binDir    string
-)
-
 // binaries builds phasecast and the soak service once per test binary.
 func binaries(t *testing.T) (phasecast, service string) {
 	t.Helper()
-	buildOnce.Do(func() {
-		binDir, buildErr = os.MkdirTemp("", "phasecast-soak-bin-")
-		if buildErr != nil {
-			return
-		}
-		goTool, err := exec.LookPath("go")
-		if err != nil {
-			goTool = filepath.Join(runtime.GOROOT(), "bin", "go")
-		}
-		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
-		defer cancel()
-		out, err := exec.CommandContext(ctx, goTool, "build", "-o", binDir+string(filepath.Separator),
-			"github.com/phasecast/phasecast/cmd/phasecast",
-			"github.com/phasecast/phasecast/integration/soak/cmd/soakservice").CombinedOutput()
-		if err != nil {
-			buildErr = fmt.Errorf("go build: %w\n%s", err, out)
-		}
-	})
-	require.NoError(t, buildErr)
-	return filepath.Join(binDir, "phasecast"), filepath.Join(binDir, "soakservice")
+	paths := testenv.Build(t, "github.com/phasecast/phasecast/cmd/phasecast",
+		"github.com/phasecast/phasecast/integration/soak/cmd/soakservice")
+	return paths[0], paths[1]
 }
 
-// proc is one child process. Its times are what the checker needs to know
-// when it could have been running: started before exec, killed just before
-// SIGKILL was sent, exited when Wait returned.
+// proc is one child process, with what the checker needs to know of
+// when it could have been running: started before exec (Started), killed
+// just before SIGKILL was sent, exited when Wait returned (Exit).
 type proc struct {
-	name    string
+	*testenv.Proc
 	agent   string // the agent ID, for service processes
 	history string // the history file, for service processes
-	logPath string
-	cmd     *exec.Cmd
-	pid     int
-	started time.Time
-	done    chan struct{}
 
 	mu     sync.Mutex
 	killed time.Time
-	exited time.Time
 	frozen []freeze // SIGSTOP to SIGCONT
-	err    error
 }
 
 func (w *world) startProc(name, path string, args ...string) (*proc, error) {
-	p := &proc{name: name, logPath: filepath.Join(w.dir, name+".log"), done: make(chan struct{})}
-	f, err := os.Create(p.logPath)
+	p, err := testenv.StartProc(name, filepath.Join(w.dir, name+".log"), path, args...)
 	if err != nil {
 		return nil, err
 	}
-	p.cmd = exec.Command(path, args...)
-	p.cmd.Stdout, p.cmd.Stderr = f, f
-	// The kernel kills the child if the test process dies.
-	p.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
-	p.started = time.Now()
-	if err := p.cmd.Start(); err != nil {
-		f.Close()
-		return nil, err
-	}
-	p.pid = p.cmd.Process.Pid
-	go func() {
-		err := p.cmd.Wait()
-		f.Close()
-		p.mu.Lock()
-		p.exited, p.err = time.Now(), err
-		p.mu.Unlock()
-		close(p.done)
-	}()
-	return p, nil
+	return &proc{Proc: p}, nil
 }
 
-func (p *proc) alive() bool {
-	select {
-	case <-p.done:
-		return false
-	default:
-		return true
-	}
-}
-
+// signal sends sig, first noting the kill or the freeze it begins or
+// ends.
 func (p *proc) signal(sig syscall.Signal) {
-	if !p.alive() {
+	if !p.Alive() {
 		return
 	}
 	p.mu.Lock()
@@ -394,7 +336,7 @@ func (p *proc) signal(sig syscall.Signal) {
 		}
 	}
 	p.mu.Unlock()
-	_ = p.cmd.Process.Signal(sig)
+	p.Signal(sig)
 }
 
 // freeze is one SIGSTOP of a process, in Unix nanoseconds; to is 0 while
@@ -422,7 +364,8 @@ func (p *proc) end() time.Time {
 	if !p.killed.IsZero() {
 		return p.killed
 	}
-	return p.exited
+	exited, _ := p.Exit()
+	return exited
 }
 
 // terminate stops a process gracefully, and kills it if it has not exited
@@ -430,20 +373,10 @@ func (p *proc) end() time.Time {
 func (p *proc) terminate(limit time.Duration) {
 	p.signal(syscall.SIGCONT)
 	p.signal(syscall.SIGTERM)
-	select {
-	case <-p.done:
-	case <-time.After(limit):
+	if !p.Wait(limit) {
 		p.signal(syscall.SIGKILL)
-		<-p.done
+		<-p.Done()
 	}
-}
-
-func (p *proc) tail(n int) string {
-	out, _ := os.ReadFile(p.logPath)
-	if len(out) > n {
-		out = out[len(out)-n:]
-	}
-	return string(out)
 }
 
 // target is something one fault at a time may hold.
@@ -493,7 +426,7 @@ func (s *service) current() *proc {
 // claim marks the service as the target of a fault; false if another
 // fault has it or its process is not running.
 func (s *service) claim() bool {
-	if p := s.current(); p == nil || !p.alive() {
+	if p := s.current(); p == nil || !p.Alive() {
 		return false
 	}
 	return s.target.claim()
@@ -630,7 +563,7 @@ func (w *world) leader() *bcast {
 			continue
 		}
 		for _, b := range w.bcasts {
-			if p, id, _ := b.current(); id == row.ID && p != nil && p.alive() {
+			if p, id, _ := b.current(); id == row.ID && p != nil && p.Alive() {
 				return b
 			}
 		}

@@ -316,6 +316,16 @@ func (r Reconnector) Run(ctx context.Context, fn Session) error {
 	}
 }
 
+// CloseTimeout bounds CloseBounded: a broker that stopped answering must
+// not hold up a Stop or a session's end for longer.
+const CloseTimeout = time.Second
+
+// CloseBounded closes conn, waiting at most CloseTimeout for the broker
+// to answer the close.
+func CloseBounded(conn *amqp.Connection) error {
+	return conn.CloseDeadline(time.Now().Add(CloseTimeout))
+}
+
 // WatchClose returns a channel that yields the connection's close error and
 // is closed when the connection closes. amqp091-go requires the notify
 // channel to be drained, which the buffered receiver here guarantees.

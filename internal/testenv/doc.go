@@ -7,6 +7,12 @@
 // PgBouncer of the test's own in front of the test database, in session or
 // transaction mode; a missing pgbouncer binary fails the test too.
 //
+// Beside the servers it holds what the tests of several packages would
+// otherwise each write again: Build compiles phasecast's commands once
+// per test binary and StartProc runs one as a process of its own, for
+// the fault and soak tests; LogBuffer collects log lines that a test's
+// goroutines write and the test reads.
+//
 // It is test support, not plumbing: it is the one package under internal/
 // that imports one of phasecast's own (schema, to hand each test a migrated
 // Store), and only tests import it, so it sits beside the plumbing without

@@ -21,24 +21,21 @@ func newMigrateCmd(g *globals) *cobra.Command {
 		Short: "Create or upgrade phasecast's own tables (safe to run concurrently and repeatedly)",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			store, err := g.openStore(cmd.Context())
-			if err != nil {
-				return err
-			}
-			defer store.Close()
-			res, err := store.Migrate(cmd.Context())
-			if err != nil {
-				return err
-			}
-			if asJSON {
-				return writeJSON(g.stdout, res)
-			}
-			if len(res.Applied) == 0 {
-				fmt.Fprintf(g.stdout, "schema %q is up to date (version %d)\n", store.Schema(), res.Current)
+			return g.withStore(cmd.Context(), func(store *schema.Store) error {
+				res, err := store.Migrate(cmd.Context())
+				if err != nil {
+					return err
+				}
+				if asJSON {
+					return writeJSON(g.stdout, res)
+				}
+				if len(res.Applied) == 0 {
+					fmt.Fprintf(g.stdout, "schema %q is up to date (version %d)\n", store.Schema(), res.Current)
+					return nil
+				}
+				fmt.Fprintf(g.stdout, "schema %q migrated to version %d (applied %v)\n", store.Schema(), res.Current, res.Applied)
 				return nil
-			}
-			fmt.Fprintf(g.stdout, "schema %q migrated to version %d (applied %v)\n", store.Schema(), res.Current, res.Applied)
-			return nil
+			})
 		},
 	}
 	cmd.Flags().BoolVar(&asJSON, "json", false, "print the result as JSON")
@@ -67,27 +64,24 @@ expand.`,
 			if err != nil {
 				return err
 			}
-			store, err := g.openStore(cmd.Context())
-			if err != nil {
-				return err
-			}
-			defer store.Close()
-			res, err := store.ApplyRelease(cmd.Context(), m, actor)
-			if err != nil {
-				return fmt.Errorf("release %q: %w", m.Release, err)
-			}
-			if asJSON {
-				return writeJSON(g.stdout, res)
-			}
-			switch {
-			case res.Unchanged:
-				fmt.Fprintf(g.stdout, "release %s unchanged (phase %s, epoch %d)\n", res.Release, res.Phase, res.Epoch)
-			case res.Updated:
-				fmt.Fprintf(g.stdout, "release %s updated in expand (epoch %d)\n", res.Release, res.Epoch)
-			default:
-				fmt.Fprintf(g.stdout, "release %s registered in expand (epoch %d)\n", res.Release, res.Epoch)
-			}
-			return nil
+			return g.withStore(cmd.Context(), func(store *schema.Store) error {
+				res, err := store.ApplyRelease(cmd.Context(), m, actor)
+				if err != nil {
+					return fmt.Errorf("release %q: %w", m.Release, err)
+				}
+				if asJSON {
+					return writeJSON(g.stdout, res)
+				}
+				switch {
+				case res.Unchanged:
+					fmt.Fprintf(g.stdout, "release %s unchanged (phase %s, epoch %d)\n", res.Release, res.Phase, res.Epoch)
+				case res.Updated:
+					fmt.Fprintf(g.stdout, "release %s updated in expand (epoch %d)\n", res.Release, res.Epoch)
+				default:
+					fmt.Fprintf(g.stdout, "release %s registered in expand (epoch %d)\n", res.Release, res.Epoch)
+				}
+				return nil
+			})
 		},
 	}
 	apply.Flags().BoolVar(&asJSON, "json", false, "print the result as JSON")
@@ -134,35 +128,37 @@ epoch and is published to every agent.
 Flipping to contract first runs the release's preconditions (exit 3 if one
 returns a row) and the safety checks: removed columns that are NOT NULL with
 no default, objects that depend on removed columns, and live agents running
-code that predates the release (exit 4; --force overrides only the last).`,
+code that predates the release (exit 4; --force overrides only the last).
+Each object that a removal with cascade: true will drop is named on stderr,
+as is each removed table or column that is already gone.`,
 		Args: cobra.ExactArgs(2),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			to, err := phase.Parse(args[1])
 			if err != nil {
 				return err
 			}
-			store, err := g.openStore(cmd.Context())
-			if err != nil {
-				return err
-			}
-			defer store.Close()
-			opts := schema.FlipOptions{Actor: f.actor, Note: f.note}
-			if to == phase.Contract {
-				opts.Check = store.ContractCheck(schema.ContractCheckOptions{
-					Force: force,
-					Warn: func(p schema.Problem) {
-						fmt.Fprintf(g.stderr, "warning: %s\n", p.Detail)
-					},
-					Gone: func(gone schema.Gone) {
-						fmt.Fprintf(g.stderr, "note: %s of removal %s is already gone: that part counts as done\n", gone.Object(), gone.Removal)
-					},
-				})
-			}
-			res, err := store.Flip(cmd.Context(), args[0], to, opts)
-			if err != nil {
-				return err
-			}
-			return f.print(g.stdout, res)
+			return g.withStore(cmd.Context(), func(store *schema.Store) error {
+				opts := schema.FlipOptions{Actor: f.actor, Note: f.note}
+				if to == phase.Contract {
+					opts.Check = store.ContractCheck(schema.ContractCheckOptions{
+						Force: force,
+						Warn: func(p schema.Problem) {
+							fmt.Fprintf(g.stderr, "warning: %s\n", p.Detail)
+						},
+						Gone: func(gone schema.Gone) {
+							fmt.Fprintf(g.stderr, "note: %s of removal %s is already gone: that part counts as done\n", gone.Object(), gone.Removal)
+						},
+						Cascaded: func(d schema.Dependent) {
+							fmt.Fprintf(g.stderr, "note: %s depends on removal %s, which says cascade: true: the contract drops it too\n", d.Object(), d.Removal)
+						},
+					})
+				}
+				res, err := store.Flip(cmd.Context(), args[0], to, opts)
+				if err != nil {
+					return err
+				}
+				return f.print(g.stdout, res)
+			})
 		},
 	}
 	f.register(cmd)
@@ -177,16 +173,13 @@ func newRollbackCmd(g *globals) *cobra.Command {
 		Short: "Move a release from contract back to migrate (refused once a runner has started)",
 		Args:  cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			store, err := g.openStore(cmd.Context())
-			if err != nil {
-				return err
-			}
-			defer store.Close()
-			res, err := store.Rollback(cmd.Context(), args[0], schema.FlipOptions{Actor: f.actor, Note: f.note})
-			if err != nil {
-				return err
-			}
-			return f.print(g.stdout, res)
+			return g.withStore(cmd.Context(), func(store *schema.Store) error {
+				res, err := store.Rollback(cmd.Context(), args[0], schema.FlipOptions{Actor: f.actor, Note: f.note})
+				if err != nil {
+					return err
+				}
+				return f.print(g.stdout, res)
+			})
 		},
 	}
 	f.register(cmd)
@@ -223,27 +216,24 @@ place; elsewhere it writes the view as plain lines each time it changes.`,
 			if watch && wopts.refresh < 10*time.Millisecond {
 				return fmt.Errorf("--refresh is %s: it must be at least 10ms", wopts.refresh)
 			}
-			store, err := g.openStore(cmd.Context())
-			if err != nil {
-				return err
-			}
-			defer store.Close()
-			if watch {
-				log, err := g.logger()
+			return g.withStore(cmd.Context(), func(store *schema.Store) error {
+				if watch {
+					log, err := g.logger()
+					if err != nil {
+						return err
+					}
+					wopts.flips = flips
+					return g.watchStatus(cmd.Context(), store, g.stdout, wopts, log)
+				}
+				rep, err := store.Report(cmd.Context(), flips)
 				if err != nil {
 					return err
 				}
-				wopts.flips = flips
-				return g.watchStatus(cmd.Context(), store, g.stdout, wopts, log)
-			}
-			rep, err := store.Report(cmd.Context(), flips)
-			if err != nil {
-				return err
-			}
-			if asJSON {
-				return writeJSON(g.stdout, rep)
-			}
-			return printReport(g.stdout, rep)
+				if asJSON {
+					return writeJSON(g.stdout, rep)
+				}
+				return printReport(g.stdout, rep)
+			})
 		},
 	}
 	cmd.Flags().BoolVar(&asJSON, "json", false, "print the report as JSON")
@@ -255,7 +245,11 @@ place; elsewhere it writes the view as plain lines each time it changes.`,
 
 func printReport(out io.Writer, rep *schema.Report) error {
 	w := tabwriter.NewWriter(out, 0, 4, 2, ' ', 0)
-	fmt.Fprintf(w, "schema %s, epoch %d", rep.Schema, rep.Epoch)
+	fmt.Fprintf(w, "schema %s", rep.Schema)
+	if rep.StoreID != "" {
+		fmt.Fprintf(w, ", store %s", rep.StoreID)
+	}
+	fmt.Fprintf(w, ", epoch %d", rep.Epoch)
 	if rep.Unpublished > 0 {
 		fmt.Fprintf(w, " (changes up to epoch %d not yet published: is a broadcaster running?)", rep.Unpublished)
 	}
@@ -270,6 +264,16 @@ func printReport(out io.Writer, rep *schema.Report) error {
 	}
 	for _, r := range rep.Releases {
 		fmt.Fprintf(w, "%s\t%s\t%d\t%s\n", r.Name, r.Phase, r.PhaseEpoch, describeRemovals(r.Removed))
+	}
+	for _, r := range rep.Releases {
+		switch {
+		case r.Phase != phase.Contracting:
+		case r.HeldBy != "":
+			fmt.Fprintf(w, "CONTRACTING %s: held by %s; should that run have stopped, 'phasecast contract %s' resumes at the DDL\n", r.Name, r.HeldBy, r.Name)
+		case rep.StoreVersion >= rep.Version:
+			// Only a store with contracting_by can say no runner holds it.
+			fmt.Fprintf(w, "CONTRACTING %s: no contract runner took it there; 'phasecast contract %s --recheck' checks and waits before dropping\n", r.Name, r.Name)
+		}
 	}
 
 	fmt.Fprintln(w, "\nAGENT\tSERVICE\tHOST/PID\tAPPLIED\tDRAINED\tLEASE\tKNOWS\tACKED CONTRACT\tVOUCHED BY")

@@ -48,16 +48,13 @@ carry its token. Audited.`,
 			if err != nil {
 				return err
 			}
-			store, err := g.openStore(c.Context())
-			if err != nil {
-				return err
-			}
-			defer store.Close()
-			if err := store.AllowPrincipal(c.Context(), args[0], kind, name, actor); err != nil {
-				return err
-			}
-			fmt.Fprintf(g.stdout, "%s:%s may enrol agents of %s\n", kind, name, args[0])
-			return nil
+			return g.withStore(c.Context(), func(store *schema.Store) error {
+				if err := store.AllowPrincipal(c.Context(), args[0], kind, name, actor); err != nil {
+					return err
+				}
+				fmt.Fprintf(g.stdout, "%s:%s may enrol agents of %s\n", kind, name, args[0])
+				return nil
+			})
 		},
 	}
 	deny := &cobra.Command{
@@ -69,20 +66,17 @@ carry its token. Audited.`,
 			if err != nil {
 				return err
 			}
-			store, err := g.openStore(c.Context())
-			if err != nil {
-				return err
-			}
-			defer store.Close()
-			found, err := store.DenyPrincipal(c.Context(), args[0], kind, name, actor)
-			if err != nil {
-				return err
-			}
-			if !found {
-				return fmt.Errorf("%s:%s was not allowed for %s", kind, name, args[0])
-			}
-			fmt.Fprintf(g.stdout, "%s:%s may no longer enrol agents of %s\n", kind, name, args[0])
-			return nil
+			return g.withStore(c.Context(), func(store *schema.Store) error {
+				found, err := store.DenyPrincipal(c.Context(), args[0], kind, name, actor)
+				if err != nil {
+					return err
+				}
+				if !found {
+					return fmt.Errorf("%s:%s was not allowed for %s", kind, name, args[0])
+				}
+				fmt.Fprintf(g.stdout, "%s:%s may no longer enrol agents of %s\n", kind, name, args[0])
+				return nil
+			})
 		},
 	}
 	for _, c := range []*cobra.Command{allow, deny} {
@@ -94,24 +88,21 @@ carry its token. Audited.`,
 		Short: "List who may enrol agents, by service",
 		Args:  cobra.NoArgs,
 		RunE: func(c *cobra.Command, _ []string) error {
-			store, err := g.openStore(c.Context())
-			if err != nil {
-				return err
-			}
-			defer store.Close()
-			ps, err := store.Principals(c.Context())
-			if err != nil {
-				return err
-			}
-			w := tabwriter.NewWriter(g.stdout, 0, 4, 2, ' ', 0)
-			fmt.Fprintln(w, "SERVICE\tPRINCIPAL\tADDED BY\tAT")
-			if len(ps) == 0 {
-				fmt.Fprintln(w, "(none: no status can enrol an agent; see 'phasecast agents allow')")
-			}
-			for _, p := range ps {
-				fmt.Fprintf(w, "%s\t%s\t%s\t%s\n", p.Service, p, p.AddedBy, p.AddedAt.Format("2006-01-02T15:04:05Z07:00"))
-			}
-			return w.Flush()
+			return g.withStore(c.Context(), func(store *schema.Store) error {
+				ps, err := store.Principals(c.Context())
+				if err != nil {
+					return err
+				}
+				w := tabwriter.NewWriter(g.stdout, 0, 4, 2, ' ', 0)
+				fmt.Fprintln(w, "SERVICE\tPRINCIPAL\tADDED BY\tAT")
+				if len(ps) == 0 {
+					fmt.Fprintln(w, "(none: no status can enrol an agent; see 'phasecast agents allow')")
+				}
+				for _, p := range ps {
+					fmt.Fprintf(w, "%s\t%s\t%s\t%s\n", p.Service, p, p.AddedBy, p.AddedAt.Format("2006-01-02T15:04:05Z07:00"))
+				}
+				return w.Flush()
+			})
 		},
 	}
 	forget := &cobra.Command{
@@ -123,20 +114,17 @@ enrols again with its next status if a principal allowed for its service
 sends it. Audited, with who vouched for the row.`,
 		Args: cobra.ExactArgs(1),
 		RunE: func(c *cobra.Command, args []string) error {
-			store, err := g.openStore(c.Context())
-			if err != nil {
-				return err
-			}
-			defer store.Close()
-			found, err := store.ForgetAgent(c.Context(), args[0], actor)
-			if err != nil {
-				return err
-			}
-			if !found {
-				return fmt.Errorf("no agent %q", args[0])
-			}
-			fmt.Fprintf(g.stdout, "forgot agent %s\n", args[0])
-			return nil
+			return g.withStore(c.Context(), func(store *schema.Store) error {
+				found, err := store.ForgetAgent(c.Context(), args[0], actor)
+				if err != nil {
+					return err
+				}
+				if !found {
+					return fmt.Errorf("no agent %q", args[0])
+				}
+				fmt.Fprintf(g.stdout, "forgot agent %s\n", args[0])
+				return nil
+			})
 		},
 	}
 	cmd.AddCommand(allow, deny, list, forget)

@@ -135,9 +135,15 @@ uses them.`,
 // runner, demo and bench commands.
 var extraCommands []func(*globals) *cobra.Command
 
-// openStore connects to the versioning store.
-func (g *globals) openStore(ctx context.Context) (*schema.Store, error) {
-	return schema.Open(ctx, g.databaseURL, g.schema)
+// withStore connects to the versioning store, runs fn with it and closes
+// it when fn returns: every command's one way to reach the store.
+func (g *globals) withStore(ctx context.Context, fn func(*schema.Store) error) error {
+	store, err := schema.Open(ctx, g.databaseURL, g.schema)
+	if err != nil {
+		return err
+	}
+	defer store.Close()
+	return fn(store)
 }
 
 // Millisecond timestamps: the interesting intervals are milliseconds. Set

@@ -76,23 +76,20 @@ still there). A re-run runs CMD again: it must be idempotent.`,
 				}
 				opts.Exec = &schema.ExecSpec{Command: execCommand, DatabaseURL: g.databaseURL, Output: stderr}
 			}
-			store, err := g.openStore(cmd.Context())
-			if err != nil {
+			return g.withStore(cmd.Context(), func(store *schema.Store) error {
+				opts.Log = log
+				if !asJSON && !opts.DryRun {
+					opts.Progress = progressPrinter(stderr)
+				}
+				res, err := store.Contract(cmd.Context(), args[0], opts)
+				if asJSON {
+					return printContractJSON(g.stdout, res, err)
+				}
+				if res != nil {
+					printContract(g.stdout, res)
+				}
 				return err
-			}
-			defer store.Close()
-			opts.Log = log
-			if !asJSON && !opts.DryRun {
-				opts.Progress = progressPrinter(stderr)
-			}
-			res, err := store.Contract(cmd.Context(), args[0], opts)
-			if asJSON {
-				return printContractJSON(g.stdout, res, err)
-			}
-			if res != nil {
-				printContract(g.stdout, res)
-			}
-			return err
+			})
 		},
 	}
 	f := cmd.Flags()

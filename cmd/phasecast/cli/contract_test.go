@@ -23,10 +23,11 @@ func recordAgent(ctx context.Context, store *schema.Store, id string, drained in
 	return err
 }
 
-// TestContractDDLTimeoutThroughTheCLI: the DDL deadline has its own exit
-// code, and old code that registers while the DDL retries is named.
-func TestContractDDLTimeoutThroughTheCLI(t *testing.T) {
-	b, manifest := setupCLI(t)
+// readyToContract takes release L to contract with a leading broadcaster
+// and a live agent that acknowledged the contract epoch, so that a runner
+// goes straight on to the DDL.
+func (b *cliBundle) readyToContract(t *testing.T, manifest string) {
+	t.Helper()
 	ctx := context.Background()
 	for _, args := range [][]string{{"release", "apply", manifest}, {"flip", "L", "migrate"}, {"flip", "L", "contract"}} {
 		code, _, errOut := b.run(t, args...)
@@ -36,15 +37,35 @@ func TestContractDDLTimeoutThroughTheCLI(t *testing.T) {
 	require.NoError(t, err)
 	require.NoError(t, b.store.TouchBroadcaster(ctx, schema.Broadcaster{ID: "b1", Host: "h", PID: 1, Leader: true}))
 	require.NoError(t, recordAgent(ctx, b.store, "new", rel.ContractEpoch.Int64, "L"))
+}
 
-	// A long transaction holds a lock the DROP conflicts with.
+// holdInstances opens a long transaction that holds a lock the DROP of a
+// column of instances conflicts with; unlock ends it.
+func (b *cliBundle) holdInstances(t *testing.T) (unlock func()) {
+	t.Helper()
+	ctx := context.Background()
 	blocker, err := b.store.DB().Conn(ctx)
 	require.NoError(t, err)
-	defer blocker.Close()
+	t.Cleanup(func() { _ = blocker.Close() })
 	_, err = blocker.ExecContext(ctx, `BEGIN`)
 	require.NoError(t, err)
 	_, err = blocker.ExecContext(ctx, fmt.Sprintf(`LOCK TABLE %q.instances IN ACCESS SHARE MODE`, b.store.Schema()))
 	require.NoError(t, err)
+	return func() {
+		_, err := blocker.ExecContext(ctx, `ROLLBACK`)
+		require.NoError(t, err)
+	}
+}
+
+// TestContractDDLTimeoutThroughTheCLI: the DDL deadline has its own exit
+// code, and old code that registers while the DDL retries is named.
+func TestContractDDLTimeoutThroughTheCLI(t *testing.T) {
+	b, manifest := setupCLI(t)
+	ctx := context.Background()
+	b.readyToContract(t, manifest)
+
+	// A long transaction holds a lock the DROP conflicts with.
+	unlock := b.holdInstances(t)
 
 	// Once the runner is in contracting, old code registers.
 	registered := make(chan error, 1)
@@ -83,8 +104,7 @@ func TestContractDDLTimeoutThroughTheCLI(t *testing.T) {
 	var n int
 	require.NoError(t, b.store.DB().Get(&n, `SELECT count(*) FROM information_schema.columns WHERE table_schema = $1 AND table_name = 'instances' AND column_name = 'name'`, b.store.Schema()))
 	require.Equal(t, 1, n)
-	_, err = blocker.ExecContext(ctx, `ROLLBACK`)
-	require.NoError(t, err)
+	unlock()
 	code, out, errOut = b.run(t, "contract", "L")
 	require.Zero(t, code, errOut)
 	require.Contains(t, out, "release L: complete")
@@ -105,4 +125,32 @@ func TestFlipSaysRemovalAlreadyGone(t *testing.T) {
 	require.Zero(t, code, errOut)
 	require.Contains(t, errOut, fmt.Sprintf(`note: column "%s"."instances"."name" of removal %s.instances is already gone: that part counts as done`,
 		b.store.Schema(), b.store.Schema()))
+}
+
+// TestFlipListsWhatCascadeDrops: flipping to contract names on stderr each
+// object a removal with cascade: true will drop, and only those; --json
+// output stays one JSON document.
+func TestFlipListsWhatCascadeDrops(t *testing.T) {
+	b, _ := setupCLI(t)
+	app := b.store.Schema()
+	_, err := b.store.DB().Exec(fmt.Sprintf(`CREATE VIEW %[1]q.v_names AS SELECT id, name FROM %[1]q.instances;
+		CREATE VIEW %[1]q.v_common AS SELECT id, common_name FROM %[1]q.instances`, app))
+	require.NoError(t, err)
+	manifest := b.write(t, "C.yaml", fmt.Sprintf(`release: C
+removed:
+  - table: %s.instances
+    columns: [name]
+    cascade: true
+`, app))
+	for _, args := range [][]string{{"release", "apply", manifest}, {"flip", "C", "migrate"}} {
+		code, _, errOut := b.run(t, args...)
+		require.Zero(t, code, errOut)
+	}
+	code, out, errOut := b.run(t, "flip", "C", "contract", "--json")
+	require.Zero(t, code, errOut)
+	var res schema.FlipResult
+	require.NoError(t, json.Unmarshal([]byte(out), &res), "stdout is the JSON alone: %q", out)
+	require.Equal(t, phase.Contract, res.To)
+	require.Equal(t, fmt.Sprintf("note: view \"%s\".\"v_names\" depends on removal %s.instances, which says cascade: true: the contract drops it too\n", app, app), errOut)
+	require.NotContains(t, errOut, "v_common")
 }

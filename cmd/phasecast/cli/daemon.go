@@ -9,6 +9,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/phasecast/phasecast/broadcaster"
+	"github.com/phasecast/phasecast/schema"
 )
 
 func init() { extraCommands = append(extraCommands, newBroadcastCmd) }
@@ -40,28 +41,25 @@ and answers each with a lease grant. Run several for availability: one leads
 			if cfg.Insecure {
 				log.Warn().Msg(InsecureBroadcastWarning)
 			}
-			store, err := g.openStore(cmd.Context())
-			if err != nil {
-				return err
-			}
-			defer store.Close()
-			cfg.Store, cfg.DatabaseURL, cfg.AMQPURL, cfg.ExchangePrefix, cfg.Logger = store, g.databaseURL, g.amqpURL, g.exchangePrefix, log
-			cfg.SigningKey, cfg.StatusMACKey = keys.StatePrivate, keys.StatusMAC
-			b, err := broadcaster.New(&cfg)
-			if err != nil {
-				return err
-			}
-			// The daemon's registry is the broadcaster's own: the process
-			// is the daemon's, so its Go and process metrics go there too.
-			b.Metrics().MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
-			if err := b.Start(cmd.Context()); err != nil {
-				return err
-			}
-			log.Info().Str("id", b.ID()).Msg("broadcaster running; stop with SIGINT or SIGTERM")
-			<-cmd.Context().Done()
-			stopCtx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-			defer cancel()
-			return b.Stop(stopCtx)
+			return g.withStore(cmd.Context(), func(store *schema.Store) error {
+				cfg.Store, cfg.DatabaseURL, cfg.AMQPURL, cfg.ExchangePrefix, cfg.Logger = store, g.databaseURL, g.amqpURL, g.exchangePrefix, log
+				cfg.SigningKey, cfg.StatusMACKey = keys.StatePrivate, keys.StatusMAC
+				b, err := broadcaster.New(&cfg)
+				if err != nil {
+					return err
+				}
+				// The daemon's registry is the broadcaster's own: the process
+				// is the daemon's, so its Go and process metrics go there too.
+				b.Metrics().MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+				if err := b.Start(cmd.Context()); err != nil {
+					return err
+				}
+				log.Info().Str("id", b.ID()).Msg("broadcaster running; stop with SIGINT or SIGTERM")
+				<-cmd.Context().Done()
+				stopCtx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+				defer cancel()
+				return b.Stop(stopCtx)
+			})
 		},
 	}
 	f := cmd.Flags()
