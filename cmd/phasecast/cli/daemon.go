@@ -52,6 +52,12 @@ and answers each with a lease grant. Run several for availability: one leads
 				// is the daemon's, so its Go and process metrics go there too.
 				b.Metrics().MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 				if err := b.Start(cmd.Context()); err != nil {
+					// SIGTERM while starting is a stop asked for, not a failure:
+					// Start has undone what it began.
+					if cmd.Context().Err() != nil {
+						log.Info().Msg("broadcaster stopped while starting")
+						return nil
+					}
 					return err
 				}
 				log.Info().Str("id", b.ID()).Msg("broadcaster running; stop with SIGINT or SIGTERM")
