@@ -19,13 +19,16 @@ import (
 )
 
 // sharedProxy returns a fault proxy to the test broker and a shared
-// connection through it, closed when the test ends (after the agents
+// connection through it (refusing connections from the start if refuse),
+// closed when the test ends (after the agents
 // started later, whose cleanups run first).
-func sharedProxy(t *testing.T) (*faultproxy.Proxy, *SharedConnection) {
+func sharedProxy(t *testing.T, refuse bool) (*faultproxy.Proxy, *SharedConnection) {
 	t.Helper()
 	upstream, err := faultproxy.HostPort(testenv.AMQPURL())
 	require.NoError(t, err)
 	p := faultproxy.Start(t, upstream)
+	// Before the connection exists: its loop dials at once.
+	p.Refuse(refuse)
 	c, err := NewSharedConnection(p.URL(testenv.AMQPURL()), "phasecast-agent-test shared", zerolog.New(zerolog.NewTestWriter(t)))
 	require.NoError(t, err)
 	t.Cleanup(func() { require.NoError(t, c.Close()) })
@@ -90,7 +93,7 @@ func TestSharedConnection(t *testing.T) {
 			const n = 12
 			b := setup(t, fakeOptions{})
 			applyRelease(t, b.store, manifestL)
-			p, c := sharedProxy(t)
+			p, c := sharedProxy(t, false)
 			agents := startShared(t, b, c, n, withDB)
 			require.Equal(t, 1, p.Conns(), "%d agents share one connection", n)
 
@@ -138,7 +141,7 @@ func TestSharedConnection(t *testing.T) {
 		t.Parallel()
 		b := setup(t, fakeOptions{})
 		applyRelease(t, b.store, manifestL)
-		_, c := sharedProxy(t)
+		_, c := sharedProxy(t, false)
 		agents := startShared(t, b, c, 2, false)
 		queue := agents[0].session().queue
 
@@ -165,8 +168,7 @@ func TestSharedConnection(t *testing.T) {
 		t.Parallel()
 		b := setup(t, fakeOptions{})
 		epoch := applyRelease(t, b.store, manifestL)
-		p, c := sharedProxy(t)
-		p.Refuse(true)
+		p, c := sharedProxy(t, true)
 		// With a DB, Start returns on the store's lease after the shared
 		// connection's first attempt failed, as with a connection of its
 		// own; the agents connect once the broker is back.
