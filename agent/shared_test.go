@@ -18,10 +18,10 @@ import (
 	"github.com/phasecast/phasecast/internal/testenv"
 )
 
-// sharedProxy returns a fault proxy to the test broker and a shared
-// connection through it (refusing connections from the start if refuse),
-// closed when the test ends (after the agents
-// started later, whose cleanups run first).
+// sharedProxy returns a fault proxy to the test broker, refusing
+// connections from the start if refuse, and a shared connection through
+// it, closed when the test ends (after the agents started later, whose
+// cleanups run first).
 func sharedProxy(t *testing.T, refuse bool) (*faultproxy.Proxy, *SharedConnection) {
 	t.Helper()
 	upstream, err := faultproxy.HostPort(testenv.AMQPURL())
