@@ -19,6 +19,11 @@ from .agent import (INSECURE_AGENT_WARNING, Agent, AgentError, Config, Stale, af
                     default_application_name, new_id)
 from .snapshot import Snapshot
 
+import logging as _logging
+
+# A library logs; the service decides where to (logging.getLogger("phasecast")).
+_logging.getLogger("phasecast").addHandler(_logging.NullHandler())
+
 __all__ = ["Agent", "AgentError", "Config", "Snapshot", "Stale", "after_fork", "default_application_name",
            "new_id", "INSECURE_AGENT_WARNING"]
 __version__ = "0.1.0"

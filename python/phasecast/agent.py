@@ -29,9 +29,6 @@ fork. The parent's agents are not touched.
 
 from __future__ import annotations
 
-import datetime
-import itertools
-import json
 import logging
 import os
 import random
@@ -69,6 +66,7 @@ GUARD_POLL = 0.01
 VERSION = "phasecast-py 0.1"
 
 _log = logging.getLogger("phasecast")
+_monotonic = time.monotonic
 
 REJECT_REASONS = (wire.REASON_TOO_LARGE, wire.REASON_MALFORMED, wire.REASON_VERSION, wire.REASON_KIND,
                   wire.REASON_INVALID, wire.REASON_UNSIGNED, wire.REASON_BAD_SIGNATURE, "wrong_agent",
@@ -402,7 +400,7 @@ class Agent:
         out (after a re-sync from the store, with a database, has not
         renewed it) or the agent is not running. Use it only in a with
         statement: the block's exit releases the pin."""
-        if time.monotonic() < self._lease_end:
+        if _monotonic() < self._lease_end:
             s = self._cur
             next(s._enters)
             if self._cur is not s:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import operator
 from typing import Dict, FrozenSet, Mapping, Optional, Sequence, Tuple
 
 from . import wire
@@ -34,7 +35,7 @@ class Snapshot:
     """
 
     __slots__ = ("epoch", "store_id", "_phases", "_removed", "_columns", "_selects", "_gone",
-                 "_enters", "_exits", "_retired", "_wake", "__weakref__")
+                 "_enters", "_exits", "_retired", "_wake", "_self", "__weakref__")
 
     def __init__(self, state: wire.State, tables: Mapping[str, Sequence[str]], wake=None):
         self.epoch: int = state.epoch
@@ -67,6 +68,10 @@ class Snapshot:
         self._exits = itertools.count()
         self._retired = False
         self._wake = wake
+        # __enter__ without a Python frame: a C callable that returns self
+        # (see __enter__ below). The cycle it makes is collected with the
+        # snapshot.
+        self._self = itertools.repeat(self).__next__
 
     # -------------------------------------------------------------- reading
 
@@ -111,8 +116,11 @@ class Snapshot:
 
     # ---------------------------------------------------------------- guard
 
-    def __enter__(self) -> "Snapshot":
-        return self
+    # ``with agent.guard() as snap``: guard() has pinned the snapshot
+    # already; entering only hands it over. A property whose getter (C)
+    # returns a bound C method (repeat(self).__next__) that returns self
+    # saves the guard a Python frame.
+    __enter__ = property(operator.attrgetter("_self"))
 
     def __exit__(self, et, ev, tb) -> None:
         next(self._exits)

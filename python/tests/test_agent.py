@@ -261,6 +261,8 @@ class AgentTest(unittest.TestCase):
         p = subprocess.Popen([PYTHON, "-c", script, json.dumps(cfg)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                              stderr=err, text=True)
         child_err = lambda: (err.seek(0), err.read()[-3000:])[1]  # noqa: E731
+        self.addCleanup(p.stdout.close)
+        self.addCleanup(p.stdin.close)
         self.addCleanup(lambda: p.poll() is None and p.kill())
         ready, _, _ = select.select([p.stdout], [], [], 30)
         if not ready:
