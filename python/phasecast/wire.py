@@ -526,18 +526,24 @@ def _b64(text: str) -> bytes:
     return base64.b64decode(text.replace("\r", "").replace("\n", ""), validate=True)
 
 
+def _auth_bytes(value: Optional[str], what: str) -> bytes:
+    # A configured key and no signature or MAC: unsigned. Not base64:
+    # bad_signature, as Go's wire.Verify and wire.CheckMAC say.
+    if not value:
+        raise WireError(REASON_UNSIGNED, "message is not signed")
+    try:
+        return _b64(value)
+    except (binascii.Error, ValueError) as e:
+        raise WireError(REASON_BAD_SIGNATURE, f"{what} is not base64: {e}") from None
+
+
 def verify(public_key: Any, body: bytes, signature: Optional[str]) -> None:
     """Check an Ed25519 signature (base64) over body; raise WireError with
     reason unsigned or bad_signature. public_key is a cryptography
     Ed25519PublicKey; None means no key configured: everything passes."""
     if public_key is None:
         return
-    if not signature:
-        raise WireError(REASON_UNSIGNED, "message is not signed")
-    try:
-        raw = _b64(signature)
-    except (binascii.Error, ValueError) as e:
-        raise WireError(REASON_BAD_SIGNATURE, f"signature is not base64: {e}") from None
+    raw = _auth_bytes(signature, "signature")
     try:
         public_key.verify(raw, body)
     except Exception:  # InvalidSignature, or a signature of the wrong size
@@ -554,12 +560,7 @@ def check_mac(key: Optional[bytes], body: bytes, value: Optional[str]) -> None:
     bad_signature. No key configured: everything passes."""
     if key is None:
         return
-    if not value:
-        raise WireError(REASON_UNSIGNED, "message is not signed")
-    try:
-        raw = _b64(value)
-    except (binascii.Error, ValueError) as e:
-        raise WireError(REASON_BAD_SIGNATURE, f"MAC is not base64: {e}") from None
+    raw = _auth_bytes(value, "MAC")
     if not hmac.compare_digest(raw, hmac.new(key, body, hashlib.sha256).digest()):
         raise WireError(REASON_BAD_SIGNATURE, "bad MAC")
 
