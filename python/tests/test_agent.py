@@ -146,6 +146,36 @@ class AgentTest(unittest.TestCase):
         epoch = env.epoch()
         env.wait_row(a.id, lambda r: r["drained_epoch"] == epoch, what="the ack after the reconnect")
 
+    def test_returned_status_drops_the_connection(self):
+        env = Env(self)
+        env.release()
+        a = self.started(env)
+        import amqp
+        from urllib.parse import urlsplit
+        u = urlsplit(AMQP_URL)
+        conn = amqp.Connection(f"{u.hostname}:{u.port or 5672}", userid=u.username, password=u.password)
+        conn.connect()
+        try:
+            conn.channel().queue_delete(env.prefix + ".status")
+        finally:
+            conn.close()
+        # The next status is returned (mandatory, no route): not sent, so
+        # the agent drops its connection and dials again.
+        wait_for(lambda: a.stats()["unconfirmed_statuses"] >= 1 and a.stats()["reconnects"] >= 1, timeout=10,
+                 what="a returned status to count and reconnect")
+        # The broadcaster declares the queue again; acks flow once more.
+        env.flip("L", "migrate")
+        epoch = env.epoch()
+        env.wait_row(a.id, lambda r: r["drained_epoch"] == epoch, timeout=20, what="the ack after the queue came back")
+
+    def test_wrong_status_mac_is_refused_by_the_broadcaster(self):
+        env = Env(self)
+        a = Agent(env.config(status_mac=b"not the broadcaster's key", status_mac_file=None))
+        with self.assertRaises(AgentError):
+            a.start(timeout=3)
+        self.assertIsNone(env.agent_row(a.id), "no status with a bad MAC was recorded")
+        self.assertGreaterEqual(a.stats()["statuses_sent"], 1)
+
     def test_with_database(self):
         env = Env(self, lease="3s")
         env.release()
