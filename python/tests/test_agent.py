@@ -150,6 +150,7 @@ class AgentTest(unittest.TestCase):
         env = Env(self)
         env.release()
         a = self.started(env)
+        env.stop_broadcaster()  # so that nothing declares the queue again meanwhile
         import amqp
         from urllib.parse import urlsplit
         u = urlsplit(AMQP_URL)
@@ -164,6 +165,7 @@ class AgentTest(unittest.TestCase):
         wait_for(lambda: a.stats()["unconfirmed_statuses"] >= 1 and a.stats()["reconnects"] >= 1, timeout=10,
                  what="a returned status to count and reconnect")
         # The broadcaster declares the queue again; acks flow once more.
+        env.start_broadcaster()
         env.flip("L", "migrate")
         epoch = env.epoch()
         env.wait_row(a.id, lambda r: r["drained_epoch"] == epoch, timeout=20, what="the ack after the queue came back")
