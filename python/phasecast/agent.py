@@ -312,8 +312,9 @@ class Agent:
         self._wake = threading.Event()
         self._want_connected = False
         self._want_reconnect_sync = False
-        self._confirm_hint = 0
+        self._confirm_hint = 0  # under _hint_lock, with _candidate
         self._candidate: Optional[wire.State] = None
+        self._hint_lock = threading.Lock()
         self._confirm_tokens = float(CONFIRM_BURST)
         self._confirm_at = time.monotonic()
         self._store_id = ""
@@ -919,16 +920,17 @@ class Agent:
                 self._confirm_at = now + (1 - self._confirm_tokens) * interval
                 return
             self._confirm_tokens -= 1
-        self._confirm_hint = 0
-        if self._confirm() and hint > self._applied_epoch():
+        with self._hint_lock:
+            hint, self._confirm_hint = self._confirm_hint, 0
+            msg, self._candidate = self._candidate, None
+        if self._confirm(msg) and hint > self._applied_epoch():
             self._reject("unconfirmed", "a message claimed an epoch the store does not confirm", hint)
 
-    def _confirm(self) -> bool:
+    def _confirm(self, msg: Optional[wire.State]) -> bool:
         """Bring the agent to the store's state after a message claimed a
         newer epoch: apply the message itself if its digest is the one the
         store wrote with its last change, else read the whole state. Only
         what the store vouches for is applied."""
-        msg, self._candidate = self._candidate, None
         try:
             if msg is not None and msg.epoch > self._applied_epoch():
                 if self._store.digest() == msg.digest():
@@ -945,9 +947,13 @@ class Agent:
         self._apply(state)
         return True
 
-    def _request_confirm(self, epoch: int) -> None:
-        if epoch > self._confirm_hint:
-            self._confirm_hint = epoch
+    def _request_confirm(self, epoch: int, candidate: Optional[wire.State] = None) -> None:
+        with self._hint_lock:
+            if epoch > self._confirm_hint:
+                self._confirm_hint = epoch
+            c = self._candidate
+            if candidate is not None and (c is None or c.epoch < candidate.epoch):
+                self._candidate = candidate
         self._wake.set()
 
     # ----------------------------------------------------------------- amqp
@@ -1123,10 +1129,7 @@ class Agent:
             self._stats["ignored_states"] += 1
             return
         if self._store is not None:
-            c = self._candidate
-            if c is None or c.epoch < st.epoch:
-                self._candidate = st
-            self._request_confirm(st.epoch)
+            self._request_confirm(st.epoch, st)
             return
         self._apply(st)
 

@@ -10,6 +10,7 @@ process. A missing server, binary or package fails the test loudly.
 
 from __future__ import annotations
 
+import atexit
 import os
 import secrets
 import shutil
@@ -50,7 +51,9 @@ def phasecast_bin() -> str:
             _bin_path = env_bin
             return env_bin
         go = shutil.which("go") or "/usr/local/go/bin/go"
-        out = os.path.join(tempfile.mkdtemp(prefix="phasecast-pytest-"), "phasecast")
+        tmp = tempfile.mkdtemp(prefix="phasecast-pytest-")
+        atexit.register(shutil.rmtree, tmp, True)
+        out = os.path.join(tmp, "phasecast")
         res = subprocess.run([go, "build", "-o", out, "./cmd/phasecast"], cwd=REPO, capture_output=True, text=True)
         if res.returncode != 0:
             raise AssertionError(f"building the phasecast binary failed:\n{res.stderr}")
