@@ -68,8 +68,10 @@ REFUSED_PAUSE = 0.02
 STOP_GRACE = 10.0
 # Bounds the agent's start.
 START_TIMEOUT = 30.0
-# The first failures kept for the log.
+# The first failures kept and logged, each on a line of its own that
+# starts so after the log's prefix (the Go fleet reads them back).
 KEEP_FAILURES = 5
+FAILURE_MARK = "query failed: "
 
 log = logging.getLogger("novalike")
 
@@ -241,9 +243,12 @@ class Service:
                 if not self.stopping.is_set():
                     with self.lock:
                         self.failed += 1
-                        if len(self.failures) < KEEP_FAILURES:
-                            self.failures.append(f"{type(exc).__name__}: {exc}")
-                    log.warning("query failed: %s", one_line(exc))
+                        keep = len(self.failures) < KEEP_FAILURES
+                        if keep:
+                            self.failures.append(one_line(exc))
+                    if keep:
+                        # The first few only: without the gate, thousands fail.
+                        log.warning("%s%s", FAILURE_MARK, one_line(exc))
             else:
                 with self.lock:
                     self.queries += 1
@@ -345,8 +350,6 @@ def main(argv: List[str]) -> int:
     except Exception as exc:
         print(f"novalike: {one_line(exc)}", file=sys.stderr)
         return 1
-    for f in svc.failures:
-        log.warning("failure: %s", " ".join(f.split()))
     sys.stdout.write(json.dumps(res, separators=(",", ":")) + "\n")
     sys.stdout.flush()
     return 0

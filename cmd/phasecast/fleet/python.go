@@ -274,6 +274,27 @@ func (p *PythonService) Stop(ctx context.Context) (novalike.Result, error) {
 	return p.res, p.stopErr
 }
 
+// failureMark starts each failure novalike.py logs (its FAILURE_MARK):
+// the first few of them only.
+const failureMark = "query failed: "
+
+// failures are the failures the process logged, of failed in all.
+func (p *PythonService) failures(failed int64) []error {
+	if failed == 0 {
+		return nil
+	}
+	var errs []error
+	for _, line := range strings.Split(p.Log(), "\n") {
+		if _, msg, ok := strings.Cut(line, failureMark); ok {
+			errs = append(errs, fmt.Errorf("%s: %s", p.service, msg))
+		}
+	}
+	if len(errs) == 0 {
+		errs = append(errs, fmt.Errorf("%s (%s): %d queries failed, none in the log kept", p.service, p.id, failed))
+	}
+	return errs
+}
+
 func (p *PythonService) kill() {
 	_ = p.cmd.Process.Kill()
 	<-p.done
@@ -342,9 +363,7 @@ func (s *PythonServices) Stop(ctx context.Context) (Totals, error) {
 		t.Queries += r.Queries
 		t.Failed += r.Failed
 		t.Refused += r.Refused
-		if r.Failed > 0 {
-			t.Failures = append(t.Failures, fmt.Errorf("%s (%s): %d queries failed; its log:\n%s", s.List[i].service, s.List[i].id, r.Failed, s.List[i].Log()))
-		}
+		t.Failures = append(t.Failures, s.List[i].failures(r.Failed)...)
 	}
 	return t, errors.Join(errs...)
 }
