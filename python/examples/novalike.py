@@ -106,27 +106,19 @@ def parse_duration(text: str) -> float:
     return total
 
 
-def read_key(file: str, env_name: str) -> Optional[bytes]:
-    """A key from a file of 'phasecast keys generate' or, without a file, the
-    base64 value of env_name; None when neither is given. Errors name the
-    file or the variable, never the key."""
-    if file:
-        with open(file, "rb") as f:
-            text = f.read().strip()
-        where = "key file " + file
-        if not text:
-            raise ValueError(f"{where}: file is empty")
-    else:
-        text = os.environ.get(env_name, "").strip().encode()
-        where = "environment variable " + env_name
-        if not text:
-            return None
+def env_key(name: str) -> Optional[bytes]:
+    """The key the environment variable name holds in base64, as the Go
+    command reads it when no file is named; None when it is not set. Errors
+    name the variable, never the key."""
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return None
     try:
-        raw = base64.b64decode(text + b"=" * (-len(text) % 4), validate=True)
+        raw = base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
     except (binascii.Error, ValueError):
-        raise ValueError(f"{where}: not valid base64") from None
+        raise ValueError(f"environment variable {name}: not valid base64") from None
     if not raw:
-        raise ValueError(f"{where}: value decodes to nothing")
+        raise ValueError(f"environment variable {name}: value decodes to nothing")
     return raw
 
 
@@ -179,8 +171,12 @@ class Service:
             schema=args.schema,
             exchange_prefix=args.exchange_prefix,
             database_url=args.database_url,
-            state_pub=read_key(args.state_pub, ENV_STATE_PUB),
-            status_mac=read_key(args.status_mac, ENV_STATUS_MAC),
+            # A file named wins over the variable, as in the Go command;
+            # the agent reads the file.
+            state_pub=None if args.state_pub else env_key(ENV_STATE_PUB),
+            state_pub_file=args.state_pub or None,
+            status_mac=None if args.status_mac else env_key(ENV_STATUS_MAC),
+            status_mac_file=args.status_mac or None,
             insecure=args.insecure,
             tables={args.table: COLUMNS},
             id=args.id or None,
