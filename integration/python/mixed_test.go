@@ -69,7 +69,10 @@ func startMixed(t *testing.T, goN int, python []fleet.PythonConfig) *mixed {
 	})
 	require.NoError(t, err)
 	t.Cleanup(func() {
-		if _, err := m.pySvcs.Stop(context.Background()); err != nil && t.Failed() {
+		// Bounded: a process that does not exit is killed.
+		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+		defer cancel()
+		if _, err := m.pySvcs.Stop(ctx); err != nil && t.Failed() {
 			t.Log(err)
 		}
 	})

@@ -12,8 +12,8 @@ multi-schema version of the model); the snapshot says which are still in use.
 On SIGTERM or SIGINT it stops the workers, then the agent, prints one JSON
 line {"service", "id", "queries", "failed", "refused", "epoch"} (the keys of
 the Go service's Result) and exits 0. Flags and environment variables are
-the Go command's (examples/novalike/cmd/novalike); --id and --hold-guard are
-this one's own.
+the Go command's (examples/novalike/cmd/novalike); --id, --hold-guard and
+--ready-file are this one's own.
 
 Run it with Debian's /usr/bin/python3 and PYTHONPATH naming the repository's
 python/ directory:
@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import base64
 import binascii
+import faulthandler
 import json
 import logging
 import os
@@ -280,6 +281,15 @@ class Service:
             log.warning("could not hold a guard: the agent is fenced")
 
 
+def write_ready(path: str, agent_id: str) -> None:
+    """Write agent_id to path at once (a rename): whoever waits for the file
+    never reads half of it."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        f.write(agent_id + "\n")
+    os.replace(tmp, path)
+
+
 def one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split())
 
@@ -309,6 +319,8 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
     add("--id", "-id", default="", help="the agent's ID (default: one of its own, host-pid-random)")
     add("--hold-guard", "-hold-guard", type=parse_duration, default=0.0, metavar="DURATION",
         help="hold one guard open for DURATION (2s, 1m) once serving, delaying every acknowledgement")
+    add("--ready-file", "-ready-file", default="", metavar="PATH",
+        help="once serving (the agent started, the workers running), write the agent's ID to PATH")
     add("--log-level", "-log-level", default="info", choices=["debug", "info", "warning", "error"])
     args = p.parse_args(argv)
     args.releases = [r for r in args.releases.split(",") if r]
@@ -340,7 +352,12 @@ def main(argv: List[str]) -> int:
         except Exception:
             pass  # the start's error is the one to report
         return 1
+    if args.ready_file:
+        write_ready(args.ready_file, svc.agent.id)
     signal.sigwait(stop_signals)
+    # Should the stop hang, every thread's stack goes to stderr and the
+    # process exits 1, rather than a supervisor waiting on it for good.
+    faulthandler.dump_traceback_later(STOP_GRACE + 20, exit=True)
     try:
         res = svc.stop()
     except Exception as exc:

@@ -23,7 +23,6 @@ import (
 	"github.com/phasecast/phasecast/internal/config"
 	"github.com/phasecast/phasecast/internal/keys"
 	"github.com/phasecast/phasecast/internal/retry"
-	"github.com/phasecast/phasecast/schema"
 )
 
 // Python is the interpreter the Python agent runs on: Debian's, the one
@@ -130,13 +129,15 @@ type PythonConfig struct {
 // PythonService is one running novalike.py process. Its stdout is the one
 // JSON line of its Result; its stderr, the log, is kept for errors.
 type PythonService struct {
-	id      string
-	service string
-	cmd     *exec.Cmd
-	stdout  bytes.Buffer
-	stderr  tailBuffer
-	done    chan struct{} // closed once the process has exited
-	waitErr error         // set before done is closed
+	id        string
+	service   string
+	dir       string // a directory of its own, for readyFile
+	readyFile string
+	cmd       *exec.Cmd
+	stdout    bytes.Buffer
+	stderr    tailBuffer
+	done      chan struct{} // closed once the process has exited
+	waitErr   error         // set before done is closed
 
 	stopOnce sync.Once
 	res      novalike.Result
@@ -144,8 +145,8 @@ type PythonService struct {
 }
 
 // StartPython starts a novalike.py process against the env and waits
-// until its agent has registered with a live lease (the Python service
-// serves only once its agent started), the process exits, or ctx ends.
+// until it serves (its agent started, its workers run), as StartServices
+// waits for Start, or until the process exits or ctx ends.
 // Its database and broker URLs and the state public key go through the
 // environment, never the command line.
 func (e *Env) StartPython(ctx context.Context, cfg PythonConfig) (*PythonService, error) {
@@ -171,37 +172,46 @@ func (e *Env) StartPython(ctx context.Context, cfg PythonConfig) (*PythonService
 	} else {
 		args = append(args, "--insecure")
 	}
-	p := &PythonService{id: cfg.ID, service: cfg.Service, done: make(chan struct{})}
+	dir, err := os.MkdirTemp("", "phasecast-novalike-py-")
+	if err != nil {
+		return nil, err
+	}
+	p := &PythonService{id: cfg.ID, service: cfg.Service, dir: dir, readyFile: filepath.Join(dir, "ready"), done: make(chan struct{})}
+	args = append(args, "--ready-file", p.readyFile)
 	p.cmd = exec.Command(Python, args...)
 	p.cmd.Env = env
 	p.cmd.Stdout, p.cmd.Stderr = &p.stdout, &p.stderr
 	if err := p.cmd.Start(); err != nil {
+		p.cleanup()
 		return nil, fmt.Errorf("start %s: %w", cfg.Service, err)
 	}
 	go func() {
 		p.waitErr = p.cmd.Wait()
 		close(p.done)
 	}()
-	err := p.awaitRegistered(ctx, e.Store)
+	err = p.awaitReady(ctx)
 	select {
 	case <-p.done:
-		return nil, fmt.Errorf("%s (%s) exited before its agent registered: %v\n%s", cfg.Service, cfg.ID, p.waitErr, p.stderr.String())
+		p.cleanup()
+		return nil, fmt.Errorf("%s (%s) exited before it served: %v\n%s", cfg.Service, cfg.ID, p.waitErr, p.stderr.String())
 	default:
 	}
 	if err != nil {
 		p.kill()
-		return nil, fmt.Errorf("%s (%s): its agent did not register: %w\n%s", cfg.Service, cfg.ID, err, p.stderr.String())
+		p.cleanup()
+		return nil, fmt.Errorf("%s (%s) did not serve: %w\n%s", cfg.Service, cfg.ID, err, p.stderr.String())
 	}
 	return p, nil
 }
 
 // pythonStartLimit bounds a Python service's start: the interpreter's
-// imports, then its agent's.
+// imports, then its agent's (Start's own timeout is 30s).
 const pythonStartLimit = time.Minute
 
-// awaitRegistered polls the store until it holds a live row for the
-// service's agent, the process exits, pythonStartLimit passes or ctx ends.
-func (p *PythonService) awaitRegistered(ctx context.Context, store *schema.Store) error {
+// awaitReady waits until the process writes its ready file (novalike.py
+// --ready-file: the agent started, the workers run), the process exits,
+// pythonStartLimit passes or ctx ends.
+func (p *PythonService) awaitReady(ctx context.Context) error {
 	deadline := time.Now().Add(pythonStartLimit)
 	for {
 		select {
@@ -209,14 +219,13 @@ func (p *PythonService) awaitRegistered(ctx context.Context, store *schema.Store
 			return nil
 		default:
 		}
-		live, err := store.LiveAgents(ctx)
-		if err == nil && slices.ContainsFunc(live, func(a schema.Agent) bool { return a.ID == p.id }) {
+		if _, err := os.Stat(p.readyFile); err == nil {
 			return nil
 		}
 		if time.Now().After(deadline) {
-			return fmt.Errorf("not registered within %s", pythonStartLimit)
+			return fmt.Errorf("not serving within %s", pythonStartLimit)
 		}
-		if err := retry.Sleep(ctx, 50*time.Millisecond); err != nil {
+		if err := retry.Sleep(ctx, 20*time.Millisecond); err != nil {
 			return err
 		}
 	}
@@ -250,6 +259,7 @@ func (p *PythonService) Log() string { return p.stderr.String() }
 // stops anything; later calls report the same.
 func (p *PythonService) Stop(ctx context.Context) (novalike.Result, error) {
 	p.stopOnce.Do(func() {
+		defer p.cleanup()
 		select {
 		case <-p.done:
 		default:
@@ -294,6 +304,8 @@ func (p *PythonService) failures(failed int64) []error {
 	}
 	return errs
 }
+
+func (p *PythonService) cleanup() { _ = os.RemoveAll(p.dir) }
 
 func (p *PythonService) kill() {
 	_ = p.cmd.Process.Kill()

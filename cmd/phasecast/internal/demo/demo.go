@@ -341,7 +341,12 @@ func (d *pass) run(ctx context.Context) (*outcome, error) {
 		if err != nil {
 			return nil, err
 		}
-		d.defers(func() { _, _ = py.Stop(context.Background()) })
+		d.defers(func() {
+			// Bounded: a process that does not exit is killed.
+			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+			defer cancel()
+			_, _ = py.Stop(ctx)
+		})
 		d.tl.now("%d Python services started (code built for L), %d workers running", len(py.List), len(py.List)*o.Workers)
 	}
 	time.Sleep(300 * time.Millisecond) // let the workers get going under the old phase
