@@ -2,12 +2,14 @@ package python
 
 import (
 	"context"
+	"os"
 	"testing"
 	"time"
 
 	"github.com/stretchr/testify/require"
 
 	"github.com/phasecast/phasecast/cmd/phasecast/fleet"
+	"github.com/phasecast/phasecast/internal/testenv"
 )
 
 // requirePython fails the test, saying what to install, unless Debian's
@@ -25,4 +27,10 @@ func pythonDir(t *testing.T) string {
 	dir, err := fleet.PythonDir(".")
 	require.NoError(t, err)
 	return dir
+}
+
+func TestMain(m *testing.M) {
+	code := m.Run()
+	testenv.RemoveBuilt()
+	os.Exit(code)
 }

@@ -6,7 +6,6 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
-	"runtime"
 	"strconv"
 	"testing"
 	"time"
@@ -38,18 +37,8 @@ func TestPythonUnitTests(t *testing.T) {
 	testenv.AMQP(t)
 
 	// The Python tests drive the real broadcaster through the phasecast
-	// command: built once here, with the go that runs this test.
-	bin := filepath.Join(t.TempDir(), "phasecast")
-	buildCtx, cancelBuild := context.WithTimeout(context.Background(), 3*time.Minute)
-	defer cancelBuild()
-	goTool, err := exec.LookPath("go")
-	if err != nil {
-		goTool = filepath.Join(runtime.GOROOT(), "bin", "go")
-	}
-	build := exec.CommandContext(buildCtx, goTool, "build", "-o", bin, "./cmd/phasecast")
-	build.Dir = root
-	out, err := build.CombinedOutput()
-	require.NoError(t, err, "go build ./cmd/phasecast:\n%s", out)
+	// command: built here, with the go that runs this test.
+	bin := testenv.Build(t, "github.com/phasecast/phasecast/cmd/phasecast")[0]
 
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
 	defer cancel()
@@ -57,7 +46,7 @@ func TestPythonUnitTests(t *testing.T) {
 	cmd.Dir = root
 	cmd.Env = append(os.Environ(), "PYTHONPATH="+filepath.Join(root, "python"), "PYTHONDONTWRITEBYTECODE=1", "PHASECAST_BIN="+bin,
 		config.EnvDatabaseURL+"="+testenv.DatabaseURL(), config.EnvAMQPURL+"="+testenv.AMQPURL())
-	out, err = cmd.CombinedOutput()
+	out, err := cmd.CombinedOutput()
 	require.NoError(t, err, "python -m unittest discover -s python/tests -v:\n%s", out)
 
 	m := ranLine.FindSubmatch(out)
