@@ -301,7 +301,7 @@ class Agent:
         self._deadline = 0.0  # under _lease_lock; never moves backwards
         self._lease_ms = 0
         self._lease_lock = threading.Lock()
-        self._life = threading.Lock()  # start/stop
+        self._life = threading.RLock()  # start/stop (start may _halt under it)
         self._apply_lock = threading.Lock()
         self._pending_lock = threading.Lock()
         self._status_lock = threading.Lock()
@@ -577,8 +577,8 @@ class Agent:
         # without closing (closing would say goodbye on the parent's
         # connection), renew every lock (a parent thread may have held
         # one), and fence.
-        self._was_running = self._run is not None
-        cur, drained = self._cur, self._drained
+        was_running = self._run is not None
+        cur, drained, store_id = self._cur, self._drained, self._store_id
         store = self._store
         if store is not None:
             store.forget()
@@ -588,6 +588,8 @@ class Agent:
         # fenced: guard() raises Stale until after_fork() started it.
         self._cur = cur
         self._drained = drained if cur is not None else -1
+        self._was_running = was_running
+        self._store_id = store_id
 
     def _open_guards(self) -> int:
         with self._pending_lock:
