@@ -3,10 +3,8 @@ package integration
 import (
 	"context"
 	"database/sql"
-	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
 	"strings"
 	"sync"
 	"testing"
@@ -15,6 +13,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/phasecast/phasecast/cmd/phasecast/cli"
+	"github.com/phasecast/phasecast/integration/harness"
 	"github.com/phasecast/phasecast/internal/config"
 	"github.com/phasecast/phasecast/internal/phase"
 	"github.com/phasecast/phasecast/internal/testenv"
@@ -58,19 +57,12 @@ func TestContractUnderLoad(t *testing.T) {
 }
 
 // e2eContractJSON is what 'phasecast contract --json' prints.
-type e2eContractJSON struct {
-	schema.ContractResult
-	Error    string `json:"error"`
-	ExitCode int    `json:"exit_code"`
-}
+type e2eContractJSON = harness.ContractJSON
 
 // e2eDecodeOne decodes exactly one JSON document from s.
 func e2eDecodeOne(t *testing.T, s string, v any) {
 	t.Helper()
-	dec := json.NewDecoder(strings.NewReader(s))
-	require.NoError(t, dec.Decode(v), s)
-	var extra json.RawMessage
-	require.ErrorIs(t, dec.Decode(&extra), io.EOF, "more than one JSON document: %s", s)
+	harness.DecodeOne(t, s, v)
 }
 
 // TestContractTimesOutOnOpenGuard: an agent holding a guard open past

@@ -90,17 +90,7 @@ func (e *e2eEnv) createInstances() {
 
 // e2eReleaseL replaces name and display_name of @app.instances with
 // common_name, as examples/manifests/L.yaml does.
-const e2eReleaseL = `release: L
-description: merge name and display_name into common_name
-expand:
-  - ALTER TABLE @app.instances ADD COLUMN IF NOT EXISTS common_name text
-preconditions:
-  - name: every instance has a common_name
-    sql: SELECT 1 FROM @app.instances WHERE common_name IS NULL LIMIT 1
-removed:
-  - table: @app.instances
-    columns: [name, display_name]
-`
+const e2eReleaseL = harness.ReleaseL
 
 // manifest parses a manifest in which @app is the application schema.
 func (e *e2eEnv) manifest(yaml string) *schema.Manifest {

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"database/sql"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -379,4 +380,34 @@ func (e *Env) CLIWith(ctx context.Context, stdout, stderr io.Writer, args ...str
 	full := append([]string{"--database-url", testenv.DatabaseURL(), "--amqp-url", testenv.AMQPURL(),
 		"--schema", e.Store.Schema(), "--exchange-prefix", e.Prefix, "--log-level", "warn"}, args...)
 	return cli.Main(ctx, full, stdout, stderr)
+}
+
+// ReleaseL replaces name and display_name of @app.instances with
+// common_name, as examples/manifests/L.yaml does.
+const ReleaseL = `release: L
+description: merge name and display_name into common_name
+expand:
+  - ALTER TABLE @app.instances ADD COLUMN IF NOT EXISTS common_name text
+preconditions:
+  - name: every instance has a common_name
+    sql: SELECT 1 FROM @app.instances WHERE common_name IS NULL LIMIT 1
+removed:
+  - table: @app.instances
+    columns: [name, display_name]
+`
+
+// ContractJSON is what 'phasecast contract --json' prints.
+type ContractJSON struct {
+	schema.ContractResult
+	Error    string `json:"error"`
+	ExitCode int    `json:"exit_code"`
+}
+
+// DecodeOne decodes exactly one JSON document from s.
+func DecodeOne(t testing.TB, s string, v any) {
+	t.Helper()
+	dec := json.NewDecoder(strings.NewReader(s))
+	require.NoError(t, dec.Decode(v), s)
+	var extra json.RawMessage
+	require.ErrorIs(t, dec.Decode(&extra), io.EOF, "more than one JSON document: %s", s)
 }

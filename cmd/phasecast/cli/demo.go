@@ -28,6 +28,15 @@ agent acknowledged. Prints both timelines and the two runs side by side
 dropped the columns and not one of its queries failed; the first run is
 reported, not judged.
 
+With --python N, each run's fleet also has N instances of the Python
+example service (python/examples/novalike.py, each a process of its own
+embedding the Python agent) beside the Go ones, under the same broadcaster
+and runner; the summary shows their queries and failures. They run on
+Debian's /usr/bin/python3 with its packages (apt-get install -y
+python3-kombu python3-psycopg2 python3-cryptography python3-sqlalchemy),
+from the repository's python/ directory (found from the working directory
+up); without them the demo refuses at once and says what to install.
+
 Each run uses schemas and AMQP names of its own and removes them afterwards.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
@@ -46,6 +55,7 @@ Each run uses schemas and AMQP names of its own and removes them afterwards.`,
 	}
 	cmd.Flags().IntVar(&opts.Agents, "agents", 20, "service instances, each with its own agent")
 	cmd.Flags().IntVar(&opts.Workers, "workers", 2, "workers per instance")
+	cmd.Flags().IntVar(&opts.Python, "python", 0, "also run N instances of the Python example service (Debian's python3 and its packages)")
 	cmd.Flags().BoolVar(&verbose, "verbose", false, "show the components' logs on stderr")
 	return cmd
 }

@@ -35,6 +35,15 @@ type Options struct {
 	// Name is the suffix of the demo's schemas and AMQP names. Defaults to
 	// a random one. The run without the gate adds UngatedSuffix to it.
 	Name string
+	// Python adds that many instances of the Python example service
+	// (python/examples/novalike.py, each a process of its own with the
+	// Python agent) to each run's fleet. They need Debian's /usr/bin/python3
+	// and its packages (fleet.PythonModules): Run refuses at once, saying
+	// what to install, without them.
+	Python int
+	// PythonDir is the repository's python/ directory. Defaults to the
+	// one found from the working directory up (fleet.PythonDir).
+	PythonDir string
 }
 
 // UngatedSuffix ends the names of the run without the gate, so that its
@@ -44,6 +53,8 @@ const UngatedSuffix = "_nogate"
 // Report is the demo's outcome. Its top-level fields describe the run
 // with phasecast, the one the demo's success depends on.
 type Report struct {
+	// Agents, Queries, Failed and Refused count the whole fleet, Go and
+	// Python; Python the Python instances alone.
 	Agents      int                    `json:"agents"`
 	Queries     int64                  `json:"queries"`
 	Failed      int64                  `json:"failed"`
@@ -53,7 +64,16 @@ type Report struct {
 	Dropped     []string               `json:"dropped"`
 	ColumnsLeft []string               `json:"columns_left"`
 	Contract    *schema.ContractResult `json:"contract"`
+	Python      Python                 `json:"python"`
 	Ungated     Ungated                `json:"ungated"`
+}
+
+// Python is what the Python instances of a run counted.
+type Python struct {
+	Agents  int   `json:"agents"`
+	Queries int64 `json:"queries"`
+	Failed  int64 `json:"failed"`
+	Refused int64 `json:"refused"`
 }
 
 // Ungated is what the same release saw without the gate: flipped to
@@ -64,6 +84,7 @@ type Ungated struct {
 	Failed     int64  `json:"failed"`
 	Refused    int64  `json:"refused"`
 	FirstError string `json:"first_error,omitempty"`
+	Python     Python `json:"python"`
 	// DropAfter is from the contract flip's commit to the DROP's start.
 	DropAfter time.Duration `json:"drop_after_ns"`
 	// AckedAtDrop counts the agents whose acknowledgement was recorded
@@ -104,8 +125,23 @@ func Run(ctx context.Context, opts Options) (*Report, error) {
 	if opts.Name == "" {
 		opts.Name = randomName()
 	}
+	if opts.Python > 0 {
+		if err := fleet.CheckPython(ctx, fleet.PythonModules); err != nil {
+			return nil, fmt.Errorf("--python: %w", err)
+		}
+		if opts.PythonDir == "" {
+			dir, err := fleet.PythonDir(".")
+			if err != nil {
+				return nil, fmt.Errorf("--python: %w", err)
+			}
+			opts.PythonDir = dir
+		}
+	}
 	out := opts.Out
 	fmt.Fprintf(out, "phasecast demo: %d services × %d workers, the same release run twice\n", opts.Agents, opts.Workers)
+	if opts.Python > 0 {
+		fmt.Fprintf(out, "  and %d Python services × %d workers (python/examples/novalike.py, each a process with the Python agent)\n", opts.Python, opts.Workers)
+	}
 
 	fmt.Fprintf(out, "\n1. without the gate: flip to contract, then DROP at once, as a hurried script does\n")
 	ungated := runUngated(ctx, opts)
@@ -127,12 +163,15 @@ func Run(ctx context.Context, opts Options) (*Report, error) {
 	rep := &Report{
 		Agents: o.agents, Queries: o.totals.Queries, Failed: o.totals.Failed, Refused: o.totals.Refused,
 		FirstError: firstError(failures), AckLatency: latency.Summarize(o.ackTimes),
-		Dropped: o.contract.Dropped, ColumnsLeft: o.columnsLeft, Contract: o.contract, Ungated: ungated,
+		Dropped: o.contract.Dropped, ColumnsLeft: o.columnsLeft, Contract: o.contract, Python: o.python, Ungated: ungated,
 	}
 
 	fmt.Fprintf(out, "\nsummary (with phasecast)\n")
 	fmt.Fprintf(out, "  queries run        %d\n", rep.Queries)
 	fmt.Fprintf(out, "  queries failed     %d\n", rep.Failed)
+	if rep.Python.Agents > 0 {
+		fmt.Fprintf(out, "  of which Python    %d queries run, %d failed (%d services)\n", rep.Python.Queries, rep.Python.Failed, rep.Python.Agents)
+	}
 	fmt.Fprintf(out, "  ack latency        p50 %s, p99 %s (flip commit → ack recorded, %d agents)\n", ms(rep.AckLatency.P50), ms(rep.AckLatency.P99), rep.AckLatency.N)
 	fmt.Fprintf(out, "  columns dropped    %s\n", strings.Join(rep.Dropped, ", "))
 	fmt.Fprintf(out, "  columns remaining  %s\n", strings.Join(rep.ColumnsLeft, ", "))
@@ -170,7 +209,7 @@ func runUngated(ctx context.Context, opts Options) Ungated {
 	}
 	return Ungated{
 		Queries: o.totals.Queries, Failed: o.totals.Failed, Refused: o.totals.Refused,
-		FirstError: firstError(failures), DropAfter: o.dropAfter, AckedAtDrop: o.ackedAtDrop,
+		FirstError: firstError(failures), Python: o.python, DropAfter: o.dropAfter, AckedAtDrop: o.ackedAtDrop,
 	}
 }
 
@@ -185,6 +224,9 @@ func printComparison(out io.Writer, rep *Report, gated *outcome) {
 	}
 	fmt.Fprintf(w, "  queries run\t%d\t%d\n", u.Queries, rep.Queries)
 	fmt.Fprintf(w, "  queries failed\t%d\t%d\n", u.Failed, rep.Failed)
+	if rep.Python.Agents > 0 {
+		fmt.Fprintf(w, "  of which Python\t%d run, %d failed\t%d run, %d failed\n", u.Python.Queries, u.Python.Failed, rep.Python.Queries, rep.Python.Failed)
+	}
 	fmt.Fprintf(w, "  DROP started\t+%s after the flip\t+%s after the flip\n", ms(u.DropAfter), ms(gated.dropAfter))
 	fmt.Fprintf(w, "  acknowledged by then\t%d/%d agents\t%d/%d agents\n", u.AckedAtDrop, rep.Agents, rep.AckLatency.N, rep.Agents)
 	fmt.Fprintf(w, "  first error\t%s\t%s\n", orNone(u.FirstError), orNone(rep.FirstError))
@@ -209,7 +251,8 @@ type pass struct {
 // outcome is what a pass saw.
 type outcome struct {
 	agents      int
-	totals      fleet.Totals
+	totals      fleet.Totals // Go and Python
+	python      Python
 	stopErr     error
 	ackTimes    []time.Duration // flip commit → each ack recorded (gated)
 	dropAfter   time.Duration   // flip commit → DROP start
@@ -288,6 +331,24 @@ func (d *pass) run(ctx context.Context) (*outcome, error) {
 	}
 	d.defers(func() { _, _ = services.Stop(context.Background()) })
 	d.tl.now("%d services started (code built for L), %d workers running", len(services.List), len(services.List)*o.Workers)
+	py := &fleet.PythonServices{}
+	if o.Python > 0 {
+		startCtx, cancelStart := context.WithTimeout(ctx, 2*time.Minute)
+		py, err = env.StartPythonServices(startCtx, o.Python, func(i int) fleet.PythonConfig {
+			return fleet.PythonConfig{Dir: o.PythonDir, Service: fmt.Sprintf("nova-py-%02d", i), Table: d.appTable, Workers: o.Workers}
+		})
+		cancelStart()
+		if err != nil {
+			return nil, err
+		}
+		d.defers(func() {
+			// Bounded: a process that does not exit is killed.
+			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+			defer cancel()
+			_, _ = py.Stop(ctx)
+		})
+		d.tl.now("%d Python services started (code built for L), %d workers running", len(py.List), len(py.List)*o.Workers)
+	}
 	time.Sleep(300 * time.Millisecond) // let the workers get going under the old phase
 
 	if _, err := d.flip(ctx, phase.Migrate); err != nil {
@@ -310,6 +371,9 @@ func (d *pass) run(ctx context.Context) (*outcome, error) {
 	for _, svc := range services.List {
 		ids[svc.Agent().ID()] = true
 	}
+	for _, id := range py.IDs() {
+		ids[id] = true
+	}
 	ackWait := acks.Expect(before+1, ids)
 	flipped, err := store.Flip(ctx, "L", phase.Contract, schema.FlipOptions{Actor: "demo", Check: store.ContractCheck(schema.ContractCheckOptions{})})
 	committed := time.Now()
@@ -321,7 +385,7 @@ func (d *pass) run(ctx context.Context) (*outcome, error) {
 		ackWait.Cancel()
 		return nil, fmt.Errorf("another change ran during the demo: the contract flip took epoch %d, not %d", flipped.Epoch, before+1)
 	}
-	out := &outcome{agents: len(services.List)}
+	out := &outcome{agents: len(ids)}
 	if d.gated {
 		err = d.contract(ctx, committed, flipped.Epoch, ackWait, out)
 	} else {
@@ -334,7 +398,14 @@ func (d *pass) run(ctx context.Context) (*outcome, error) {
 	time.Sleep(500 * time.Millisecond) // traffic after the drop counts too
 	stopCtx, cancelStop := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
 	out.totals, out.stopErr = services.Stop(stopCtx)
+	pyTotals, pyErr := py.Stop(stopCtx)
 	cancelStop()
+	out.python = Python{Agents: len(py.List), Queries: pyTotals.Queries, Failed: pyTotals.Failed, Refused: pyTotals.Refused}
+	out.totals.Queries += pyTotals.Queries
+	out.totals.Failed += pyTotals.Failed
+	out.totals.Refused += pyTotals.Refused
+	out.totals.Failures = append(out.totals.Failures, pyTotals.Failures...)
+	out.stopErr = errors.Join(out.stopErr, pyErr)
 	d.tl.now("services stopped")
 	if d.gated {
 		if out.columnsLeft, err = d.remainingColumns(ctx); err != nil {

@@ -3,6 +3,7 @@ package demo_test
 import (
 	"bytes"
 	"context"
+	"fmt"
 	"testing"
 	"time"
 
@@ -53,6 +54,44 @@ func TestDemoTwice(t *testing.T) {
 		require.Empty(t, schemas, "run %d left its schemas behind", run)
 		requireTopologyGone(t, prefix)
 	}
+}
+
+// TestDemoWithPython runs the demo with two Python services beside three
+// Go ones: the Python agents' acknowledgements gate the drop too, their
+// queries are counted apart, and not one of the phasecast run's failed.
+func TestDemoWithPython(t *testing.T) {
+	db := testenv.DB(t)
+	holdHeavyLock(t, db)
+	name := testenv.Name("t")
+	storeSchema, appSchema := "phasecast_demo_"+name, "demo_"+name
+	t.Cleanup(func() {
+		testenv.DropSchema(t, db, storeSchema)
+		testenv.DropSchema(t, db, appSchema)
+	})
+
+	var out bytes.Buffer
+	ctx, cancel := context.WithTimeout(context.Background(), 4*time.Minute)
+	defer cancel()
+	rep, err := demo.Run(ctx, demo.Options{
+		Agents: 3, Workers: 1, Python: 2, Name: name, Out: &out,
+		DatabaseURL: testenv.DatabaseURL(), AMQPURL: testenv.AMQPURL(),
+	})
+	require.NoError(t, err, out.String())
+	require.Equal(t, 5, rep.Agents, "three Go and two Python services")
+	require.Equal(t, 5, rep.AckLatency.N, "every agent, Go and Python, acknowledged")
+	require.Equal(t, 2, rep.Python.Agents)
+	require.Positive(t, rep.Python.Queries, out.String())
+	require.Zero(t, rep.Python.Failed, out.String())
+	require.Greater(t, rep.Queries, rep.Python.Queries, "the fleet's count holds the Go services' queries too")
+	require.Zero(t, rep.Failed, out.String())
+	require.Equal(t, "complete", rep.Contract.Outcome)
+	require.Equal(t, []string{"id", "host", "common_name"}, rep.ColumnsLeft)
+	require.Empty(t, rep.Ungated.Error, out.String())
+	require.Equal(t, 2, rep.Ungated.Python.Agents, "the run without the gate had the Python services too")
+	require.Positive(t, rep.Ungated.Python.Queries)
+	require.Contains(t, out.String(), "2 Python services started")
+	require.Contains(t, out.String(), fmt.Sprintf("of which Python    %d queries run, 0 failed (2 services)", rep.Python.Queries))
+	requireTopologyGone(t, "phasecast_demo_"+name)
 }
 
 // requireTopologyGone checks that the exchange and status queue of an
