@@ -48,6 +48,10 @@ class AgentTest(unittest.TestCase):
         table = env.app + ".instances"
         self.assertEqual(a.snapshot().columns(table), ("id", "name", "display_name", "common_name"))
         env.flip("L", "migrate")
+        # Each flip is acked before the next, so that none is coalesced into
+        # the next and acks_sent below counts one ack per state.
+        migrate = env.epoch()
+        env.wait_row(a.id, lambda r: r["drained_epoch"] == migrate, what="the ack of the migrate flip")
         env.flip("L", "contract")
         epoch = env.epoch()
         row = env.wait_row(a.id, lambda r: r["drained_epoch"] == epoch, what="the ack of the contract flip")
@@ -63,7 +67,8 @@ class AgentTest(unittest.TestCase):
             self.assertEqual(snap.select_list(table), '"id", "common_name"')
             self.assertEqual(snap.phase("L"), "contract")
         st = a.stats()
-        self.assertGreaterEqual(st["acks_sent"], 3)
+        # One per flip; the first state's drain may ride on start's own status.
+        self.assertGreaterEqual(st["acks_sent"], 2)
         self.assertEqual(st["drained_epoch"], epoch)
         self.assertEqual(st["unconfirmed_statuses"], 0)
         # The goodbye ends the lease in the store at once.
