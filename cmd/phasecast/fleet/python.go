@@ -180,6 +180,7 @@ func (e *Env) StartPython(ctx context.Context, cfg PythonConfig) (*PythonService
 	args = append(args, "--ready-file", p.readyFile)
 	p.cmd = exec.Command(Python, args...)
 	p.cmd.Env = env
+	p.cmd.SysProcAttr = childProcAttr()
 	p.cmd.Stdout, p.cmd.Stderr = &p.stdout, &p.stderr
 	if err := p.cmd.Start(); err != nil {
 		p.cleanup()
