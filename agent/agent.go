@@ -547,6 +547,7 @@ func (a *Agent) Stats() Stats {
 		Resyncs:        a.resyncs.Load(),
 		ResyncFailures: a.resyncFailures.Load(),
 		DigestConfirms: a.digestConfirms.Load(),
+		SignedStates:   a.signedStates.Load(),
 		Reconnects:     a.reconnects.Load(),
 		Fencings:       a.fencings.Load(),
 		StoreID:        a.storeIdentity(),

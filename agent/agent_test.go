@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/ed25519"
 	"database/sql"
+	"encoding/json"
 	"io"
 	"runtime"
 	"strings"
@@ -384,6 +385,48 @@ func TestStateMessages(t *testing.T) {
 		final := a.Stats()
 		require.Equal(t, after.DigestConfirms, final.DigestConfirms)
 		require.Equal(t, after.Resyncs+1, final.Resyncs)
+	})
+
+	t.Run("WithDBSignedStatesOfItsStoreNeedNoRead", func(t *testing.T) {
+		t.Parallel()
+		pub, priv, err := ed25519.GenerateKey(nil)
+		require.NoError(t, err)
+		b := setup(t, fakeOptions{signer: priv, noBeacons: true})
+		applyRelease(t, b.store, manifestL)
+		cfg := b.config(t, true)
+		cfg.StateKey, cfg.Insecure = pub, false
+		a := startAgent(t, cfg)
+		cfg.ID, cfg.ConfirmSignedStates = a.ID()+"-confirming", true
+		confirming := startAgent(t, cfg)
+
+		// The broadcaster's signed state of this store: applied on the
+		// signature, no read; the agent told to confirm reads the digest.
+		before, cBefore := a.Stats(), confirming.Stats()
+		e := flip(t, b.store, "L", phase.Migrate)
+		b.fake.publishNow()
+		waitEpoch(t, a, e)
+		waitEpoch(t, confirming, e)
+		after, cAfter := a.Stats(), confirming.Stats()
+		require.Equal(t, before.SignedStates+1, after.SignedStates)
+		require.Equal(t, before.DigestConfirms, after.DigestConfirms, "no digest read")
+		require.Equal(t, before.Resyncs, after.Resyncs, "no state read")
+		require.Equal(t, cBefore.SignedStates, cAfter.SignedStates)
+		require.Equal(t, cBefore.DigestConfirms+1, cAfter.DigestConfirms)
+
+		// Signed, but naming another store (or none): the store decides,
+		// and it says contract, not the message's migrate.
+		e2 := flip(t, b.store, "L", phase.Contract)
+		for _, id := range []string{"another-store", ""} {
+			var st wire.State
+			require.NoError(t, json.Unmarshal(forgedState(t, e2, phase.Migrate), &st))
+			st.StoreID = id
+			b.fake.publishState(st)
+		}
+		waitEpoch(t, a, e2)
+		require.True(t, a.Snapshot().Removed("instances", "name"), "the store's contract, not the message's migrate")
+		final := a.Stats()
+		require.Equal(t, after.SignedStates, final.SignedStates)
+		require.Equal(t, after.Resyncs+1, final.Resyncs, "confirmed by reading the whole state")
 	})
 
 	t.Run("WithDBOnAStoreWithoutDigests", func(t *testing.T) {

@@ -312,7 +312,13 @@ func (a *Agent) handle(r *runState, d amqp.Delivery) {
 	}
 	if a.cfg.StateKey != nil {
 		sig, _ := d.Headers[wire.SignatureHeader].(string)
-		if err := wire.Verify(a.cfg.StateKey, body, sig); err != nil {
+		verify := wire.Verify
+		if c := a.cfg.Connection; c != nil && wire.Kind(d.Type) == wire.KindState {
+			// The agents on a shared connection all get this same
+			// state: verified once for all of them (verifiedStates).
+			verify = c.verified.verify
+		}
+		if err := verify(a.cfg.StateKey, body, sig); err != nil {
 			a.reject(reasonFor(err), err, -1)
 			return
 		}
@@ -343,8 +349,9 @@ func (a *Agent) handle(r *runState, d amqp.Delivery) {
 }
 
 // handleState applies a state newer than the one held. With a DB the
-// message only says "look": the confirmer applies it only if the store
-// vouches for it (see confirm).
+// message only says "look" unless the store's word comes with it (see
+// signedByStore): the confirmer applies it only if the store vouches for
+// it (see confirm).
 func (a *Agent) handleState(body []byte) {
 	st, err := wire.DecodeState(body)
 	if err != nil {
@@ -362,12 +369,29 @@ func (a *Agent) handleState(body []byte) {
 		a.ignoredStates.Add(1)
 		return
 	}
-	if a.store != nil {
+	if a.store != nil && !a.signedByStore(&st) {
 		a.offerCandidate(&st)
 		a.requestConfirm(st.Epoch)
 		return
 	}
+	if a.store != nil {
+		a.signedStates.Add(1)
+	}
 	a.apply(&st)
+}
+
+// signedByStore reports whether an agent with a DB may apply st without
+// reading the store: its signature was verified against Config.StateKey
+// (handle drops a state that fails it before this is asked), the
+// broadcaster signs only what it has just read from the store, and the
+// signed body names the store this agent read its own identity from. So
+// the store said this state, at this epoch; the epoch check before this
+// keeps an old one from being applied again. Anything else (no key, a
+// state naming another store or none, Config.ConfirmSignedStates) goes
+// to the store.
+func (a *Agent) signedByStore(st *wire.State) bool {
+	return a.cfg.StateKey != nil && !a.cfg.ConfirmSignedStates &&
+		st.StoreID != "" && st.StoreID == a.storeIdentity()
 }
 
 // handleGrant extends the lease from the send time of the status it

@@ -117,6 +117,25 @@ type Config struct {
 	// delayed. Defaults to 100ms.
 	ConfirmInterval time.Duration
 
+	// ConfirmSignedStates makes an agent with a DB read the store for
+	// every new state, signed or not, as agents did before signed states
+	// were trusted. By default, an agent with a DB and a StateKey applies a
+	// state message whose signature verifies and whose store_id is the one
+	// it read from the store itself, without a read: the broadcaster signs
+	// a state only in its relay, right after reading it from the store
+	// (Store.State, one statement), and the signature covers the whole
+	// body, store_id and epoch included, so a valid signature is the
+	// store's word relayed, not the message's. An old signed state changes
+	// nothing (only a higher epoch is applied), and a state of another
+	// store, or an unsigned one (no StateKey: Insecure), is still
+	// confirmed in the store. What the read still protects against is a
+	// stolen signing key: with it, someone able to publish to the state
+	// exchange could move agents without a DB in any case, and with this
+	// default agents with a DB as well. Set it to keep the signing key out
+	// of the agents' root of trust, at one store read per agent and flip
+	// (BENCHMARKS.md measures both). Defaults to false.
+	ConfirmSignedStates bool
+
 	// ApplicationName is reported in status as app_name, so the contract
 	// runner can tell the service's database sessions from sessions nobody
 	// vouches for. The service should open its own database connections

@@ -2,6 +2,8 @@ package agent
 
 import (
 	"context"
+	"crypto/ed25519"
+	"crypto/rand"
 	"errors"
 	"fmt"
 	"runtime"
@@ -16,6 +18,7 @@ import (
 	"github.com/phasecast/phasecast/internal/faultproxy"
 	"github.com/phasecast/phasecast/internal/phase"
 	"github.com/phasecast/phasecast/internal/testenv"
+	"github.com/phasecast/phasecast/internal/wire"
 )
 
 // sharedProxy returns a fault proxy to the test broker, refusing
@@ -227,4 +230,45 @@ func TestSharedConnectionJoins(t *testing.T) {
 	require.NoError(t, a.Start(ctx))
 	require.NoError(t, a.Stop(ctx))
 	requireGoroutines(t, base)
+}
+
+// TestVerifiedStates: the shared connection's cache of verified states
+// answers as wire.Verify does. A triple that verified passes again; any
+// other body, signature or key is verified, and fails as it would, even
+// one whose pieces join to a remembered triple's bytes.
+func TestVerifiedStates(t *testing.T) {
+	pub, priv, err := ed25519.GenerateKey(rand.Reader)
+	require.NoError(t, err)
+	otherPub, _, err := ed25519.GenerateKey(rand.Reader)
+	require.NoError(t, err)
+	body := []byte(`{"v":1,"kind":"state","epoch":7,"releases":[]}`)
+	sig := wire.Sign(priv, body)
+
+	var v verifiedStates
+	require.NoError(t, v.verify(pub, body, sig))
+	require.NoError(t, v.verify(pub, body, sig), "a remembered triple passes")
+
+	for name, c := range map[string]struct {
+		key  ed25519.PublicKey
+		body []byte
+		sig  string
+	}{
+		"another body":                  {pub, []byte(`{"v":1,"kind":"state","epoch":8,"releases":[]}`), sig},
+		"another key":                   {otherPub, body, sig},
+		"no signature":                  {pub, body, ""},
+		"the body's head in the header": {pub, body[5:], sig + string(body[:5])},
+	} {
+		t.Run(name, func(t *testing.T) {
+			err := v.verify(c.key, c.body, c.sig)
+			require.Error(t, err)
+			require.Equal(t, wire.Verify(c.key, c.body, c.sig) == nil, err == nil)
+		})
+	}
+	// Still remembered after the failures, and only verified triples are.
+	require.NoError(t, v.verify(pub, body, sig))
+	for _, k := range v.ring {
+		if k != "" {
+			require.Equal(t, verifiedKey(pub, sig, body), k)
+		}
+	}
 }

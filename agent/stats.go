@@ -63,6 +63,7 @@ type counters struct {
 	resyncs        atomic.Int64
 	resyncFailures atomic.Int64
 	digestConfirms atomic.Int64
+	signedStates   atomic.Int64
 	reconnects     atomic.Int64
 	fencings       atomic.Int64
 	ignoredSyncs   atomic.Int64
@@ -156,6 +157,10 @@ type Stats struct {
 	// of its state (one row read) and applied as they came; the others
 	// were confirmed by reading the whole state, counted in Resyncs.
 	DigestConfirms int64
+	// SignedStates counts state messages an agent with a DB applied on
+	// the broadcaster's signature, without reading the store
+	// (Config.ConfirmSignedStates says why that is the store's word).
+	SignedStates int64
 	// Reconnects counts AMQP sessions after the first.
 	Reconnects int64
 	// UnconfirmedStatuses counts statuses the broker nacked, returned as

@@ -99,6 +99,16 @@ type Config struct {
 	// broker answers. Defaults to 10s.
 	BrokerLossTimeout time.Duration
 
+	// StatusQueueType is the type the status queue is declared with:
+	// amqpx.StatusQueueClassic (a non-durable classic queue) or
+	// amqpx.StatusQueueQuorum (a durable quorum queue, replicated over a
+	// cluster). A status queue that already exists with other arguments
+	// (a quorum queue an earlier release declared) is used as it is, and
+	// the broadcaster logs that it is. Defaults to
+	// amqpx.StatusQueueClassic, the faster (BENCHMARKS.md); see
+	// docs/rabbitmq-cluster.md for a cluster.
+	StatusQueueType string
+
 	// StatusBatchMax is the most statuses recorded in one transaction.
 	// Defaults to 1000.
 	StatusBatchMax int
@@ -185,6 +195,9 @@ func (c *Config) WithDefaults() *Config {
 	if out.BrokerLossTimeout == 0 {
 		out.BrokerLossTimeout = DefaultBrokerLossTimeout
 	}
+	if out.StatusQueueType == "" {
+		out.StatusQueueType = amqpx.StatusQueueClassic
+	}
 	if out.StatusBatchMax == 0 {
 		out.StatusBatchMax = DefaultStatusBatchMax
 	}
@@ -233,6 +246,9 @@ func (c *Config) validate() error {
 		if d.v < d.min {
 			fail("Config.%s must be at least %s, or zero for the default (got %s)", d.name, d.min, d.v)
 		}
+	}
+	if c.StatusQueueType != amqpx.StatusQueueClassic && c.StatusQueueType != amqpx.StatusQueueQuorum {
+		fail("Config.StatusQueueType must be %q or %q, or empty for the default (got %q)", amqpx.StatusQueueClassic, amqpx.StatusQueueQuorum, c.StatusQueueType)
 	}
 	if c.StatusBatchMax < 1 || c.StatusBatchMax > maxStatusBatch {
 		fail("Config.StatusBatchMax must be between 1 and %d, or zero for the default (got %d)", maxStatusBatch, c.StatusBatchMax)

@@ -269,7 +269,10 @@ func (l *leader) publishSession(ctx context.Context, conn *amqp.Connection) erro
 }
 
 // relay reads the whole state, publishes it and waits for the broker's
-// confirm. Only a confirmed state marks the outbox: a nack, a timeout or a
+// confirm. It is the only place a state is signed, and it signs only what
+// it has just read from the store: agents with a DB apply a signed state
+// of their store without reading it themselves (agent
+// Config.ConfirmSignedStates), so a signed state must be the store's word. Only a confirmed state marks the outbox: a nack, a timeout or a
 // lost connection leaves the epochs unpublished, to be sent again.
 func (l *leader) relay(ctx context.Context, ch *amqp.Channel, reason string) error {
 	octx, cancel := context.WithTimeout(ctx, dbTimeout)

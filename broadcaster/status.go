@@ -41,8 +41,13 @@ func (l *leader) consumeSession(ctx context.Context, conn *amqp.Connection) erro
 	defer closeOnDone(ctx, conn)()
 	src := deliverySource{connClosed: amqpx.WatchClose(conn)}
 	queue := amqpx.StatusQueue(l.b.cfg.ExchangePrefix)
-	if err := amqpx.DeclareStatusQueue(conn, l.b.cfg.ExchangePrefix); err != nil {
+	kept, err := amqpx.DeclareStatusQueueAs(conn, l.b.cfg.ExchangePrefix, l.b.cfg.StatusQueueType)
+	if err != nil {
 		return fmt.Errorf("declare queue %s: %w", queue, err)
+	}
+	if kept {
+		l.log.Info().Str("queue", queue).Str("status_queue_type", l.b.cfg.StatusQueueType).
+			Msg("the status queue exists with other arguments (a quorum queue an earlier release declared?): used as it is; delete it while no broadcaster runs to have it declared as configured")
 	}
 	ch, err := conn.Channel()
 	if err != nil {

@@ -102,31 +102,80 @@ func DeleteTopology(ch *amqp.Channel, prefix string, queues, exchanges []string)
 	}
 }
 
-// DeclareStatusQueue declares the durable status queue as a quorum queue.
-// A broker without quorum queues refuses that and closes the channel, so
-// the fallback to a classic durable queue opens a new one.
+// The status queue's types, for DeclareStatusQueueAs.
+const (
+	// StatusQueueClassic is a non-durable classic queue, the default:
+	// measured the fastest layout (BENCHMARKS.md, "The status queue").
+	// Nothing in it needs to outlive the broker: a status is superseded by
+	// the agent's next one (statuses are cumulative), a lost one is sent
+	// again by the next heartbeat, and every agent sends a fresh status
+	// on each new connection. On a cluster, RabbitMQ deletes a
+	// non-durable queue whose node is lost and the next broadcaster
+	// session declares it again on its own node.
+	StatusQueueClassic = "classic"
+	// StatusQueueQuorum is a durable quorum queue, replicated over a
+	// cluster's nodes (a broker without quorum queues gets a classic
+	// durable one): what phasecast declared before, and still the choice
+	// for a cluster whose operators want the queue to outlive any one
+	// node (docs/rabbitmq-cluster.md).
+	StatusQueueQuorum = "quorum"
+)
+
+// DeclareStatusQueue declares the status queue with the default type,
+// StatusQueueClassic (or finds it declared otherwise: see
+// DeclareStatusQueueAs).
 func DeclareStatusQueue(conn *amqp.Connection, prefix string) error {
+	_, err := DeclareStatusQueueAs(conn, prefix, StatusQueueClassic)
+	return err
+}
+
+// DeclareStatusQueueAs declares the status queue as a queue of type kind
+// (StatusQueueClassic or StatusQueueQuorum). A queue already declared
+// with other arguments (a quorum queue from an earlier release, one an
+// operator declared beforehand) is an operator's decision, not ours to
+// change: the broker refuses the declaration (PRECONDITION_FAILED), and
+// the queue is used as it is, which kept reports. A broker without
+// quorum queues refuses kind quorum and closes the channel, so the
+// fallback to a classic durable queue opens a new one.
+func DeclareStatusQueueAs(conn *amqp.Connection, prefix, kind string) (kept bool, err error) {
+	name := StatusQueue(prefix)
 	ch, err := conn.Channel()
 	if err != nil {
-		return err
+		return false, err
 	}
-	_, err = ch.QueueDeclare(StatusQueue(prefix), true, false, false, false, amqp.Table{amqp.QueueTypeArg: amqp.QueueTypeQuorum})
+	durable, args := false, amqp.Table{amqp.QueueTypeArg: amqp.QueueTypeClassic}
+	switch kind {
+	case StatusQueueClassic:
+	case StatusQueueQuorum:
+		durable, args = true, amqp.Table{amqp.QueueTypeArg: amqp.QueueTypeQuorum}
+	default:
+		_ = ch.Close()
+		return false, fmt.Errorf("status queue type %q: give %q or %q", kind, StatusQueueClassic, StatusQueueQuorum)
+	}
+	_, err = ch.QueueDeclare(name, durable, false, false, false, args)
 	if err == nil {
-		return ch.Close()
+		return false, ch.Close()
 	}
 	var amqpErr *amqp.Error
-	if !errors.As(err, &amqpErr) || amqpErr.Code == amqp.PreconditionFailed {
-		// A precondition failure means the queue exists with other
-		// arguments: that is an operator's decision, not ours to change.
-		return err
+	if !errors.As(err, &amqpErr) {
+		return false, err
 	}
-	ch, err = conn.Channel()
-	if err != nil {
-		return err
+	// The channel is closed by the refusal: a new one for what follows.
+	if ch, err = conn.Channel(); err != nil {
+		return false, err
 	}
 	defer ch.Close()
-	_, err = ch.QueueDeclare(StatusQueue(prefix), true, false, false, false, nil)
-	return err
+	if amqpErr.Code == amqp.PreconditionFailed {
+		if _, err := ch.QueueDeclarePassive(name, false, false, false, false, nil); err != nil {
+			return false, fmt.Errorf("queue %s exists with other arguments (%v), and a passive declaration failed: %w", name, amqpErr, err)
+		}
+		return true, nil
+	}
+	if kind != StatusQueueQuorum {
+		return false, err
+	}
+	_, err = ch.QueueDeclare(name, true, false, false, false, nil)
+	return false, err
 }
 
 // Publishing wraps a message body as phasecast sends it: JSON, typed by

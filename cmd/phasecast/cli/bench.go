@@ -10,6 +10,7 @@ import (
 
 	"github.com/phasecast/phasecast/broadcaster"
 	"github.com/phasecast/phasecast/cmd/phasecast/internal/bench"
+	"github.com/phasecast/phasecast/internal/amqpx"
 )
 
 func init() { extraCommands = append(extraCommands, newBenchCmd) }
@@ -19,6 +20,7 @@ func newBenchCmd(g *globals) *cobra.Command {
 		opts    bench.Options
 		paths   []string
 		asJSON  bool
+		polling bool
 		verbose bool
 		quiet   bool
 	)
@@ -51,6 +53,7 @@ It uses a schema and AMQP names of its own and removes them afterwards;
 			for _, p := range paths {
 				opts.Paths = append(opts.Paths, bench.Path(strings.TrimSpace(p)))
 			}
+			opts.SkipPolling = !polling
 			opts.Progress = g.stderr
 			if quiet {
 				opts.Progress = io.Discard
@@ -80,9 +83,12 @@ It uses a schema and AMQP names of its own and removes them afterwards;
 	f.IntVar(&opts.AgentsPerConn, "agents-per-conn", 50, "agents (and floor responders) sharing one AMQP connection")
 	f.DurationVar(&opts.Heartbeat, "heartbeat", 3*time.Second, "the agents' heartbeat interval")
 	f.DurationVar(&opts.BeaconInterval, "beacon-interval", broadcaster.DefaultBeaconInterval, "the broadcaster's beacon interval (agents without a DB start on the first beacon)")
-	f.StringSliceVar(&paths, "paths", []string{string(bench.PathDB), string(bench.PathNoDB)}, "agent paths to measure: db (confirm each state in the store), nodb")
+	f.StringSliceVar(&paths, "paths", []string{string(bench.PathDB), string(bench.PathDBRead), string(bench.PathNoDB)},
+		"agent paths to measure: db (with a DB, signed states applied on the signature), dbread (with a DB, the store read for every state), nodb")
+	f.StringVar(&opts.StatusQueueType, "status-queue-type", amqpx.StatusQueueClassic, "type of the status queue, and of the floor's reply queue: classic or quorum")
 	f.IntVar(&opts.DBConns, "db-conns", 20, "database connections shared by the agents, and by the pollers")
 	f.StringVar(&opts.AckWatch, "ack-watch", "hook", "how acks are timed: hook (the broadcaster's commit) or poll (count in the store every 1ms)")
+	f.BoolVar(&polling, "polling", true, "also measure the polling baseline (one poller per agent)")
 	f.BoolVar(&opts.Cost, "cost", true, "also measure sustained flips/s, status intake")
 	f.IntVar(&opts.CostAgents, "cost-agents", 100, "fleet size of the cost measurements")
 	f.DurationVar(&opts.CostDuration, "cost-duration", 3*time.Second, "length of each sustained-rate measurement")

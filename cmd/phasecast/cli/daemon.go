@@ -9,6 +9,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/phasecast/phasecast/broadcaster"
+	"github.com/phasecast/phasecast/internal/amqpx"
 	"github.com/phasecast/phasecast/schema"
 )
 
@@ -76,6 +77,7 @@ and answers each with a lease grant. Run several for availability: one leads
 	f.DurationVar(&cfg.LivenessInterval, "liveness-interval", time.Second, "how often liveness is written and standbys try to lead")
 	f.StringVar(&cfg.MetricsAddr, "metrics-addr", "", "serve Prometheus metrics on this address at /metrics, e.g. :9464 (default: off)")
 	f.DurationVar(&cfg.BrokerLossTimeout, "broker-loss-timeout", broadcaster.DefaultBrokerLossTimeout, "a leader that reaches no broker for this long steps down, so a standby that reaches one leads")
+	f.StringVar(&cfg.StatusQueueType, "status-queue-type", amqpx.StatusQueueClassic, "type the status queue is declared with: classic (non-durable, the faster) or quorum (durable, replicated over a cluster); an existing queue is used as it is")
 	f.BoolVar(&cfg.Insecure, "insecure", false, "run without a state key, and let any broker user enrol agents: "+InsecureBroadcastWarning)
 	keyFlags.register(cmd)
 	return cmd

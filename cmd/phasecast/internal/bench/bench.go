@@ -30,10 +30,15 @@ import (
 type Path string
 
 const (
-	// PathDB: agents with a database handle, the secure default: a state
-	// message only says "look", and each agent reads the store before it
-	// applies anything.
+	// PathDB: agents with a database handle and the broadcaster's public
+	// key, the secure default: each starts from the store, and applies a
+	// state message signed by the broadcaster for its store without a
+	// read (agent.Config.ConfirmSignedStates).
 	PathDB Path = "db"
+	// PathDBRead: agents with a database handle that read the store for
+	// every state (agent.Config.ConfirmSignedStates): the message only
+	// says "look".
+	PathDBRead Path = "dbread"
 	// PathNoDB: agents without a database, which apply the state the
 	// message carries.
 	PathNoDB Path = "nodb"
@@ -56,8 +61,13 @@ type Options struct {
 	// BeaconInterval is the broadcaster's. Agents without a DB start on
 	// the first beacon. Defaults to broadcaster.DefaultBeaconInterval.
 	BeaconInterval time.Duration
-	// Paths are the agent paths measured. Defaults to both, PathDB first.
+	// Paths are the agent paths measured. Defaults to PathDB, PathDBRead,
+	// PathNoDB.
 	Paths []Path
+	// StatusQueueType is the type of the status queue, and of the floor's
+	// reply queue, which is declared alike (amqpx.StatusQueueClassic or
+	// amqpx.StatusQueueQuorum). Defaults to the broadcaster's default.
+	StatusQueueType string
 	// DBConns bounds the agents' shared database pool, and the pollers'.
 	// Defaults to 20.
 	DBConns int
@@ -69,6 +79,9 @@ type Options struct {
 	// broadcaster's OnRecorded, exact and free) or "poll" (one count query
 	// per millisecond). Defaults to "hook".
 	AckWatch string
+	// SkipPolling leaves the polling baseline out: a quicker run, or a
+	// fleet too large for one poller per agent on this database.
+	SkipPolling bool
 	// Cost runs the cost measurements after the fleets.
 	Cost bool
 	// CostAgents is the fleet size of the cost measurements. Defaults to
@@ -117,7 +130,10 @@ func (o Options) withDefaults() Options {
 		o.BeaconInterval = broadcaster.DefaultBeaconInterval
 	}
 	if len(o.Paths) == 0 {
-		o.Paths = []Path{PathDB, PathNoDB}
+		o.Paths = []Path{PathDB, PathDBRead, PathNoDB}
+	}
+	if o.StatusQueueType == "" {
+		o.StatusQueueType = amqpx.StatusQueueClassic
 	}
 	if o.DBConns == 0 {
 		o.DBConns = 20
@@ -172,9 +188,12 @@ func (o Options) Validate() error {
 		errs = append(errs, fmt.Errorf("heartbeat: %s: give at least 10ms", o.Heartbeat))
 	}
 	for _, p := range o.Paths {
-		if p != PathDB && p != PathNoDB {
-			errs = append(errs, fmt.Errorf("paths: %q is not %q or %q", p, PathDB, PathNoDB))
+		if p != PathDB && p != PathDBRead && p != PathNoDB {
+			errs = append(errs, fmt.Errorf("paths: %q is not %q, %q or %q", p, PathDB, PathDBRead, PathNoDB))
 		}
+	}
+	if o.StatusQueueType != amqpx.StatusQueueClassic && o.StatusQueueType != amqpx.StatusQueueQuorum {
+		errs = append(errs, fmt.Errorf("status-queue-type: %q is not %q or %q", o.StatusQueueType, amqpx.StatusQueueClassic, amqpx.StatusQueueQuorum))
 	}
 	if o.DBConns < 2 {
 		errs = append(errs, fmt.Errorf("db-conns: %d: give at least 2", o.DBConns))
@@ -209,14 +228,15 @@ type Machine struct {
 
 // Setup is what the run measured with.
 type Setup struct {
-	Flips          int     `json:"flips"`
-	AgentsPerConn  int     `json:"agents_per_conn"`
-	HeartbeatMS    float64 `json:"heartbeat_ms"`
-	PollIntervalMS float64 `json:"poll_interval_ms"`
-	DBConns        int     `json:"db_conns"`
-	AckWatch       string  `json:"ack_watch"`
-	StateBytes     int     `json:"state_bytes"`
-	StatusBytes    int     `json:"status_bytes"`
+	Flips           int     `json:"flips"`
+	StatusQueueType string  `json:"status_queue_type"`
+	AgentsPerConn   int     `json:"agents_per_conn"`
+	HeartbeatMS     float64 `json:"heartbeat_ms"`
+	PollIntervalMS  float64 `json:"poll_interval_ms"`
+	DBConns         int     `json:"db_conns"`
+	AckWatch        string  `json:"ack_watch"`
+	StateBytes      int     `json:"state_bytes"`
+	StatusBytes     int     `json:"status_bytes"`
 }
 
 // Dist summarizes a set of latencies, in milliseconds.
@@ -283,7 +303,8 @@ type Fleet struct {
 	Connections int          `json:"connections"`
 	Floor       Measured     `json:"floor"`
 	Phasecast   []*Phasecast `json:"phasecast"`
-	Polling     Polling      `json:"polling"`
+	// Polling is nil when Options.SkipPolling left it out.
+	Polling *Polling `json:"polling,omitempty"`
 }
 
 // env is one run's corner of the servers.
@@ -352,7 +373,7 @@ func Run(ctx context.Context, opts Options) (rep *Report, err error) {
 	cleanups = append(cleanups, func() { _ = e.agents.Close() })
 
 	rep = &Report{Machine: machine(ctx, e), Setup: Setup{
-		Flips: opts.Flips, AgentsPerConn: opts.AgentsPerConn, HeartbeatMS: ms(opts.Heartbeat),
+		Flips: opts.Flips, StatusQueueType: opts.StatusQueueType, AgentsPerConn: opts.AgentsPerConn, HeartbeatMS: ms(opts.Heartbeat),
 		PollIntervalMS: ms(opts.PollInterval), DBConns: opts.DBConns, AckWatch: opts.AckWatch,
 	}}
 	m, err := schema.ParseManifest("bench L.yaml", []byte(manifest))
@@ -370,9 +391,9 @@ func Run(ctx context.Context, opts Options) (rep *Report, err error) {
 
 	bcfg := &broadcaster.Config{
 		Store: e.store, DatabaseURL: dsn, AMQPURL: opts.AMQPURL, ExchangePrefix: e.prefix,
-		BeaconInterval: opts.BeaconInterval,
-		Logger:         opts.Logger.With().Str("component", "broadcaster").Logger(),
-		SigningKey:     e.stateKey,
+		BeaconInterval: opts.BeaconInterval, StatusQueueType: opts.StatusQueueType,
+		Logger:     opts.Logger.With().Str("component", "broadcaster").Logger(),
+		SigningKey: e.stateKey,
 	}
 	// Installed in either mode: the cost measurements time acks with it.
 	bcfg.OnRecorded = e.clock.OnRecorded
@@ -398,13 +419,19 @@ func Run(ctx context.Context, opts Options) (rep *Report, err error) {
 		if f.Floor, err = e.runFloor(ctx, n, rep.Setup.StateBytes, rep.Setup.StatusBytes); err != nil {
 			return rep, fmt.Errorf("floor, %d responders: %w", n, err)
 		}
-		if f.Polling, err = e.runPolling(ctx, n); err != nil {
-			return rep, fmt.Errorf("polling, %d pollers: %w", n, err)
+		if !opts.SkipPolling {
+			pl, err := e.runPolling(ctx, n)
+			if err != nil {
+				return rep, fmt.Errorf("polling, %d pollers: %w", n, err)
+			}
+			f.Polling = &pl
 		}
 		for _, pc := range f.Phasecast {
 			pc.FloorRatioP50 = ratio(pc.PerFlip.P50MS, f.Floor.PerFlip.P50MS)
 			pc.FloorRatioP99 = ratio(pc.PerFlip.P99MS, f.Floor.PerFlip.P99MS)
-			pc.PollingRatioP99 = ratio(f.Polling.PerFlip.P99MS, pc.PerFlip.P99MS)
+			if f.Polling != nil {
+				pc.PollingRatioP99 = ratio(f.Polling.PerFlip.P99MS, pc.PerFlip.P99MS)
+			}
 		}
 		if opts.ChartDir != "" {
 			file, err := writeChart(opts.ChartDir, f, rep.Setup)

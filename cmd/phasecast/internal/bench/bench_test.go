@@ -59,7 +59,7 @@ func TestSmoke(t *testing.T) {
 		require.Equal(t, opts.Flips*f.Agents, f.Floor.PerAgent.N)
 		require.Positive(t, f.Floor.PerFlip.MinMS, "the floor takes time")
 		require.Positive(t, f.Polling.QueriesPerSecond)
-		require.Len(t, f.Phasecast, 2)
+		require.Len(t, f.Phasecast, 3)
 		for _, pc := range f.Phasecast {
 			require.Zero(t, pc.Missing, "acks missing at %d agents, path %s", f.Agents, pc.Path)
 			require.Equal(t, opts.Flips*f.Agents, pc.PerAgent.N, "every agent acknowledged every flip")
@@ -83,7 +83,7 @@ func TestSmoke(t *testing.T) {
 	}
 
 	require.NotNil(t, rep.Cost)
-	require.Len(t, rep.Cost.AckedFlips, 2)
+	require.Len(t, rep.Cost.AckedFlips, 3)
 	for _, a := range rep.Cost.AckedFlips {
 		require.Positive(t, a.FlipsPerSecond, a.Path)
 	}

@@ -37,13 +37,12 @@ func writeChart(dir string, f *Fleet, setup Setup) (string, error) {
 	}
 	ss := []series{{label: "floor: bare amqp091 fan-out and reply", color: "#7f7f7f", dash: "6 4", data: flat(f.Floor.flips)}}
 	for _, pc := range f.Phasecast {
-		s := series{label: "phasecast, agents with DB (confirm in store)", color: "#1f77b4", data: flat(pc.flips)}
-		if pc.Path == PathNoDB {
-			s = series{label: "phasecast, agents without DB", color: "#2ca02c", data: flat(pc.flips)}
-		}
-		ss = append(ss, s)
+		color := map[Path]string{PathDB: "#1f77b4", PathDBRead: "#9467bd", PathNoDB: "#2ca02c"}[pc.Path]
+		ss = append(ss, series{label: pathName(pc.Path), color: color, data: flat(pc.flips)})
 	}
-	ss = append(ss, series{label: fmt.Sprintf("polling every %s", time.Duration(setup.PollIntervalMS*1e6)), color: "#d62728", data: flat(f.Polling.flips)})
+	if f.Polling != nil {
+		ss = append(ss, series{label: fmt.Sprintf("polling every %s", time.Duration(setup.PollIntervalMS*1e6)), color: "#d62728", data: flat(f.Polling.flips)})
+	}
 	title := fmt.Sprintf("%d agent%s: flip commit → each acknowledgement recorded", f.Agents, plural(f.Agents))
 	sub := fmt.Sprintf("cumulative share of every acknowledgement (reply, sighting) over %d flips; %d agents per AMQP connection; heartbeat %s",
 		setup.Flips, setup.AgentsPerConn, time.Duration(setup.HeartbeatMS*1e6))

@@ -15,8 +15,9 @@ import (
 )
 
 // The floor's own topology: a fanout exchange like the state exchange, and
-// a reply queue declared as the status queue is (quorum where the broker
-// has them).
+// a reply queue declared as the status queue is (Options.StatusQueueType:
+// the default, a non-durable classic queue, is the fastest layout
+// measured for either).
 func floorExchange(prefix string) string { return prefix + ".floor" }
 func floorReplies(prefix string) string  { return amqpx.StatusQueue(prefix + ".floor") }
 
@@ -66,7 +67,7 @@ func (e *env) runFloor(ctx context.Context, n, stateBytes, statusBytes int) (Mea
 	if err != nil {
 		return Measured{}, err
 	}
-	if err := amqpx.DeclareStatusQueue(subConn, e.prefix+".floor"); err != nil {
+	if _, err := amqpx.DeclareStatusQueueAs(subConn, e.prefix+".floor", e.opts.StatusQueueType); err != nil {
 		return Measured{}, err
 	}
 	sub, err := subConn.Channel()

@@ -186,8 +186,9 @@ func (e *env) startFleet(ctx context.Context, n int, path Path, idPrefix string,
 				e.applied.mark(uint64(cur.Epoch()), time.Now())
 			},
 		}
-		if path == PathDB {
+		if path == PathDB || path == PathDBRead {
 			cfg.DB = e.agents.DB
+			cfg.ConfirmSignedStates = path == PathDBRead
 		}
 		a, err := agent.New(cfg)
 		if err != nil {

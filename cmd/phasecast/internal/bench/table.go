@@ -15,7 +15,7 @@ func (r *Report) WriteText(w io.Writer) error {
 	fmt.Fprintf(&b, "phasecast bench: %s\n", r.Machine.summary())
 	fmt.Fprintf(&b, "%d flips per fleet size; %d agents per AMQP connection; agent heartbeat %s; polling every %s; acks timed by %s\n",
 		s.Flips, s.AgentsPerConn, time.Duration(s.HeartbeatMS*1e6), time.Duration(s.PollIntervalMS*1e6), ackWatchName(s.AckWatch))
-	fmt.Fprintf(&b, "state message %d bytes, status %d bytes (the floor sends the same sizes)\n\n", s.StateBytes, s.StatusBytes)
+	fmt.Fprintf(&b, "state message %d bytes, status %d bytes (the floor sends the same sizes); status queue and the floor's reply queue: %s\n\n", s.StateBytes, s.StatusBytes, s.StatusQueueType)
 
 	fmt.Fprintf(&b, "time from a flip's commit until the last of N has it (ms, over the flips):\n")
 	tw := tabwriter.NewWriter(&b, 0, 0, 2, ' ', tabwriter.AlignRight)
@@ -35,7 +35,9 @@ func (r *Report) WriteText(w io.Writer) error {
 		for _, pc := range f.Phasecast {
 			row(pathName(pc.Path), pc.Measured, conns)
 		}
-		row(fmt.Sprintf("polling every %s", time.Duration(s.PollIntervalMS*1e6)), f.Polling.Measured, "-")
+		if f.Polling != nil {
+			row(fmt.Sprintf("polling every %s", time.Duration(s.PollIntervalMS*1e6)), f.Polling.Measured, "-")
+		}
 	}
 	_ = tw.Flush()
 
@@ -44,6 +46,10 @@ func (r *Report) WriteText(w io.Writer) error {
 	fmt.Fprintf(tw, "agents\tpath\t\tphasecast/floor p50\tp99\tpolling/phasecast p99\tpolling queries/s\tdb xact/s\t\n")
 	for _, f := range r.Fleets {
 		for _, pc := range f.Phasecast {
+			if f.Polling == nil {
+				fmt.Fprintf(tw, "%d\t%s\t\t%.2f×\t%.2f×\t-\t-\t-\t\n", f.Agents, pathName(pc.Path), pc.FloorRatioP50, pc.FloorRatioP99)
+				continue
+			}
 			fmt.Fprintf(tw, "%d\t%s\t\t%.2f×\t%.2f×\t%.1f×\t%.0f\t%.0f\t\n", f.Agents, pathName(pc.Path), pc.FloorRatioP50, pc.FloorRatioP99, pc.PollingRatioP99, f.Polling.QueriesPerSecond, f.Polling.DBXactPerSecond)
 		}
 	}
@@ -59,6 +65,9 @@ func (r *Report) WriteText(w io.Writer) error {
 			d := pc.PerAgent
 			fmt.Fprintf(tw, "%d\t%s\t\t%d\t%s\t%s\t%s\t%s\t%.1f KiB\t%.1f\t%.1fs\t\n", f.Agents, pathName(pc.Path), d.N, fmtMS(d.MinMS), fmtMS(d.P50MS), fmtMS(d.P99MS), fmtMS(d.MaxMS),
 				pc.HeapBytesPerAgent/1024, pc.GoroutinesPerAgent, pc.StartSeconds)
+		}
+		if f.Polling == nil {
+			continue
 		}
 		d = f.Polling.PerAgent
 		fmt.Fprintf(tw, "%d\t%s\t\t%d\t%s\t%s\t%s\t%s\t\t\t\t\n", f.Agents, "polling", d.N, fmtMS(d.MinMS), fmtMS(d.P50MS), fmtMS(d.P99MS), fmtMS(d.MaxMS))
@@ -86,8 +95,11 @@ func (r *Report) WriteText(w io.Writer) error {
 }
 
 func pathName(p Path) string {
-	if p == PathDB {
+	switch p {
+	case PathDB:
 		return "phasecast, agents with DB"
+	case PathDBRead:
+		return "phasecast, DB, read per state"
 	}
 	return "phasecast, agents without DB"
 }
