@@ -264,6 +264,14 @@ type Measured struct {
 	Delivered *Dist `json:"delivered,omitempty"`
 	// CPU is the processor time the measurement cost, per flip.
 	CPU CPU `json:"cpu"`
+	// BrokerBytesPerMember is the growth of the broker's resident memory
+	// (its Erlang VM's RSS) from before the fleet (or the responders)
+	// started to after, divided by its size: connections, channels,
+	// queues and bindings. The VM keeps memory it freed, so a fleet
+	// started after another may reuse some of it: read it as a lower
+	// bound for all but the first fleet of a run. Not measured for
+	// polling.
+	BrokerBytesPerMember float64 `json:"broker_bytes_per_member,omitempty"`
 
 	flips [][]time.Duration // per flip, each member's latency
 }

@@ -89,6 +89,30 @@ func brokerCPU() time.Duration {
 	return total
 }
 
+// brokerRSS sums the resident memory of RabbitMQ's Erlang VM
+// (beam.smp), in bytes; 0 where /proc is not visible.
+func brokerRSS() int64 {
+	var total int64
+	stats, _ := filepath.Glob("/proc/[0-9]*/stat")
+	for _, path := range stats {
+		b, err := os.ReadFile(path)
+		if err != nil || !bytes.Contains(b, []byte("(beam")) {
+			continue
+		}
+		status, err := os.ReadFile(filepath.Join(filepath.Dir(path), "status"))
+		if err != nil {
+			continue
+		}
+		for line := range strings.SplitSeq(string(status), "\n") {
+			var kb int64
+			if _, err := fmt.Sscanf(line, "VmRSS: %d kB", &kb); err == nil {
+				total += kb << 10
+			}
+		}
+	}
+	return total
+}
+
 func procCPU(path string) (time.Duration, bool) {
 	b, err := os.ReadFile(path)
 	if err != nil {

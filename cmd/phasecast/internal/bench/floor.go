@@ -83,6 +83,7 @@ func (e *env) runFloor(ctx context.Context, n, stateBytes, statusBytes int) (Mea
 	}
 
 	// The responders.
+	brokerBefore := brokerRSS()
 	var delivered stamps
 	var rconn *amqp.Connection
 	for i := range n {
@@ -114,6 +115,7 @@ func (e *env) runFloor(ctx context.Context, n, stateBytes, statusBytes int) (Mea
 		}
 	})
 
+	brokerGrowth := float64(brokerRSS()-brokerBefore) / float64(n)
 	body := make([]byte, max(stateBytes, 8))
 	var flips, deliveries [][]time.Duration
 	missing := 0
@@ -156,6 +158,7 @@ func (e *env) runFloor(ctx context.Context, n, stateBytes, statusBytes int) (Mea
 	stopProfile()
 	m := summarize(flips, missing)
 	m.CPU = cpu
+	m.BrokerBytesPerMember = brokerGrowth
 	m.Delivered = lastOf(deliveries)
 	progress(e.opts, "bench: %d floor responders: p50 %.1fms p99 %.1fms (publish → last reply)", n, m.PerFlip.P50MS, m.PerFlip.P99MS)
 	return m, nil

@@ -24,7 +24,7 @@ const ackTimeout = 30 * time.Second
 // times each flip from its commit to the commit of every agent's ack.
 func (e *env) runPhasecast(ctx context.Context, n int, path Path) (*Phasecast, error) {
 	progress(e.opts, "bench: %d agents (%s): starting, spread over one heartbeat", n, path)
-	before := memNow()
+	before, brokerBefore := memNow(), brokerRSS()
 	t0 := time.Now()
 	fl, err := e.startFleet(ctx, n, path, fmt.Sprintf("bench-%s-%d-", path, n), e.opts.Heartbeat, true)
 	if err != nil {
@@ -43,6 +43,7 @@ func (e *env) runPhasecast(ctx context.Context, n int, path Path) (*Phasecast, e
 	if err := retry.Sleep(ctx, 500*time.Millisecond); err != nil {
 		return nil, err
 	}
+	brokerGrowth := float64(brokerRSS()-brokerBefore) / float64(n)
 	progress(e.opts, "bench: %d agents (%s): started in %.1fs; %d flips", n, path, started.Seconds(), e.opts.Flips)
 	var flips, applied [][]time.Duration
 	missing := 0
@@ -69,6 +70,7 @@ func (e *env) runPhasecast(ctx context.Context, n int, path Path) (*Phasecast, e
 	stopProfile()
 	pc.Measured = summarize(flips, missing)
 	pc.CPU = cpu
+	pc.BrokerBytesPerMember = brokerGrowth
 	pc.Delivered = lastOf(applied)
 	progress(e.opts, "bench: %d agents (%s): p50 %.1fms p99 %.1fms (commit → last ack recorded)", n, path, pc.PerFlip.P50MS, pc.PerFlip.P99MS)
 	return pc, nil

@@ -57,20 +57,21 @@ func (r *Report) WriteText(w io.Writer) error {
 
 	fmt.Fprintf(&b, "\neach agent's own time (ms, all flips):\n")
 	tw = tabwriter.NewWriter(&b, 0, 0, 2, ' ', tabwriter.AlignRight)
-	fmt.Fprintf(tw, "agents\tmeasured\t\tn\tmin\tp50\tp99\tmax\theap/agent\tgoroutines/agent\tstart\t\n")
+	fmt.Fprintf(tw, "agents\tmeasured\t\tn\tmin\tp50\tp99\tmax\theap/agent\tgoroutines/agent\tbroker/agent\tstart\t\n")
 	for _, f := range r.Fleets {
 		d := f.Floor.PerAgent
-		fmt.Fprintf(tw, "%d\t%s\t\t%d\t%s\t%s\t%s\t%s\t\t\t\t\n", f.Agents, "floor (bare amqp091)", d.N, fmtMS(d.MinMS), fmtMS(d.P50MS), fmtMS(d.P99MS), fmtMS(d.MaxMS))
+		fmt.Fprintf(tw, "%d\t%s\t\t%d\t%s\t%s\t%s\t%s\t\t\t%.1f KiB\t\t\n", f.Agents, "floor (bare amqp091)", d.N, fmtMS(d.MinMS), fmtMS(d.P50MS), fmtMS(d.P99MS), fmtMS(d.MaxMS),
+			f.Floor.BrokerBytesPerMember/1024)
 		for _, pc := range f.Phasecast {
 			d := pc.PerAgent
-			fmt.Fprintf(tw, "%d\t%s\t\t%d\t%s\t%s\t%s\t%s\t%.1f KiB\t%.1f\t%.1fs\t\n", f.Agents, pathName(pc.Path), d.N, fmtMS(d.MinMS), fmtMS(d.P50MS), fmtMS(d.P99MS), fmtMS(d.MaxMS),
-				pc.HeapBytesPerAgent/1024, pc.GoroutinesPerAgent, pc.StartSeconds)
+			fmt.Fprintf(tw, "%d\t%s\t\t%d\t%s\t%s\t%s\t%s\t%.1f KiB\t%.1f\t%.1f KiB\t%.1fs\t\n", f.Agents, pathName(pc.Path), d.N, fmtMS(d.MinMS), fmtMS(d.P50MS), fmtMS(d.P99MS), fmtMS(d.MaxMS),
+				pc.HeapBytesPerAgent/1024, pc.GoroutinesPerAgent, pc.BrokerBytesPerMember/1024, pc.StartSeconds)
 		}
 		if f.Polling == nil {
 			continue
 		}
 		d = f.Polling.PerAgent
-		fmt.Fprintf(tw, "%d\t%s\t\t%d\t%s\t%s\t%s\t%s\t\t\t\t\n", f.Agents, "polling", d.N, fmtMS(d.MinMS), fmtMS(d.P50MS), fmtMS(d.P99MS), fmtMS(d.MaxMS))
+		fmt.Fprintf(tw, "%d\t%s\t\t%d\t%s\t%s\t%s\t%s\t\t\t\t\t\n", f.Agents, "polling", d.N, fmtMS(d.MinMS), fmtMS(d.P50MS), fmtMS(d.P99MS), fmtMS(d.MaxMS))
 	}
 	_ = tw.Flush()
 
