@@ -82,6 +82,7 @@ It uses a schema and AMQP names of its own and removes them afterwards;
 	f.DurationVar(&opts.PollInterval, "poll-interval", time.Second, "the polling baseline's interval")
 	f.IntVar(&opts.AgentsPerConn, "agents-per-conn", 50, "agents (and floor responders) sharing one AMQP connection")
 	f.DurationVar(&opts.Heartbeat, "heartbeat", 3*time.Second, "the agents' heartbeat interval")
+	f.DurationVar(&opts.Lease, "lease", broadcaster.DefaultLeaseDuration, "the broadcaster's lease (at least twice --heartbeat and the agents' lease margin)")
 	f.DurationVar(&opts.BeaconInterval, "beacon-interval", broadcaster.DefaultBeaconInterval, "the broadcaster's beacon interval (agents without a DB start on the first beacon)")
 	f.StringSliceVar(&paths, "paths", []string{string(bench.PathDB), string(bench.PathDBRead), string(bench.PathNoDB)},
 		"agent paths to measure: db (with a DB, signed states applied on the signature), dbread (with a DB, the store read for every state), nodb")

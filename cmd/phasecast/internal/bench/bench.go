@@ -16,6 +16,7 @@ import (
 	"github.com/jmoiron/sqlx"
 	"github.com/rs/zerolog"
 
+	"github.com/phasecast/phasecast/agent"
 	"github.com/phasecast/phasecast/broadcaster"
 	"github.com/phasecast/phasecast/cmd/phasecast/fleet"
 	"github.com/phasecast/phasecast/internal/amqpx"
@@ -58,6 +59,9 @@ type Options struct {
 	AgentsPerConn int
 	// Heartbeat is the agents' HeartbeatInterval. Defaults to 3s.
 	Heartbeat time.Duration
+	// Lease is the broadcaster's LeaseDuration. Defaults to
+	// broadcaster.DefaultLeaseDuration.
+	Lease time.Duration
 	// BeaconInterval is the broadcaster's. Agents without a DB start on
 	// the first beacon. Defaults to broadcaster.DefaultBeaconInterval.
 	BeaconInterval time.Duration
@@ -126,6 +130,9 @@ func (o Options) withDefaults() Options {
 	if o.Heartbeat == 0 {
 		o.Heartbeat = 3 * time.Second
 	}
+	if o.Lease == 0 {
+		o.Lease = broadcaster.DefaultLeaseDuration
+	}
 	if o.BeaconInterval == 0 {
 		o.BeaconInterval = broadcaster.DefaultBeaconInterval
 	}
@@ -187,6 +194,9 @@ func (o Options) Validate() error {
 	if o.Heartbeat < 10*time.Millisecond {
 		errs = append(errs, fmt.Errorf("heartbeat: %s: give at least 10ms", o.Heartbeat))
 	}
+	if o.Lease < 2*o.Heartbeat+agent.DefaultLeaseMargin {
+		errs = append(errs, fmt.Errorf("lease: %s: give at least twice the heartbeat (%s) and the agents' lease margin (%s), or every ack asks for a grant", o.Lease, o.Heartbeat, agent.DefaultLeaseMargin))
+	}
 	for _, p := range o.Paths {
 		if p != PathDB && p != PathDBRead && p != PathNoDB {
 			errs = append(errs, fmt.Errorf("paths: %q is not %q, %q or %q", p, PathDB, PathDBRead, PathNoDB))
@@ -232,6 +242,8 @@ type Setup struct {
 	StatusQueueType string  `json:"status_queue_type"`
 	AgentsPerConn   int     `json:"agents_per_conn"`
 	HeartbeatMS     float64 `json:"heartbeat_ms"`
+	LeaseMS         float64 `json:"lease_ms"`
+	BeaconMS        float64 `json:"beacon_ms"`
 	PollIntervalMS  float64 `json:"poll_interval_ms"`
 	DBConns         int     `json:"db_conns"`
 	AckWatch        string  `json:"ack_watch"`
@@ -382,6 +394,7 @@ func Run(ctx context.Context, opts Options) (rep *Report, err error) {
 
 	rep = &Report{Machine: machine(ctx, e), Setup: Setup{
 		Flips: opts.Flips, StatusQueueType: opts.StatusQueueType, AgentsPerConn: opts.AgentsPerConn, HeartbeatMS: ms(opts.Heartbeat),
+		LeaseMS: ms(opts.Lease), BeaconMS: ms(opts.BeaconInterval),
 		PollIntervalMS: ms(opts.PollInterval), DBConns: opts.DBConns, AckWatch: opts.AckWatch,
 	}}
 	m, err := schema.ParseManifest("bench L.yaml", []byte(manifest))
@@ -399,7 +412,7 @@ func Run(ctx context.Context, opts Options) (rep *Report, err error) {
 
 	bcfg := &broadcaster.Config{
 		Store: e.store, DatabaseURL: dsn, AMQPURL: opts.AMQPURL, ExchangePrefix: e.prefix,
-		BeaconInterval: opts.BeaconInterval, StatusQueueType: opts.StatusQueueType,
+		BeaconInterval: opts.BeaconInterval, StatusQueueType: opts.StatusQueueType, LeaseDuration: opts.Lease,
 		Logger:     opts.Logger.With().Str("component", "broadcaster").Logger(),
 		SigningKey: e.stateKey,
 	}

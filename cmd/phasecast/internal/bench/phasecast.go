@@ -217,7 +217,9 @@ func (e *env) startFleet(ctx context.Context, n int, path Path, idPrefix string,
 	wg.Wait()
 	if err := firstError(errs); err != nil {
 		fl.stop()
-		return nil, fmt.Errorf("start agents: %w", err)
+		st := e.bc.Stats()
+		return nil, fmt.Errorf("start agents: %w (the broadcaster so far: %d states published, %d statuses recorded in %d batches, %d grants sent, %d dropped, rejected %v)",
+			err, st.StatesPublished, st.StatusesRecorded, st.StatusBatches, st.GrantsSent, st.GrantsDropped, st.Rejected)
 	}
 	return fl, nil
 }

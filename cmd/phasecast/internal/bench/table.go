@@ -13,8 +13,9 @@ func (r *Report) WriteText(w io.Writer) error {
 	var b strings.Builder
 	s := r.Setup
 	fmt.Fprintf(&b, "phasecast bench: %s\n", r.Machine.summary())
-	fmt.Fprintf(&b, "%d flips per fleet size; %d agents per AMQP connection; agent heartbeat %s; polling every %s; acks timed by %s\n",
-		s.Flips, s.AgentsPerConn, time.Duration(s.HeartbeatMS*1e6), time.Duration(s.PollIntervalMS*1e6), ackWatchName(s.AckWatch))
+	fmt.Fprintf(&b, "%d flips per fleet size; %d agents per AMQP connection; agent heartbeat %s, lease %s, beacon %s; polling every %s; acks timed by %s\n",
+		s.Flips, s.AgentsPerConn, time.Duration(s.HeartbeatMS*1e6), time.Duration(s.LeaseMS*1e6), time.Duration(s.BeaconMS*1e6),
+		time.Duration(s.PollIntervalMS*1e6), ackWatchName(s.AckWatch))
 	fmt.Fprintf(&b, "state message %d bytes, status %d bytes (the floor sends the same sizes); status queue and the floor's reply queue: %s\n\n", s.StateBytes, s.StatusBytes, s.StatusQueueType)
 
 	fmt.Fprintf(&b, "time from a flip's commit until the last of N has it (ms, over the flips):\n")
