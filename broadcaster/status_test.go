@@ -275,6 +275,63 @@ func TestStatus(t *testing.T) {
 		require.Equal(t, int64(1), b.Stats().Rejected[broadcaster.RejectMalformed])
 	})
 
+	t.Run("DeclaresTheStatusQueueAgainWhenItIsGone", func(t *testing.T) {
+		t.Parallel()
+		bundle := setup(t)
+		b := start(t, bundle.config(t))
+		_, grants := bundle.replyQueue(t)
+		bundle.sendStatus(t, status("agent-before", 1), nil)
+		waitGrant(t, grants, nil, 10*time.Second)
+
+		// As RabbitMQ deletes a non-durable classic queue whose node is
+		// lost: the consumer is cancelled, and the broadcaster's next
+		// session declares the queue again.
+		gone, err := bundle.conn.Channel()
+		require.NoError(t, err)
+		_, err = gone.QueueDelete(amqpx.StatusQueue(bundle.prefix), false, false, false)
+		require.NoError(t, err)
+		require.NoError(t, gone.Close())
+		deleted := time.Now()
+		require.Eventually(t, func() bool {
+			ch, err := bundle.conn.Channel()
+			if err != nil {
+				return false
+			}
+			defer ch.Close()
+			_, err = ch.QueueDeclarePassive(amqpx.StatusQueue(bundle.prefix), false, false, false, false, nil)
+			return err == nil
+		}, 10*time.Second, 20*time.Millisecond, "the broadcaster declares the status queue again")
+		t.Logf("status queue declared again %s after it was deleted", time.Since(deleted).Round(time.Millisecond))
+		require.Eventually(t, func() bool { return b.Stats().StatusesRecorded == 1 && b.IsLeader() }, 10*time.Second, 20*time.Millisecond)
+		bundle.sendStatus(t, status("agent-after", 1), nil)
+		require.Equal(t, "agent-after", waitGrant(t, grants, nil, 10*time.Second).AgentID)
+		require.Equal(t, int64(2), b.Stats().StatusesRecorded)
+	})
+
+	t.Run("UsesAStatusQueueDeclaredOtherwise", func(t *testing.T) {
+		t.Parallel()
+		bundle := setup(t)
+		// A quorum queue, as an earlier release declared it, where the
+		// broadcaster's default is a classic one: used as it is.
+		ch, err := bundle.conn.Channel()
+		require.NoError(t, err)
+		_, err = ch.QueueDelete(amqpx.StatusQueue(bundle.prefix), false, false, false)
+		require.NoError(t, err)
+		require.NoError(t, ch.Close())
+		kept, err := amqpx.DeclareStatusQueueAs(bundle.conn, bundle.prefix, amqpx.StatusQueueQuorum)
+		require.NoError(t, err)
+		require.False(t, kept)
+		kept, err = amqpx.DeclareStatusQueueAs(bundle.conn, bundle.prefix, amqpx.StatusQueueClassic)
+		require.NoError(t, err)
+		require.True(t, kept, "a queue declared otherwise is kept")
+
+		b := start(t, bundle.config(t))
+		_, grants := bundle.replyQueue(t)
+		bundle.sendStatus(t, status("agent-on-quorum", 1), nil)
+		require.Equal(t, "agent-on-quorum", waitGrant(t, grants, nil, 10*time.Second).AgentID)
+		require.Equal(t, int64(1), b.Stats().StatusesRecorded)
+	})
+
 	t.Run("RetriesWhenTheDatabaseFails", func(t *testing.T) {
 		t.Parallel()
 		bundle := setup(t)

@@ -12,6 +12,7 @@ import (
 
 	"github.com/phasecast/phasecast/agent"
 	"github.com/phasecast/phasecast/broadcaster"
+	"github.com/phasecast/phasecast/internal/amqpx"
 	"github.com/phasecast/phasecast/internal/phase"
 	"github.com/phasecast/phasecast/internal/testenv"
 )
@@ -62,11 +63,15 @@ func TestRabbitClusterNodeLoss(t *testing.T) {
 	cluster.ApplyDocPolicies(t, "../../docs/rabbitmq-cluster.md", e.prefix)
 
 	leaderID, standbyID := "leader-n1-"+e.prefix, "standby-n2-"+e.prefix
+	// A cluster's status queue is a quorum queue, as
+	// docs/rabbitmq-cluster.md says to declare it.
 	e.startBroadcaster(func(c *broadcaster.Config) {
 		c.ID, c.AMQPURL, c.BrokerLossTimeout, c.LivenessInterval = leaderID, cluster.Nodes[0].URL(), clusterBrokerLoss, clusterLiveness
+		c.StatusQueueType = amqpx.StatusQueueQuorum
 	})
 	standbyCfg := e.broadcasterConfig()
 	standbyCfg.ID, standbyCfg.AMQPURL, standbyCfg.BrokerLossTimeout, standbyCfg.LivenessInterval = standbyID, cluster.Nodes[1].URL(), clusterBrokerLoss, clusterLiveness
+	standbyCfg.StatusQueueType = amqpx.StatusQueueQuorum
 	standby, err := broadcaster.New(standbyCfg)
 	require.NoError(t, err)
 	require.NoError(t, standby.Start(e.ctx))
