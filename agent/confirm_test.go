@@ -10,6 +10,7 @@ import (
 
 	"github.com/phasecast/phasecast/internal/amqpx"
 	"github.com/phasecast/phasecast/internal/faultproxy"
+	"github.com/phasecast/phasecast/internal/phase"
 	"github.com/phasecast/phasecast/internal/testenv"
 	"github.com/phasecast/phasecast/internal/wire"
 )
@@ -109,4 +110,45 @@ func TestNackedStatusGoesThroughTheStore(t *testing.T) {
 	lost := a.Stats().Seq
 	require.Eventually(t, func() bool { return uint64(agentRow(t, b.store, a.ID()).Seq) >= lost }, time.Second, 5*time.Millisecond,
 		"the nacked status (seq %d) never reached the store", lost)
+}
+
+// A status queue that is gone (RabbitMQ deletes a non-durable classic
+// queue whose node is lost) returns the acknowledgement as unroutable:
+// the agent drops its connection, and once a broadcaster has declared
+// the queue again, the new connection's first status carries the ack.
+func TestReturnedAckIsSentAgain(t *testing.T) {
+	b := setup(t, fakeOptions{})
+	applyRelease(t, b.store, manifestL)
+	a := startAgent(t, b.config(t, false))
+
+	ch, err := testenv.AMQP(t).Channel()
+	require.NoError(t, err)
+	queue := amqpx.StatusQueue(b.prefix)
+	_, err = ch.QueueDelete(queue, false, false, false)
+	require.NoError(t, err)
+	e := flip(t, b.store, "L", phase.Migrate)
+	b.fake.publishNow()
+	waitEpoch(t, a, e)
+	require.Eventually(t, func() bool { return a.Stats().Reconnects >= 1 }, 5*time.Second, 10*time.Millisecond,
+		"the ack was returned, yet the agent never reconnected: %+v", a.Stats())
+
+	require.NoError(t, amqpx.DeclareStatusQueue(testenv.AMQP(t), b.prefix))
+	back := time.Now()
+	deliveries, err := ch.Consume(queue, "", true, false, false, false, nil)
+	require.NoError(t, err)
+	deadline := time.After(10 * time.Second)
+	for {
+		select {
+		case d := <-deliveries:
+			st, err := wire.DecodeStatus(d.Body)
+			require.NoError(t, err)
+			if st.DrainedEpoch < e {
+				continue
+			}
+			t.Logf("the ack arrived %s after the queue was declared again", time.Since(back).Round(time.Millisecond))
+			return
+		case <-deadline:
+			t.Fatalf("the ack of epoch %d never arrived after the queue was declared again: %+v", e, a.Stats())
+		}
+	}
 }
