@@ -315,8 +315,8 @@ func (a *Agent) handle(r *runState, d amqp.Delivery) {
 		verify := wire.Verify
 		if c := a.cfg.Connection; c != nil && wire.Kind(d.Type) == wire.KindState {
 			// The agents on a shared connection all get this same
-			// state: verified once for all of them (verifiedStates).
-			verify = c.verified.verify
+			// state: verified once for all of them.
+			verify = c.verifyState
 		}
 		if err := verify(a.cfg.StateKey, body, sig); err != nil {
 			a.reject(reasonFor(err), err, -1)
@@ -353,7 +353,7 @@ func (a *Agent) handle(r *runState, d amqp.Delivery) {
 // signedByStore): the confirmer applies it only if the store vouches for
 // it (see confirm).
 func (a *Agent) handleState(body []byte) {
-	st, err := wire.DecodeState(body)
+	st, err := a.decodeState(body)
 	if err != nil {
 		a.reject(reasonFor(err), err, -1)
 		return
@@ -369,15 +369,26 @@ func (a *Agent) handleState(body []byte) {
 		a.ignoredStates.Add(1)
 		return
 	}
-	if a.store != nil && !a.signedByStore(&st) {
-		a.offerCandidate(&st)
+	if a.store != nil && !a.signedByStore(st) {
+		a.offerCandidate(st)
 		a.requestConfirm(st.Epoch)
 		return
 	}
 	if a.store != nil {
 		a.signedStates.Add(1)
 	}
-	a.apply(&st)
+	a.apply(st)
+}
+
+// decodeState decodes a state message; on a shared connection, once for
+// every agent on it. The state is not to be changed: other agents may
+// hold it.
+func (a *Agent) decodeState(body []byte) (*wire.State, error) {
+	if c := a.cfg.Connection; c != nil {
+		return c.decodeState(body)
+	}
+	st, err := wire.DecodeState(body)
+	return &st, err
 }
 
 // signedByStore reports whether an agent with a DB may apply st without

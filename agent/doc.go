@@ -50,8 +50,13 @@
 // # Trust
 //
 // The store is the truth; the broker only says "look". With Config.DB the
-// agent applies a state message only if the store vouches for it: a higher
-// epoch makes it read, at most once per ConfirmInterval, the digest the
+// agent applies a state message only if the store vouches for it. A state
+// signed by the broadcaster (Config.StateKey) for the store the agent read
+// its identity from is the store's word: the broadcaster signs only what
+// it has just read from the store, store id and epoch included, so it is
+// applied without a read (Config.ConfirmSignedStates says what that
+// trusts, and turns it off). Any other state with a higher epoch makes the
+// agent read, at most once per ConfirmInterval, the digest the
 // store wrote with its last change (Store.StateDigest, one row). If that
 // is the message's digest (wire.State.Digest) the message is applied;
 // otherwise the agent reads the whole state (Store.State) and applies

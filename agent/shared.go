@@ -51,28 +51,31 @@ type SharedConnection struct {
 	cancel context.CancelFunc
 	wg     sync.WaitGroup
 
-	// verified remembers the state messages whose signature checked out
-	// on this connection, so the agents sharing it verify each once.
-	verified verifiedStates
+	// Every agent on the connection receives the same state messages
+	// (one publish to the fanout exchange), so the agents verify and
+	// decode each once between them: with a thousand agents in one
+	// process, verifying the same bytes a thousand times (Ed25519, ~50 µs)
+	// took a third of its CPU. verified holds the (public key, signature,
+	// body) triples that passed wire.Verify, decoded the states decoded
+	// from a body. Grants, which differ per agent, go through neither.
+	verified recent[struct{}]
+	decoded  recent[*wire.State]
 }
 
-// verifiedStates is a small ring of (public key, signature, body) triples
-// that passed wire.Verify. Every agent on a shared connection receives
-// the same signed state (one publish to the fanout exchange), and an
-// Ed25519 verification costs ~50 µs: a thousand agents in one process
-// spent a third of its CPU verifying the same bytes a thousand times. A
-// hit needs the exact key, signature and body of a triple that verified,
-// so it answers as wire.Verify would; a miss verifies. Grants, which
-// differ per agent, do not go through it.
-type verifiedStates struct {
-	mu   sync.Mutex
-	ring [verifiedRing]string
-	next int
+// verifyState checks sig over a state's body with key, as wire.Verify
+// does: a hit needs the exact key, signature and body of a triple that
+// verified; anything else is verified, and remembered if it passes.
+func (c *SharedConnection) verifyState(key ed25519.PublicKey, body []byte, sig string) error {
+	k := verifiedKey(key, sig, body)
+	if _, ok := c.verified.get(k); ok {
+		return nil
+	}
+	if err := wire.Verify(key, body, sig); err != nil {
+		return err
+	}
+	c.verified.put(k, struct{}{})
+	return nil
 }
-
-// verifiedRing is how many verified states are remembered: a state and
-// the beacons of it, and a few more, in case flips come fast.
-const verifiedRing = 8
 
 // verifiedKey joins a triple so that no other triple joins to the same
 // string: the key's and the signature's lengths go first (a signature
@@ -81,26 +84,51 @@ func verifiedKey(key ed25519.PublicKey, sig string, body []byte) string {
 	return fmt.Sprintf("%d:%d:", len(key), len(sig)) + string(key) + sig + string(body)
 }
 
-// verify checks sig over body with key, as wire.Verify, remembering a
-// triple that passed.
-func (v *verifiedStates) verify(key ed25519.PublicKey, body []byte, sig string) error {
-	k := verifiedKey(key, sig, body)
-	v.mu.Lock()
-	for _, seen := range v.ring {
+// decodeState decodes a state's body, as wire.DecodeState does, once for
+// every agent on the connection: the agents share the result, which
+// nothing changes after decoding (a snapshot copies what it needs).
+func (c *SharedConnection) decodeState(body []byte) (*wire.State, error) {
+	k := string(body)
+	if st, ok := c.decoded.get(k); ok {
+		return st, nil
+	}
+	st, err := wire.DecodeState(body)
+	if err != nil {
+		return nil, err
+	}
+	c.decoded.put(k, &st)
+	return &st, nil
+}
+
+// recent is a small ring of values under exact keys: the last few put.
+type recent[V any] struct {
+	mu   sync.Mutex
+	keys [recentRing]string
+	vals [recentRing]V
+	next int
+}
+
+// recentRing is how many states are remembered: a state and its
+// beacons, and a few more, in case flips come fast.
+const recentRing = 8
+
+func (r *recent[V]) get(k string) (V, bool) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	for i, seen := range r.keys {
 		if seen == k {
-			v.mu.Unlock()
-			return nil
+			return r.vals[i], true
 		}
 	}
-	v.mu.Unlock()
-	if err := wire.Verify(key, body, sig); err != nil {
-		return err
-	}
-	v.mu.Lock()
-	v.ring[v.next] = k
-	v.next = (v.next + 1) % verifiedRing
-	v.mu.Unlock()
-	return nil
+	var zero V
+	return zero, false
+}
+
+func (r *recent[V]) put(k string, v V) {
+	r.mu.Lock()
+	r.keys[r.next], r.vals[r.next] = k, v
+	r.next = (r.next + 1) % recentRing
+	r.mu.Unlock()
 }
 
 // link is one live broker connection as an agent's session sees it. For

@@ -232,11 +232,11 @@ func TestSharedConnectionJoins(t *testing.T) {
 	requireGoroutines(t, base)
 }
 
-// TestVerifiedStates: the shared connection's cache of verified states
-// answers as wire.Verify does. A triple that verified passes again; any
+// TestSharedConnectionVerifiesStatesOnce: the shared connection's memory
+// of verified states answers as wire.Verify does. A triple that verified passes again; any
 // other body, signature or key is verified, and fails as it would, even
 // one whose pieces join to a remembered triple's bytes.
-func TestVerifiedStates(t *testing.T) {
+func TestSharedConnectionVerifiesStatesOnce(t *testing.T) {
 	pub, priv, err := ed25519.GenerateKey(rand.Reader)
 	require.NoError(t, err)
 	otherPub, _, err := ed25519.GenerateKey(rand.Reader)
@@ -244,11 +244,11 @@ func TestVerifiedStates(t *testing.T) {
 	body := []byte(`{"v":1,"kind":"state","epoch":7,"releases":[]}`)
 	sig := wire.Sign(priv, body)
 
-	var v verifiedStates
-	require.NoError(t, v.verify(pub, body, sig))
-	require.NoError(t, v.verify(pub, body, sig), "a remembered triple passes")
+	var c SharedConnection
+	require.NoError(t, c.verifyState(pub, body, sig))
+	require.NoError(t, c.verifyState(pub, body, sig), "a remembered triple passes")
 
-	for name, c := range map[string]struct {
+	for name, tc := range map[string]struct {
 		key  ed25519.PublicKey
 		body []byte
 		sig  string
@@ -259,16 +259,43 @@ func TestVerifiedStates(t *testing.T) {
 		"the body's head in the header": {pub, body[5:], sig + string(body[:5])},
 	} {
 		t.Run(name, func(t *testing.T) {
-			err := v.verify(c.key, c.body, c.sig)
+			err := c.verifyState(tc.key, tc.body, tc.sig)
 			require.Error(t, err)
-			require.Equal(t, wire.Verify(c.key, c.body, c.sig) == nil, err == nil)
+			require.Equal(t, wire.Verify(tc.key, tc.body, tc.sig) == nil, err == nil)
 		})
 	}
 	// Still remembered after the failures, and only verified triples are.
-	require.NoError(t, v.verify(pub, body, sig))
-	for _, k := range v.ring {
+	require.NoError(t, c.verifyState(pub, body, sig))
+	for _, k := range c.verified.keys {
 		if k != "" {
 			require.Equal(t, verifiedKey(pub, sig, body), k)
 		}
+	}
+}
+
+// TestSharedConnectionDecodesStatesOnce: agents on a shared connection
+// share one decoding of a state's body; another body is decoded anew, and
+// a body that does not decode fails each time, remembered for nobody.
+func TestSharedConnectionDecodesStatesOnce(t *testing.T) {
+	var c SharedConnection
+	body := []byte(`{"v":1,"kind":"state","epoch":7,"releases":[{"name":"L","phase":"contract","removals":[{"table":"t","columns":["a"]}]}]}`)
+	first, err := c.decodeState(body)
+	require.NoError(t, err)
+	want, err := wire.DecodeState(body)
+	require.NoError(t, err)
+	require.Equal(t, want, *first)
+	again, err := c.decodeState(append([]byte(nil), body...))
+	require.NoError(t, err)
+	require.Same(t, first, again, "the same bytes: the same decoding")
+
+	other, err := c.decodeState([]byte(`{"v":1,"kind":"state","epoch":8,"releases":[]}`))
+	require.NoError(t, err)
+	require.Equal(t, int64(8), other.Epoch)
+	for range 2 {
+		_, err = c.decodeState([]byte(`{"v":1,"kind":"state","epoch":"9"}`))
+		require.Error(t, err)
+	}
+	for _, k := range c.decoded.keys {
+		require.NotContains(t, k, `"9"`)
 	}
 }
