@@ -7,12 +7,15 @@ import (
 	"sort"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/jmoiron/sqlx"
+	"github.com/lib/pq"
 	"github.com/stretchr/testify/require"
 
 	"github.com/phasecast/phasecast/internal/phase"
 	"github.com/phasecast/phasecast/internal/testenv"
+	"github.com/phasecast/phasecast/internal/wire"
 	"github.com/phasecast/phasecast/schema"
 )
 
@@ -491,4 +494,44 @@ func TestStateDigest(t *testing.T) {
 		require.NoError(t, err)
 		requireSealed(t, store)
 	})
+}
+
+// TestAgentsRowsUpdateInPlace: every status rewrites its agent's row, so
+// the agents table has no index a status changes (lease_expires_at had
+// one) and leaves room in each page, which lets PostgreSQL update the
+// rows heap-only (HOT) instead of bloating the table and its indexes
+// (migration 009). After many batches over the same agents the table
+// stays the size of a few versions of each row.
+func TestAgentsRowsUpdateInPlace(t *testing.T) {
+	ctx := context.Background()
+	store := testenv.Store(t)
+	var indexes []string
+	require.NoError(t, store.DB().Select(&indexes, `SELECT indexdef FROM pg_indexes WHERE schemaname = $1 AND tablename = 'agents'`, store.Schema()))
+	require.Len(t, indexes, 1, "the primary key only: %q", indexes)
+	require.Contains(t, indexes[0], "(id)")
+	var options []string
+	require.NoError(t, store.DB().Get(pq.Array(&options), `SELECT coalesce(reloptions, '{}') FROM pg_class WHERE oid = $1::regclass`, `"`+store.Schema()+`".agents`))
+	require.Contains(t, options, "fillfactor=70")
+
+	statuses := make([]wire.Status, 200)
+	for i := range statuses {
+		statuses[i] = testenv.Credentials(wire.Status{V: wire.StatusVersion, Kind: wire.KindStatus, AgentID: fmt.Sprintf("hot-%03d", i),
+			Service: "svc", Host: "h", PID: i, Releases: []string{"L"}, Seq: 1, SentAt: time.Now()})
+	}
+	var first int64
+	for round := range 40 {
+		for i := range statuses {
+			statuses[i].Seq++
+		}
+		rec, err := store.RecordStatusBatch(ctx, statuses, 10*time.Second)
+		require.NoError(t, err)
+		require.Len(t, rec.Kept, len(statuses))
+		if round == 0 {
+			require.NoError(t, store.DB().Get(&first, `SELECT pg_relation_size($1::regclass)`, `"`+store.Schema()+`".agents`))
+		}
+	}
+	var last int64
+	require.NoError(t, store.DB().Get(&last, `SELECT pg_relation_size($1::regclass)`, `"`+store.Schema()+`".agents`))
+	t.Logf("agents table: %d kB after one batch, %d kB after 40", first>>10, last>>10)
+	require.Less(t, last, 8*first, "40 rounds of updates bloated the table: %d bytes, from %d", last, first)
 }

@@ -63,7 +63,13 @@ func TestSmoke(t *testing.T) {
 		for _, pc := range f.Phasecast {
 			require.Zero(t, pc.Missing, "acks missing at %d agents, path %s", f.Agents, pc.Path)
 			require.Equal(t, opts.Flips*f.Agents, pc.PerAgent.N, "every agent acknowledged every flip")
-			require.Positive(t, pc.PerFlip.MinMS)
+			// Timed from store.Flip's return: on a loaded machine (this
+			// test runs with -race beside others) the flipping goroutine
+			// may get the COMMIT's reply later than the broadcaster, the
+			// agent and the recording do their work, so a flip can come
+			// out a few milliseconds negative; the median cannot.
+			require.Positive(t, pc.PerFlip.P50MS, "%d agents, path %s: %+v", f.Agents, pc.Path, pc.PerFlip)
+			require.Greater(t, pc.PerFlip.MinMS, -50.0, "%d agents, path %s: %+v", f.Agents, pc.Path, pc.PerFlip)
 			require.LessOrEqual(t, pc.PerFlip.MinMS, pc.PerFlip.P50MS)
 			require.LessOrEqual(t, pc.PerFlip.P50MS, pc.PerFlip.P99MS)
 			require.LessOrEqual(t, pc.PerFlip.P99MS, pc.PerFlip.MaxMS)
