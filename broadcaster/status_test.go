@@ -286,11 +286,7 @@ func TestStatus(t *testing.T) {
 		// As RabbitMQ deletes a non-durable classic queue whose node is
 		// lost: the consumer is cancelled, and the broadcaster's next
 		// session declares the queue again.
-		gone, err := bundle.conn.Channel()
-		require.NoError(t, err)
-		_, err = gone.QueueDelete(amqpx.StatusQueue(bundle.prefix), false, false, false)
-		require.NoError(t, err)
-		require.NoError(t, gone.Close())
+		deleteStatusQueue(t, bundle)
 		deleted := time.Now()
 		require.Eventually(t, func() bool {
 			ch, err := bundle.conn.Channel()
@@ -313,11 +309,7 @@ func TestStatus(t *testing.T) {
 		bundle := setup(t)
 		// A quorum queue, as an earlier release declared it, where the
 		// broadcaster's default is a classic one: used as it is.
-		ch, err := bundle.conn.Channel()
-		require.NoError(t, err)
-		_, err = ch.QueueDelete(amqpx.StatusQueue(bundle.prefix), false, false, false)
-		require.NoError(t, err)
-		require.NoError(t, ch.Close())
+		deleteStatusQueue(t, bundle)
 		kept, err := amqpx.DeclareStatusQueueAs(bundle.conn, bundle.prefix, amqpx.StatusQueueQuorum)
 		require.NoError(t, err)
 		require.False(t, kept)
@@ -355,4 +347,15 @@ func TestStatus(t *testing.T) {
 		require.Equal(t, int64(2), b.Stats().StatusesRecorded)
 		require.Zero(t, b.Stats().Rejected[broadcaster.RejectMalformed])
 	})
+}
+
+// deleteStatusQueue deletes the bundle's status queue, as an operator or
+// the loss of its node would.
+func deleteStatusQueue(t *testing.T, bundle *testBundle) {
+	t.Helper()
+	ch, err := bundle.conn.Channel()
+	require.NoError(t, err)
+	_, err = ch.QueueDelete(amqpx.StatusQueue(bundle.prefix), false, false, false)
+	require.NoError(t, err)
+	require.NoError(t, ch.Close())
 }
