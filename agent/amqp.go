@@ -8,7 +8,6 @@ import (
 	"strconv"
 	"sync"
 	"sync/atomic"
-	"time"
 
 	amqp "github.com/rabbitmq/amqp091-go"
 
@@ -94,7 +93,7 @@ func (s *session) abort() {
 	s.abortOnce.Do(func() {
 		close(s.aborted)
 		if s.conn != nil {
-			_ = s.conn.CloseDeadline(time.Now().Add(time.Second))
+			_ = amqpx.CloseBounded(s.conn)
 		}
 	})
 }
