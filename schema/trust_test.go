@@ -274,3 +274,31 @@ func TestSyncAgentRefusesAnotherAgentsRow(t *testing.T) {
 	require.Equal(t, f.epoch, state.Epoch, "the state is read all the same")
 	f.requireVictimUnchanged(t, before)
 }
+
+// TestMalformedTokenNeverCreatesARow: a token enrols only as 64 lowercase
+// hex digits (migration 010 tests it without a regular expression): one
+// digit short or long, upper case, a non-hex letter, a trailing newline or
+// a non-ASCII digit is refused and creates no row, while the same status
+// with its well-formed token enrols.
+func TestMalformedTokenNeverCreatesARow(t *testing.T) {
+	t.Parallel()
+	f := newTrustFixture(t)
+	good := testenv.Credentials(wire.Status{AgentID: "new-tok", Incarnation: "i", Service: "nova", Host: "h", PID: 1, Seq: 1, SentAt: time.Now()})
+	for name, token := range map[string]string{
+		"short":      good.Token[:63],
+		"long":       good.Token + "0",
+		"upper case": strings.ToUpper(good.Token[:1]) + strings.Repeat("A", 63),
+		"non-hex":    "g" + good.Token[1:],
+		"newline":    good.Token[:63] + "\n",
+		"non-ASCII":  "٣" + good.Token[1:], // 64 characters, 65 bytes
+	} {
+		st := good
+		st.Token = token
+		rec := f.send(t, "amqp:nova", time.Minute, st)
+		require.Empty(t, rec.Kept, name)
+		require.True(t, refusedAs(rec, schema.RefusedUnauthenticated), name)
+		require.Nil(t, f.row(t, st.AgentID), name)
+	}
+	rec := f.send(t, "amqp:nova", time.Minute, good)
+	require.True(t, rec.Has(good.AgentID, good.Incarnation), "the well-formed token enrols")
+}
