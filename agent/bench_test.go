@@ -112,6 +112,21 @@ func BenchmarkBaselineAtomicAddPair(b *testing.B) {
 	}
 }
 
+// BenchmarkTickClock is the clock read every Enter makes (ticks: the
+// time-stamp counter where the kernel keeps its clock on it, see
+// clock.go), the part of Enter/Exit beyond the atomic pair that a
+// paused process needs; its cost is the CPU's, and varies between
+// machines more than the atomic pair does.
+func BenchmarkTickClock(b *testing.B) {
+	var sum int64
+	for b.Loop() {
+		sum += ticks()
+	}
+	sinkTicks = sum
+}
+
+var sinkTicks int64
+
 // BenchmarkBaselineAtomicAddPairParallel is the reference for
 // BenchmarkEnterExitParallel: every core incrementing and decrementing one
 // shared counter, as guards on one snapshot do.
