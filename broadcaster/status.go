@@ -5,7 +5,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"sync"
 	"time"
 
 	"github.com/lib/pq"
@@ -67,96 +66,69 @@ func (l *leader) consumeSession(ctx context.Context, conn *amqp.Connection) erro
 	}
 	l.log.Info().Str("queue", queue).Msg("consuming statuses")
 	l.consuming.Store(true)
-	return l.pipeline(ctx, ch, src)
-}
-
-// pipeline collects statuses into batches while the batch before is
-// being recorded: one goroutine, owned here, records the batches one
-// after another (so their deliveries are settled in tag order), and the
-// next batch fills meanwhile. A batch closes when it is full,
-// StatusBatchWait after its first status, or after StatusBatchGap without
-// one; it is handed over the moment it has closed and the recorder is
-// free. Before, the consumer collected only between records, so the
-// statuses that arrived during one record waited for it, then for a gap
-// of their own (BENCHMARKS.md, round 4).
-func (l *leader) pipeline(ctx context.Context, ch *amqp.Channel, src deliverySource) error {
-	batches := make(chan []amqp.Delivery) // unbuffered: a send finds the recorder free
-	recorded := make(chan error, 1)
-	var wg sync.WaitGroup
-	defer wg.Wait() // after the channel closes below: a record in flight ends first
-	defer close(batches)
-	wg.Go(func() {
-		backoff := retry.Reconnect()
-		dbLog := failureLog{what: "recording statuses"}
-		for batch := range batches {
-			err := l.handleBatch(ctx, ch, batch, &backoff, &dbLog)
-			if ctx.Err() != nil {
-				err = nil
-			}
-			recorded <- err
-		}
-	})
-
-	var batch []amqp.Delivery
-	recording, closed := false, false
-	deadline, quiet := stoppedTimer(), stoppedTimer()
-	defer deadline.Stop()
-	defer quiet.Stop()
+	backoff := retry.Reconnect()
+	dbLog := failureLog{what: "recording statuses"}
 	for {
-		if closed && !recording {
-			batches <- batch
-			batch, recording, closed = nil, true, false
-			deadline.Stop()
-			quiet.Stop()
+		batch, err := l.collect(ctx, src)
+		if err != nil {
+			if ctx.Err() != nil {
+				return nil
+			}
+			return err
 		}
-		deliveries := src.deliveries
-		if len(batch) >= l.b.cfg.StatusBatchMax {
-			deliveries = nil // full: wait for the recorder
-		}
-		select {
-		case <-ctx.Done():
-			return nil
-		case e := <-src.connClosed:
-			return closedError("consuming connection", e)
-		case e := <-src.chClosed:
-			return closedError("status channel", e)
-		case tag, ok := <-src.cancelled:
-			if !ok {
-				return errors.New("status channel closed")
+		if err := l.handleBatch(ctx, ch, batch, &backoff, &dbLog); err != nil {
+			if ctx.Err() != nil {
+				return nil
 			}
-			return fmt.Errorf("the broker cancelled consumer %s (was the status queue deleted?)", tag)
-		case err := <-recorded:
-			recording = false
-			if err != nil {
-				return err
-			}
-		case d, ok := <-deliveries:
-			if !ok {
-				return errors.New("the status delivery channel closed")
-			}
-			batch = append(batch, d)
-			switch {
-			case len(batch) >= l.b.cfg.StatusBatchMax:
-				closed = true
-			case len(batch) == 1:
-				deadline.Reset(l.b.cfg.StatusBatchWait)
-				quiet.Reset(l.b.cfg.StatusBatchGap)
-			default:
-				quiet.Reset(l.b.cfg.StatusBatchGap)
-			}
-		case <-deadline.C:
-			closed = len(batch) > 0
-		case <-quiet.C:
-			closed = len(batch) > 0
+			return err
 		}
 	}
 }
 
-// stoppedTimer is a timer that has not started: Reset starts it.
-func stoppedTimer() *time.Timer {
-	t := time.NewTimer(time.Hour)
-	t.Stop()
-	return t
+// collect waits for a first delivery, then gathers more until the batch
+// is full, StatusBatchWait has passed, or no delivery came for
+// StatusBatchGap.
+func (l *leader) collect(ctx context.Context, src deliverySource) ([]amqp.Delivery, error) {
+	var batch []amqp.Delivery
+	var deadline, quiet <-chan time.Time
+	var quietTimer *time.Timer
+	for {
+		select {
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		case e := <-src.connClosed:
+			return nil, closedError("consuming connection", e)
+		case e := <-src.chClosed:
+			return nil, closedError("status channel", e)
+		case tag, ok := <-src.cancelled:
+			if !ok {
+				return nil, errors.New("status channel closed")
+			}
+			return nil, fmt.Errorf("the broker cancelled consumer %s (was the status queue deleted?)", tag)
+		case d, ok := <-src.deliveries:
+			if !ok {
+				return nil, errors.New("the status delivery channel closed")
+			}
+			batch = append(batch, d)
+			if len(batch) >= l.b.cfg.StatusBatchMax {
+				return batch, nil
+			}
+			if deadline == nil {
+				t := time.NewTimer(l.b.cfg.StatusBatchWait)
+				defer t.Stop()
+				deadline = t.C
+				quietTimer = time.NewTimer(l.b.cfg.StatusBatchGap)
+				defer quietTimer.Stop()
+				quiet = quietTimer.C
+			} else {
+				quietTimer.Reset(l.b.cfg.StatusBatchGap)
+			}
+		case <-deadline:
+			return batch, nil
+		case <-quiet:
+			return batch, nil
+		}
+	}
 }
 
 // pending is a valid status, the principal that sent it and the delivery
