@@ -287,7 +287,7 @@ func TestMalformedTokenNeverCreatesARow(t *testing.T) {
 	for name, token := range map[string]string{
 		"short":      good.Token[:63],
 		"long":       good.Token + "0",
-		"upper case": strings.ToUpper(good.Token[:1]) + strings.Repeat("A", 63),
+		"upper case": strings.Repeat("A", 64),
 		"non-hex":    "g" + good.Token[1:],
 		"newline":    good.Token[:63] + "\n",
 		"non-ASCII":  "٣" + good.Token[1:], // 64 characters, 65 bytes

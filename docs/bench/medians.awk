@@ -23,7 +23,8 @@ END {
 		r("BenchmarkColumns", "BenchmarkBaselineSliceIndex"), r("BenchmarkColumnsSelectList", "BenchmarkBaselineSliceIndex"), \
 		r("BenchmarkRemoved", "BenchmarkBaselineMapLookup"), r("BenchmarkEnterExit", "BenchmarkBaselineAtomicAddPair"), \
 		r("BenchmarkEnterExitParallel", "BenchmarkBaselineAtomicAddPairParallel"), \
-		(med["BenchmarkBaselineAtomicAddPair"] > 0 && med["BenchmarkTickClock"] > 0) ? sprintf("%.2f", med["BenchmarkEnterExit"] / (med["BenchmarkBaselineAtomicAddPair"] + med["BenchmarkTickClock"])) : "n/a"
+		q(med["BenchmarkEnterExit"], med["BenchmarkTickClock"] > 0 ? med["BenchmarkBaselineAtomicAddPair"] + med["BenchmarkTickClock"] : 0)
 }
 
-function r(a, b) { return (med[a] > 0 && med[b] > 0) ? sprintf("%.2f", med[a] / med[b]) : "n/a" }
+function r(a, b) { return q(med[a], med[b]) }
+function q(n, d) { return (n > 0 && d > 0) ? sprintf("%.2f", n / d) : "n/a" }

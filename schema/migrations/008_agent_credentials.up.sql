@@ -42,6 +42,7 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
 $$;
 
 -- record_agents is the one definition of which statuses the store records,
+-- as migration 010 redefines it (the token check only; the rule is this).
 -- for the broadcaster's batches and agent_sync alike. batch is a JSON array
 -- of wire statuses, each with its token (hex) and the principal that sent
 -- it; lease_ms the lease; any_principal skips the principal check (a
